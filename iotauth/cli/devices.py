@@ -1,0 +1,132 @@
+"""``devices list|show``, ``revoke``, ``suspend`` and ``resume``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from iotauth.authority import default_actor
+from iotauth.cli.context import CliContext, pass_cli, run
+from iotauth.cli.pki import publish_crl_quietly
+from iotauth.cli.render import emit_json, fields, out, status, success, table, warn
+from iotauth.registry import DeviceStatus, Registry, RevocationReason
+
+
+@click.group()
+def devices() -> None:
+    """Inspect the device registry."""
+
+
+@devices.command("list")
+@click.option("--status", "status_filter", type=click.Choice([s.value for s in DeviceStatus]))
+@click.option("--limit", type=click.IntRange(min=1), help="Show at most this many devices.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+def list_devices(ctx: CliContext, status_filter: str | None, limit: int | None, as_json: bool) -> None:
+    """List devices, optionally only those with one status."""
+    chosen = DeviceStatus(status_filter) if status_filter else None
+    found = run(ctx.with_registry(lambda reg: reg.list_devices(chosen, limit)))
+    if as_json:
+        emit_json([d.as_dict() for d in found])
+        return
+    table(
+        f"{len(found)} device(s)",
+        ["device id", "hardware id", "profile", "status", "updated"],
+        [(d.device_id, d.hardware_id, d.profile, status(d.status.value), d.updated_at) for d in found],
+    )
+
+
+@devices.command("show")
+@click.argument("device_id")
+@click.option("--events", "event_limit", default=20, show_default=True, help="Recent audit events to show.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+def show_device(ctx: CliContext, device_id: str, event_limit: int, as_json: bool) -> None:
+    """Show one device, its certificates and its recent audit events."""
+
+    async def work(reg: Registry) -> dict[str, Any]:
+        device = await reg.get_device(device_id)
+        certs = await reg.certificates_of(device_id)
+        events = await reg.events(device_id=device_id)
+        return {
+            "device": device.as_dict(),
+            "certificates": [c.as_dict() for c in certs],
+            "events": [e.as_dict() for e in events[-event_limit:]],
+        }
+
+    data = run(ctx.with_registry(work))
+    if as_json:
+        emit_json(data)
+        return
+    fields(f"device {device_id}", {**data["device"], "status": status(data["device"]["status"])})
+    table(
+        "certificates",
+        ["serial", "status", "not after", "fingerprint (sha256)", "revoked", "reason"],
+        [
+            (c["serial"], status(c["status"]), c["not_after"], c["fingerprint"][:23] + "…", c["revoked_at"],
+             c["revocation_reason"])
+            for c in data["certificates"]
+        ],
+    )
+    table("recent events", ["id", "time", "kind", "actor"],
+          [(e["id"], e["ts"], e["kind"], e["actor"]) for e in data["events"]])
+
+
+@click.command()
+@click.argument("device_id")
+@click.option(
+    "--reason",
+    type=click.Choice([r.value for r in RevocationReason]),
+    default=RevocationReason.UNSPECIFIED.value,
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+def revoke(ctx: CliContext, device_id: str, reason: str, as_json: bool) -> None:
+    """Revoke DEVICE_ID permanently: every certificate, live sessions dropped, CRL refreshed."""
+    revoked = run(ctx.with_registry(lambda reg: reg.revoke(device_id, RevocationReason(reason), actor=default_actor())))
+    crl_note = publish_crl_quietly(ctx)
+    if as_json:
+        emit_json({"device_id": device_id, "reason": reason, "revoked_serials": [c.serial for c in revoked],
+                   "crl": crl_note})
+        return
+    if revoked:
+        success(f"revoked {device_id} ({reason}): {len(revoked)} certificate(s) " + ", ".join(c.serial for c in revoked))
+    else:
+        success(f"{device_id} was already revoked; nothing changed")
+    _crl_message(crl_note)
+
+
+def _crl_message(note: str | None) -> None:
+    if note and note.startswith("CRL not refreshed"):
+        warn(note)
+    elif note:
+        out.print(note, highlight=False)
+
+
+def _status_command(name: str, verb: str, doc: str) -> click.Command:
+    @click.command(name, help=doc)
+    @click.argument("device_id")
+    @click.option("--json", "as_json", is_flag=True)
+    @pass_cli
+    def command(ctx: CliContext, device_id: str, as_json: bool) -> None:
+        async def work(reg: Registry) -> Any:
+            method = reg.suspend if verb == "suspend" else reg.resume
+            return await method(device_id, actor=default_actor())
+
+        device = run(ctx.with_registry(work))
+        crl_note = publish_crl_quietly(ctx)
+        if as_json:
+            emit_json({**device.as_dict(), "crl": crl_note})
+            return
+        success(f"{device_id} is now {device.status.value}")
+        _crl_message(crl_note)
+
+    return command
+
+
+suspend = _status_command("suspend", "suspend", "Suspend DEVICE_ID: live sessions are dropped and connects refused.")
+resume = _status_command("resume", "resume", "Resume a suspended DEVICE_ID.")
+
+COMMANDS = (devices, revoke, suspend, resume)

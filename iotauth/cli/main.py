@@ -1,0 +1,69 @@
+"""``iotauth``: the operator command line (a thin layer over the library)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from iotauth import __version__
+from iotauth.cli import audit, devices, pki
+from iotauth.cli.context import CliContext
+from iotauth.cli.render import error
+from iotauth.config import Home
+from iotauth.errors import IotAuthError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="iotauth")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    envvar="IOTAUTH_HOME",
+    help="State directory (CA, registry, iotauth.toml). Default: $IOTAUTH_HOME or ~/.local/share/iotauth.",
+)
+@click.option(
+    "--registry",
+    "registry_url",
+    envvar="IOTAUTH_REGISTRY",
+    help="Registry location. Default: registry.db in the home directory.",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, registry_url: str | None) -> None:
+    """Per-device identities for IoT fleets: issue, provision, enforce, revoke."""
+    ctx.obj = CliContext(Home.resolve(home), registry_url)
+
+
+for command in (*pki.COMMANDS, *devices.COMMANDS, audit.audit):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: domain errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="iotauth", standalone_mode=False)
+    except IotAuthError as exc:
+        error(str(exc))
+        return 1
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # the last line of defence: report, never dump
+        if os.environ.get("IOTAUTH_DEBUG"):
+            traceback.print_exc()
+        error(f"internal error: {type(exc).__name__}: {exc} (set IOTAUTH_DEBUG=1 for details)")
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Shared fixtures, written once. Each fixture module is owned by the layer it sets up."""
+
+pytest_plugins = ["tests.fixtures.pki"]

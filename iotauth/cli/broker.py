@@ -1,0 +1,7 @@
+"""``iotauth broker``."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: tuple[click.Command, ...] = ()

@@ -43,7 +43,8 @@ for command in (*pki.COMMANDS, *devices.COMMANDS, audit.audit, *provision.COMMAN
 def main(argv: list[str] | None = None) -> int:
     """Entry point: domain errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        cli.main(args=argv, prog_name="iotauth", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of ctx.exit() / Exit.
+        returned = cli.main(args=argv, prog_name="iotauth", standalone_mode=False)
     except IotAuthError as exc:
         error(str(exc))
         return 1
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         error(f"internal error: {type(exc).__name__}: {exc} (set IOTAUTH_DEBUG=1 for details)")
         return 70
-    return 0
+    return returned if isinstance(returned, int) else 0
 
 
 if __name__ == "__main__":

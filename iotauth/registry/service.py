@@ -43,6 +43,10 @@ _CERT_COLUMNS = (
     "revoked_at, revocation_reason"
 )
 _EVENT_COLUMNS = "id, ts, kind, actor, device_id, data, prev_hash, hash"
+_CRL_REASONS: dict[str, x509.ReasonFlags] = {
+    **{r.value: r.crl_reason for r in RevocationReason},
+    "certificate-hold": x509.ReasonFlags.certificate_hold,
+}
 
 
 def iso(moment: datetime) -> str:
@@ -322,19 +326,19 @@ class Registry:
         (never delivered) or belong to a suspended device are listed as
         certificateHold, so brokers that only read the CRL refuse them too.
         """
+        cutoff = iso(now)
         rows = await self._reader.fetchall(
-            "SELECT c.serial, c.status, c.revoked_at, c.revocation_reason, d.status, c.issued_at "
-            "FROM certificates c JOIN devices d ON d.device_id = c.device_id "
-            "WHERE c.not_after > ? AND (c.status <> 'active' OR d.status IN ('suspended', 'revoked', 'pending'))",
-            (iso(now),),
+            "SELECT serial, COALESCE(revoked_at, issued_at), "
+            "CASE WHEN status = 'revoked' THEN revocation_reason ELSE 'certificate-hold' END "
+            "FROM certificates WHERE status <> 'active' AND not_after > ? "
+            "UNION ALL "
+            # CROSS JOIN makes SQLite start from the (few) non-active devices, not every active certificate.
+            "SELECT c.serial, c.issued_at, 'certificate-hold' FROM devices d CROSS JOIN certificates c "
+            "WHERE d.status IN ('pending', 'suspended', 'revoked') AND c.device_id = d.device_id "
+            "AND +c.status = 'active' AND c.not_after > ?",  # '+': look up by device, not by status
+            (cutoff, cutoff),
         )
-        entries = []
-        for serial, status, revoked_at, reason, _device_status, issued_at in rows:
-            if status == CertificateStatus.REVOKED.value:
-                entries.append(RevokedSerial(serial, revoked_at, RevocationReason(reason).crl_reason))
-            else:
-                entries.append(RevokedSerial(serial, issued_at, x509.ReasonFlags.certificate_hold))
-        return entries
+        return [RevokedSerial(serial, when, _CRL_REASONS[reason]) for serial, when, reason in rows]
 
     async def next_crl_number(self) -> int:
         async def op(tx: Tx) -> int:

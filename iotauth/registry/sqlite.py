@@ -49,6 +49,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX certificates_device ON certificates (device_id);
     CREATE INDEX certificates_key ON certificates (public_key_sha256);
     CREATE INDEX certificates_status ON certificates (status);
+    -- CRL building reads only these columns of non-active certificates: a covering partial index
+    -- keeps it from scanning every certificate's PEM.
+    CREATE INDEX certificates_crl ON certificates (not_after, serial, revoked_at, issued_at, revocation_reason, status)
+        WHERE status <> 'active';
+    CREATE INDEX devices_status ON devices (status);
     CREATE TABLE events (
         id        INTEGER PRIMARY KEY,
         ts        TEXT NOT NULL,
@@ -91,7 +96,7 @@ class SqliteConnection:
         return tuple(rows[0]) if rows else None
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return [tuple(r) for r in await self.raw.execute_fetchall(sql, params)]
+        return list(await self.raw.execute_fetchall(sql, params))  # rows are tuples (no row_factory)
 
     async def close(self) -> None:
         await self.raw.close()

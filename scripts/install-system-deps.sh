@@ -1,0 +1,31 @@
+#!/bin/sh
+# Install the Debian packages the test suite uses (real brokers and clients, not mocks).
+# Idempotent: does nothing when everything is already present.
+set -eu
+
+missing=""
+command -v mosquitto_pub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing="$missing mosquitto"
+command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+if [ -n "${IOTAUTH_EXTRA_DEB:-}" ]; then missing="$missing $IOTAUTH_EXTRA_DEB"; fi
+
+if [ -z "$missing" ]; then
+    echo "system packages: all present"
+    exit 0
+fi
+
+echo "system packages: installing$missing"
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=""
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+else
+    echo "error: need root (or sudo) to install:$missing" >&2
+    echo "       install them yourself, e.g.: apt-get install -y$missing" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q >/dev/null
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null
+echo "system packages: installed$missing"

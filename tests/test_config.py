@@ -1,0 +1,65 @@
+"""iotauth.toml parsing: defaults, profiles and clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from iotauth.config import Home, default_config_text, parse_settings
+from iotauth.errors import ConfigError
+
+
+def test_default_config_has_default_and_ingest_profiles() -> None:
+    settings = parse_settings(tomllib.loads(default_config_text("factory.test")))
+    assert settings.trust_domain == "factory.test"
+    default = settings.profile("default")
+    assert default.publish == ("devices/{device_id}/telemetry/#", "devices/{device_id}/state")
+    assert default.subscribe == ("devices/{device_id}/commands/#",)
+    assert default.key_types == {"p256", "p384"}
+    assert "devices/+/telemetry/#" in settings.profile("ingest").subscribe
+    assert settings.crl_next_update == timedelta(hours=24)
+
+
+def test_builtin_default_profile_applies_without_a_profiles_table() -> None:
+    settings = parse_settings({"trust_domain": "x.test"})
+    assert settings.profile("default").subscribe == ("devices/{device_id}/commands/#",)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({}, "missing required setting 'trust_domain'"),
+        ({"trust_domain": "Bad Domain"}, "invalid trust domain"),
+        ({"trust_domain": "x.test", "profiles": {"p": {"key_types": ["dsa"]}}}, "key_types"),
+        ({"trust_domain": "x.test", "profiles": {"Bad/Name": {}}}, "invalid profile name"),
+        ({"trust_domain": "x.test", "profiles": {"p": {"publish": [1]}}}, "list of strings"),
+        ({"trust_domain": "x.test", "profiles": {"p": {"rsa_min_bits": 1024}}}, "at least 2048"),
+        ({"trust_domain": "x.test", "crl": {"next_update_hours": "soon"}}, "must be float"),
+    ],
+)
+def test_bad_settings_are_rejected_with_a_clear_message(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_settings(raw)
+
+
+def test_unknown_profile_lists_known_ones() -> None:
+    settings = parse_settings({"trust_domain": "x.test"})
+    with pytest.raises(ConfigError, match="profiles in iotauth.toml: default"):
+        settings.profile("nope")
+
+
+def test_home_resolution_prefers_flag_then_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IOTAUTH_HOME", str(tmp_path / "env"))
+    assert Home.resolve(tmp_path / "flag").root == tmp_path / "flag"
+    assert Home.resolve().root == tmp_path / "env"
+    monkeypatch.delenv("IOTAUTH_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert Home.resolve().root == tmp_path / "xdg" / "iotauth"
+
+
+def test_missing_home_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist; run 'iotauth init'"):
+        Home(tmp_path / "nowhere").require_initialised()

@@ -30,7 +30,16 @@ def write_secret(path: Path, data: bytes) -> None:
 
 
 def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomically replace ``path`` with ``data`` (write to a temp file, fsync, rename)."""
+    """Atomically replace ``path`` with ``data`` (write to a temp file, fsync, rename).
+
+    A target that exists but is not a regular file (``/dev/stdout``, a FIFO, a
+    device) is written to directly: renaming over it would replace the device
+    node itself.
+    """
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as out:
+            out.write(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

@@ -36,13 +36,30 @@ __all__ = [
 
 
 async def open_registry(location: str | Path, *, create: bool = False) -> Registry:
-    """Open the registry at ``location``: a SQLite file path (or ``sqlite:///path``).
+    """Open the registry at ``location``.
+
+    ``postgresql://...`` (or ``postgres://``) selects PostgreSQL; anything else
+    is a SQLite file path (``sqlite:///path`` also works).
 
     Args:
-        create: create the database if it does not exist (``iotauth init`` does);
-            otherwise a missing database is an error rather than a silent fresh start.
+        create: create a SQLite database if it does not exist (``iotauth init``
+            does); otherwise a missing file is an error rather than a silent
+            fresh start. PostgreSQL databases are created by their administrator;
+            iotauth creates its tables in them.
     """
     text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        from iotauth.registry import postgres
+
+        pg_writer, pg_reader, listener = await postgres.connect(text)
+        return Registry(
+            pg_writer,
+            pg_reader,
+            WriteBatcher(pg_writer, postgres.POSTGRES_DIALECT),
+            (pg_writer.close, pg_reader.close, listener.close),
+            wait_change=listener.wait,
+            location=postgres.redact(text),
+        )
     from iotauth.registry import sqlite
 
     path = Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)

@@ -51,9 +51,19 @@ class SqlConnection(Protocol):
 
 @dataclass(frozen=True)
 class Dialect:
+    """How a backend opens its serialising write transaction and reports errors.
+
+    Attributes:
+        begin_write: statements that open a transaction no other writer (in any
+            process, on any host) can interleave with.
+        translate_error: maps a driver exception to a :class:`RegistryError`.
+        announce: optional statement run before COMMIT when events were added,
+            given the new highest event id (PostgreSQL NOTIFY, delivered on commit).
+    """
+
     begin_write: tuple[str, ...]
     translate_error: Callable[[BaseException], RegistryError | None]
-    after_commit: Callable[[int], Awaitable[None]] | None = None
+    announce: str | None = None
 
 
 @dataclass
@@ -186,6 +196,8 @@ class WriteBatcher:
                     chain.rows,
                 )
                 await conn.execute("UPDATE meta SET value = ? WHERE key = 'audit_allocated'", (str(chain.allocated),))
+                if self._dialect.announce is not None:
+                    await conn.execute(self._dialect.announce, (str(chain.allocated),))
             await conn.execute("COMMIT")
         except _RetryAlone:
             await self._rollback()
@@ -201,9 +213,6 @@ class WriteBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
-        if chain.rows and self._dialect.after_commit is not None:
-            with contextlib.suppress(Exception):
-                await self._dialect.after_commit(chain.allocated)
         for job, (ok, value) in zip(batch, results, strict=True):
             if job.future.done():
                 continue

@@ -335,7 +335,7 @@ class Registry:
             # CROSS JOIN makes SQLite start from the (few) non-active devices, not every active certificate.
             "SELECT c.serial, c.issued_at, 'certificate-hold' FROM devices d CROSS JOIN certificates c "
             "WHERE d.status IN ('pending', 'suspended', 'revoked') AND c.device_id = d.device_id "
-            "AND +c.status = 'active' AND c.not_after > ?",  # '+': look up by device, not by status
+            "AND c.status || '' = 'active' AND c.not_after > ?",  # an expression: look up by device, not status
             (cutoff, cutoff),
         )
         return [RevokedSerial(serial, when, _CRL_REASONS[reason]) for serial, when, reason in rows]

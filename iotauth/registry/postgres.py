@@ -1,0 +1,224 @@
+"""The PostgreSQL backend: one registry for many stations and broker nodes.
+
+Writers on every host serialise on one transaction-scoped advisory lock, which
+plays the part SQLite's ``BEGIN IMMEDIATE`` plays locally: the audit chain is
+extended by exactly one writer at a time, so it stays a chain. Each commit
+that adds events sends ``NOTIFY iotauth_events``; brokers and authorizers
+LISTEN, so revocations reach every node at once instead of at the next poll.
+Commits are synchronous (``synchronous_commit = on`` is forced per session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from iotauth.errors import Conflict, RegistryError
+from iotauth.registry.backend import Dialect, Row
+
+try:
+    import asyncpg
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    asyncpg = None
+
+CHANNEL = "iotauth_events"
+WRITE_LOCK = 0x107A07  # advisory lock key shared by every iotauth writer
+SCHEMA_LOCK = 0x107A08
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE devices (
+        device_id   TEXT PRIMARY KEY,
+        hardware_id TEXT UNIQUE,
+        profile     TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'suspended', 'revoked')),
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE TABLE certificates (
+        serial            TEXT PRIMARY KEY,
+        fingerprint       TEXT NOT NULL UNIQUE,
+        device_id         TEXT NOT NULL REFERENCES devices (device_id),
+        public_key_sha256 TEXT NOT NULL,
+        not_before        TEXT NOT NULL,
+        not_after         TEXT NOT NULL,
+        status            TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
+        issued_at         TEXT NOT NULL,
+        activated_at      TEXT,
+        revoked_at        TEXT,
+        revocation_reason TEXT,
+        pem               TEXT NOT NULL
+    );
+    CREATE INDEX certificates_device ON certificates (device_id);
+    CREATE INDEX certificates_key ON certificates (public_key_sha256);
+    CREATE INDEX certificates_status ON certificates (status);
+    CREATE INDEX certificates_crl ON certificates (not_after, serial, revoked_at, issued_at, revocation_reason, status)
+        WHERE status <> 'active';
+    CREATE INDEX devices_status ON devices (status);
+    CREATE TABLE events (
+        id        BIGINT PRIMARY KEY,
+        ts        TEXT NOT NULL,
+        kind      TEXT NOT NULL,
+        actor     TEXT NOT NULL,
+        device_id TEXT,
+        data      TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    CREATE INDEX events_device ON events (device_id);
+    CREATE INDEX events_ts ON events (ts);
+    CREATE FUNCTION iotauth_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+    CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+        FOR EACH ROW EXECUTE FUNCTION iotauth_append_only();
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('audit_allocated', '0'), ('crl_number', '0');
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def to_numbered(sql: str) -> str:
+    """Rewrite ``?`` placeholders as ``$1, $2, ...`` (outside string literals)."""
+    out, n, quoted = [], 0, False
+    for char in sql:
+        if char == "'":
+            quoted = not quoted
+        if char == "?" and not quoted:
+            n += 1
+            out.append(f"${n}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresConnection:
+    """:class:`~iotauth.registry.backend.SqlConnection` over one asyncpg connection (or a pool)."""
+
+    def __init__(self, target: Any) -> None:
+        self.raw = target
+        self._sql: dict[str, str] = {}
+
+    def _numbered(self, sql: str) -> str:
+        cached = self._sql.get(sql)
+        if cached is None:
+            cached = self._sql[sql] = to_numbered(sql)
+        return cached
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        status: str = await self.raw.execute(self._numbered(sql), *params)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.raw.executemany(self._numbered(sql), rows)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        row = await self.raw.fetchrow(self._numbered(sql), *params)
+        return tuple(row) if row is not None else None
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [tuple(r) for r in await self.raw.fetch(self._numbered(sql), *params)]
+
+    async def close(self) -> None:
+        await self.raw.close()
+
+
+def translate_error(exc: BaseException) -> RegistryError | None:
+    if asyncpg is None:
+        return None
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return Conflict(f"registry constraint violated: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return RegistryError(f"registry database error: {exc}")
+    if isinstance(exc, OSError | asyncpg.InterfaceError):
+        return RegistryError(f"registry database connection failed: {exc}")
+    return None
+
+
+POSTGRES_DIALECT = Dialect(
+    begin_write=("BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
+    translate_error=translate_error,
+    announce=f"SELECT pg_notify('{CHANNEL}', ?)",
+)
+
+
+class ChangeListener:
+    """LISTEN on the event channel; :meth:`wait` returns when a commit announced events."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._event = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._conn.add_listener(CHANNEL, self._notified)
+
+    def _notified(self, *_: object) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._conn.close()
+
+
+async def connect(url: str) -> tuple[PostgresConnection, PostgresConnection, ChangeListener]:
+    """Connect the writer, a reader pool and the change listener; migrate the schema."""
+    if asyncpg is None:
+        raise RegistryError("the PostgreSQL registry needs asyncpg: pip install 'iotauth[postgresql]'")
+    try:
+        writer_raw = await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise RegistryError(f"cannot connect to registry {redact(url)}: {exc}") from exc
+    writer = PostgresConnection(writer_raw)
+    try:
+        await writer.execute("SET synchronous_commit = on")
+        await _migrate(writer, url)
+        reader = PostgresConnection(await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=10))
+        listener = ChangeListener(await asyncpg.connect(url, timeout=10))
+        await listener.start()
+    except BaseException as exc:
+        await writer.close()
+        if isinstance(exc, asyncpg.PostgresError | OSError):
+            raise RegistryError(f"cannot open registry {redact(url)}: {exc}") from exc
+        raise
+    return writer, reader, listener
+
+
+async def _migrate(conn: PostgresConnection, url: str) -> None:
+    await conn.execute(f"SELECT pg_advisory_lock({SCHEMA_LOCK})")
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS iotauth_schema (version INTEGER NOT NULL)")
+        row = await conn.fetchone("SELECT version FROM iotauth_schema")
+        if row is None:
+            await conn.execute("INSERT INTO iotauth_schema (version) VALUES (0)")
+            version = 0
+        else:
+            version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {redact(url)} has schema version {version}, newer than this iotauth supports "
+                f"({SCHEMA_VERSION}); upgrade iotauth"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            async with conn.raw.transaction():
+                await conn.raw.execute(MIGRATIONS[number])
+                await conn.execute("UPDATE iotauth_schema SET version = ?", (number + 1,))
+    finally:
+        await conn.execute(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})")

@@ -18,7 +18,8 @@ from pathlib import Path
 from iotauth.config import Home, default_config_text, load_settings, registry_location
 from iotauth.errors import ConfigError, PkiError
 from iotauth.identity import validate_trust_domain
-from iotauth.pki.ca import CertificateAuthority, fingerprint, initialise_ca
+from iotauth.pki.ca import CertificateAuthority, fingerprint
+from iotauth.pki.hierarchy import initialise_ca
 from iotauth.registry import open_registry
 
 

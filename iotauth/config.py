@@ -76,6 +76,15 @@ class Home:
         return self.ca_dir / "chain.pem"
 
     @property
+    def ocsp_cert(self) -> Path:
+        """Delegated OCSP responder certificate (so the issuing key can stay offline)."""
+        return self.ca_dir / "ocsp.crt"
+
+    @property
+    def ocsp_key(self) -> Path:
+        return self.ca_dir / "ocsp.key"
+
+    @property
     def server_dir(self) -> Path:
         return self.root / "broker"
 
@@ -111,6 +120,25 @@ class Home:
             raise ConfigError(f"{self.root} is not an initialised iotauth home; run 'iotauth init' first")
 
 
+def parse_bind(text: str, default_port: int) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT``, ``HOST`` or ``:PORT``) with a clear error."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"bad address {text!r}: missing ']' after an IPv6 address")
+        host, port_text = text[1:end], text[end + 1 :].removeprefix(":")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ConfigError(f"bad address {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad address {text!r}: port must be 0-65535")
+    return host or "0.0.0.0", port  # noqa: S104 - ':PORT' explicitly asks for every interface
+
+
 def registry_location(home: Home, explicit: str | None = None) -> str:
     """``--registry``, else ``$IOTAUTH_REGISTRY``, else the SQLite file in the home."""
     return explicit or os.environ.get(REGISTRY_ENV) or str(home.registry_db)
@@ -140,6 +168,24 @@ DEFAULT_DEVICE_PROFILE = Profile(
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    """``[serve]``: the HTTP service. No admin credentials exist until you configure them."""
+
+    bind: str = "127.0.0.1:8443"
+    admin_token_sha256: tuple[str, ...] = ()
+    broker_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class EmqxSettings:
+    """``[emqx]``: optional REST API used to kick revoked clients off an EMQX cluster."""
+
+    base_url: str | None = None
+    api_key: str | None = None
+    api_secret_env: str = "IOTAUTH_EMQX_API_SECRET"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Parsed ``iotauth.toml``."""
 
@@ -154,6 +200,8 @@ class Settings:
     id_template: str = "sensor-{hardware_id}"
     broker_host: str = "localhost"
     broker_port: int = 8883
+    serve: ServeSettings = ServeSettings()
+    emqx: EmqxSettings = EmqxSettings()
 
     def profile(self, name: str) -> Profile:
         """Return the named profile or raise a :class:`ConfigError` listing the known ones."""
@@ -187,6 +235,8 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     ocsp = reader.table("ocsp")
     provisioning = reader.table("provisioning")
     broker = reader.table("broker")
+    serve = reader.table("serve")
+    emqx = reader.table("emqx")
     profiles = {DEFAULT_PROFILE: DEFAULT_DEVICE_PROFILE}
     for name, table in reader.table("profiles").raw.items():
         profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source))
@@ -200,6 +250,18 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
         id_template=provisioning.get("id_template", str, "sensor-{hardware_id}"),
         broker_host=broker.get("host", str, "localhost"),
         broker_port=broker.get("port", int, 8883, minimum=1),
+        serve=ServeSettings(
+            bind=serve.get("bind", str, ServeSettings.bind),
+            admin_token_sha256=tuple(_strings(serve.get("admin_token_sha256", list, []), "serve.admin_token_sha256",
+                                              serve)),
+            broker_networks=tuple(_strings(serve.get("broker_networks", list, list(ServeSettings.broker_networks)),
+                                           "serve.broker_networks", serve)),
+        ),
+        emqx=EmqxSettings(
+            base_url=emqx.get("base_url", str, None) or None,
+            api_key=emqx.get("api_key", str, None) or None,
+            api_secret_env=emqx.get("api_secret_env", str, EmqxSettings.api_secret_env),
+        ),
     )
 
 
@@ -288,6 +350,21 @@ id_template = "sensor-{{hardware_id}}"
 # Written to devices by the station (PUT_CONFIG).
 host = "localhost"
 port = 8883
+
+[serve]
+# 'iotauth serve' (HTTP: EMQX / mosquitto-go-auth authorizer, CRL, OCSP, admin API).
+bind = "127.0.0.1:8443"
+# SHA-256 of admin API tokens ('iotauth serve token' makes one). No token, no admin API.
+admin_token_sha256 = []
+# Broker-facing endpoints answer only these networks.
+broker_networks = ["127.0.0.0/8", "::1/128"]
+
+[emqx]
+# Optional: kick revoked clients through the EMQX REST API (DELETE /api/v5/clients/{{clientid}}).
+# base_url = "http://emqx:18083"
+# api_key = "iotauth"
+# The API secret is read from this environment variable, never from this file.
+api_secret_env = "IOTAUTH_EMQX_API_SECRET"
 
 # Profiles: key policy, validity and topic rights. Templates may use {{device_id}}
 # and {{profile}}; everything not allowed here is denied.

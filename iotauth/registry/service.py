@@ -43,7 +43,7 @@ _CERT_COLUMNS = (
     "revoked_at, revocation_reason"
 )
 _EVENT_COLUMNS = "id, ts, kind, actor, device_id, data, prev_hash, hash"
-_CRL_REASONS: dict[str, x509.ReasonFlags] = {
+CRL_REASONS: dict[str, x509.ReasonFlags] = {
     **{r.value: r.crl_reason for r in RevocationReason},
     "certificate-hold": x509.ReasonFlags.certificate_hold,
 }
@@ -338,7 +338,7 @@ class Registry:
             "AND c.status || '' = 'active' AND c.not_after > ?",  # an expression: look up by device, not status
             (cutoff, cutoff),
         )
-        return [RevokedSerial(serial, when, _CRL_REASONS[reason]) for serial, when, reason in rows]
+        return [RevokedSerial(serial, when, CRL_REASONS[reason]) for serial, when, reason in rows]
 
     async def next_crl_number(self) -> int:
         async def op(tx: Tx) -> int:
@@ -382,6 +382,17 @@ class Registry:
             sql += " LIMIT ?"
             params.append(limit)
         return [_event(r) for r in await self._reader.fetchall(sql, params)]
+
+    async def has_events(self, *, after_id: int, kind_prefixes: Sequence[str]) -> bool:
+        """Whether any event after ``after_id`` has a kind starting with one of ``kind_prefixes``."""
+        if not kind_prefixes:
+            return False
+        condition = " OR ".join("kind LIKE ?" for _ in kind_prefixes)
+        row = await self._reader.fetchone(
+            f"SELECT 1 FROM events WHERE id > ? AND ({condition}) LIMIT 1",
+            (after_id, *(f"{prefix}%" for prefix in kind_prefixes)),
+        )
+        return row is not None
 
     async def last_event_id(self) -> int:
         row = await self._reader.fetchone("SELECT MAX(id) FROM events")

@@ -1,0 +1,231 @@
+"""The Starlette application behind ``iotauth serve``.
+
+Stateless by design: every decision reads the registry (or a session policy
+compiled from it), so any number of replicas can run behind a load balancer.
+Request bodies are capped, bad input is a 400 with a message, and nothing
+here needs the issuing CA key except CRL signing (optional; see
+:mod:`iotauth.http.crl`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.x509 import ocsp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from iotauth.errors import Conflict, InvalidIdentity, IotAuthError, NotFound
+from iotauth.http.access import AccessPolicy
+from iotauth.http.crl import CrlSource
+from iotauth.pki.ocsp import CertificateStatusAnswer, OcspResponder
+from iotauth.registry import CertificateStatus, DeviceStatus, Registry, RevocationReason
+from iotauth.registry.service import CRL_REASONS
+
+log = logging.getLogger("iotauth.http")
+MAX_BODY = 64 * 1024
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class BadRequest(IotAuthError):
+    """The request body or parameters are malformed (HTTP 400)."""
+
+
+@dataclass
+class ServiceState:
+    registry: Registry
+    access: AccessPolicy
+    crl: CrlSource
+    ocsp: OcspResponder
+    extra_routes: list[BaseRoute] = field(default_factory=list)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_json(request: Request) -> Mapping[str, Any]:
+    """Parse a JSON object body (size-capped by the app), or raise :class:`BadRequest`."""
+    try:
+        body = await request.body()
+    except Exception as exc:  # starlette raises HTTPException(413) when the cap is exceeded
+        raise BadRequest(f"cannot read request body: {exc}") from exc
+    if not body:
+        return {}
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def guard(handler: Handler) -> Handler:
+    """Turn domain errors into JSON answers with the right status; never a stack trace."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (BadRequest, InvalidIdentity) as exc:
+            return error(400, str(exc))
+        except NotFound as exc:
+            return error(404, str(exc))
+        except Conflict as exc:
+            return error(409, str(exc))
+        except IotAuthError as exc:
+            log.warning("request failed: %s", exc)
+            return error(503, str(exc))
+
+    return wrapped
+
+
+def state_of(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.iotauth
+    return state
+
+
+# -- CRL and OCSP (public: their content is signed) -------------------------------------
+
+async def crl_der(request: Request) -> Response:
+    document = await state_of(request).crl.current()
+    return Response(document.der, media_type="application/pkix-crl", headers={"Cache-Control": "no-cache"})
+
+
+async def crl_pem(request: Request) -> Response:
+    document = await state_of(request).crl.current()
+    return Response(document.pem, media_type="application/x-pem-file", headers={"Cache-Control": "no-cache"})
+
+
+async def ocsp_post(request: Request) -> Response:
+    body = await request.body()
+    return await _ocsp(request, body)
+
+
+async def ocsp_get(request: Request) -> Response:
+    try:
+        body = base64.b64decode(request.path_params["encoded"], validate=False)
+    except (binascii.Error, ValueError):
+        body = b""
+    return await _ocsp(request, body)
+
+
+async def _ocsp(request: Request, body: bytes) -> Response:
+    state = state_of(request)
+
+    async def lookup(serial: str) -> CertificateStatusAnswer:
+        return await certificate_status(state.registry, serial)
+
+    answer = await state.ocsp.respond(body, lookup)
+    return Response(answer, media_type="application/ocsp-response")
+
+
+async def certificate_status(registry: Registry, serial: str) -> CertificateStatusAnswer:
+    """The OCSP view of a serial, consistent with the CRL (pending and suspended are on hold)."""
+    try:
+        record = await registry.get_certificate(serial)
+    except NotFound:
+        return CertificateStatusAnswer(ocsp.OCSPCertStatus.UNKNOWN)
+    if record.status is CertificateStatus.REVOKED and record.revoked_at and record.revocation_reason:
+        return CertificateStatusAnswer(
+            ocsp.OCSPCertStatus.REVOKED,
+            datetime.fromisoformat(record.revoked_at),
+            CRL_REASONS[record.revocation_reason.value],
+        )
+    device = await registry.get_device(record.device_id)
+    if record.status is CertificateStatus.PENDING or device.status is not DeviceStatus.ACTIVE:
+        return CertificateStatusAnswer(
+            ocsp.OCSPCertStatus.REVOKED,
+            datetime.fromisoformat(record.issued_at),
+            CRL_REASONS["certificate-hold"],
+        )
+    return CertificateStatusAnswer(ocsp.OCSPCertStatus.GOOD)
+
+
+# -- admin API (bearer token over TLS) --------------------------------------------------
+
+def admin(handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
+    async def wrapped(request: Request) -> Response:
+        actor = state_of(request).access.admin_actor(request.headers.get("authorization"))
+        if actor is None:
+            return error(403, "admin API: a valid 'Authorization: Bearer <token>' over TLS is required")
+        return await handler(request, actor)
+
+    return guard(wrapped)
+
+
+async def list_devices(request: Request, actor: str) -> Response:
+    status = request.query_params.get("status")
+    try:
+        chosen = DeviceStatus(status) if status else None
+    except ValueError as exc:
+        raise BadRequest(f"unknown status {status!r}") from exc
+    devices = await state_of(request).registry.list_devices(chosen)
+    return JSONResponse([d.as_dict() for d in devices])
+
+
+async def show_device(request: Request, actor: str) -> Response:
+    registry = state_of(request).registry
+    device_id = request.path_params["device_id"]
+    device = await registry.get_device(device_id)
+    certificates = await registry.certificates_of(device_id)
+    return JSONResponse({"device": device.as_dict(), "certificates": [c.as_dict() for c in certificates]})
+
+
+async def revoke_device(request: Request, actor: str) -> Response:
+    body = await read_json(request)
+    reason_text = body.get("reason", RevocationReason.UNSPECIFIED.value)
+    try:
+        reason = RevocationReason(reason_text)
+    except ValueError as exc:
+        choices = ", ".join(r.value for r in RevocationReason)
+        raise BadRequest(f"unknown reason {reason_text!r}; use one of {choices}") from exc
+    revoked = await state_of(request).registry.revoke(request.path_params["device_id"], reason, actor=actor)
+    return JSONResponse({"device_id": request.path_params["device_id"], "reason": reason.value,
+                         "revoked_serials": [c.serial for c in revoked]})
+
+
+async def suspend_device(request: Request, actor: str) -> Response:
+    device = await state_of(request).registry.suspend(request.path_params["device_id"], actor=actor)
+    return JSONResponse(device.as_dict())
+
+
+async def resume_device(request: Request, actor: str) -> Response:
+    device = await state_of(request).registry.resume(request.path_params["device_id"], actor=actor)
+    return JSONResponse(device.as_dict())
+
+
+async def health(request: Request) -> Response:
+    await state_of(request).registry.last_event_id()
+    return JSONResponse({"ok": True})
+
+
+def create_app(state: ServiceState) -> Starlette:
+    routes: list[BaseRoute] = [
+        Route("/healthz", guard(health)),
+        Route("/crl.der", guard(crl_der)),
+        Route("/crl.pem", guard(crl_pem)),
+        Route("/ocsp", guard(ocsp_post), methods=["POST"]),
+        Route("/ocsp/{encoded:path}", guard(ocsp_get), methods=["GET"]),
+        Route("/admin/devices", admin(list_devices)),
+        Route("/admin/devices/{device_id}", admin(show_device)),
+        Route("/admin/devices/{device_id}/revoke", admin(revoke_device), methods=["POST"]),
+        Route("/admin/devices/{device_id}/suspend", admin(suspend_device), methods=["POST"]),
+        Route("/admin/devices/{device_id}/resume", admin(resume_device), methods=["POST"]),
+        *state.extra_routes,
+    ]
+    app = Starlette(routes=routes, max_body_size=MAX_BODY)
+    app.state.iotauth = state
+    return app
+
+

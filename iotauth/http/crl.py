@@ -1,0 +1,74 @@
+"""The CRL the service hands out: rebuilt whenever the registry changed revocation state.
+
+Freshness is checked on request, not on a timer: each GET compares the
+registry's newest event id with the one the cached CRL was built at, and
+rebuilds first if a revocation-relevant event happened since. So a CRL
+fetched after ``iotauth revoke`` returned always lists the revocation.
+Without the CA key (encrypted and no passphrase), the service serves the
+CRL file that ``iotauth revoke`` / ``iotauth crl`` published instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+
+from iotauth.authority import Authority
+from iotauth.config import Home
+from iotauth.errors import PkiError
+from iotauth.registry import Registry
+
+RELEVANT = ("certificate.", "device.")
+
+
+@dataclass(frozen=True)
+class CrlDocument:
+    der: bytes
+    pem: bytes
+    built_at_event: int
+
+
+class CrlSource:
+    def __init__(self, registry: Registry, authority: Authority | None, home: Home) -> None:
+        self._registry = registry
+        self._authority = authority
+        self._home = home
+        self._current: CrlDocument | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def signs_itself(self) -> bool:
+        return self._authority is not None
+
+    async def current(self) -> CrlDocument:
+        head = await self._registry.last_event_id()
+        cached = self._current
+        if cached is not None and (cached.built_at_event == head or not await self._changed_since(cached, head)):
+            return cached
+        async with self._lock:
+            cached = self._current
+            if cached is not None and cached.built_at_event >= head:
+                return cached
+            self._current = await self._build(head)
+            return self._current
+
+    async def _changed_since(self, cached: CrlDocument, head: int) -> bool:
+        if await self._registry.has_events(after_id=cached.built_at_event, kind_prefixes=RELEVANT):
+            return True
+        self._current = CrlDocument(cached.der, cached.pem, head)
+        return False
+
+    async def _build(self, head: int) -> CrlDocument:
+        if self._authority is None:
+            try:
+                return CrlDocument(self._home.crl_der.read_bytes(), self._home.crl_pem.read_bytes(), head)
+            except OSError as exc:
+                raise PkiError("no CRL has been published yet; run 'iotauth crl' (or start serve with the CA "
+                               "passphrase)") from exc
+        published = await self._authority.build_crl()
+        crl = published.crl
+        return CrlDocument(
+            crl.public_bytes(serialization.Encoding.DER), crl.public_bytes(serialization.Encoding.PEM), head
+        )

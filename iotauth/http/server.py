@@ -1,0 +1,83 @@
+"""Assemble and run the HTTP service for a home directory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from cryptography import x509
+
+from iotauth.authority import Authority, open_authority
+from iotauth.config import Home, Settings, load_settings, parse_bind, registry_location
+from iotauth.errors import CaLocked, ConfigError
+from iotauth.http.access import AccessPolicy
+from iotauth.http.app import ServiceState, create_app
+from iotauth.http.crl import CrlSource
+from iotauth.pki.keys import load_private_key
+from iotauth.pki.ocsp import OcspResponder
+from iotauth.registry import Registry, open_registry
+
+log = logging.getLogger("iotauth.http")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    bind: str | None = None
+    tls: bool = True
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    admin_tokens: tuple[str, ...] = ()
+
+
+def load_responder(home: Home) -> OcspResponder:
+    try:
+        cert = x509.load_pem_x509_certificate(home.ocsp_cert.read_bytes())
+        key = load_private_key(home.ocsp_key.read_bytes(), None, f"OCSP responder key {home.ocsp_key}")
+        issuing = x509.load_pem_x509_certificate(home.issuing_cert.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the OCSP responder files in {home.ca_dir}: {exc.strerror}") from exc
+    return OcspResponder(issuing, cert, key)
+
+
+async def build_state(home: Home, registry: Registry, settings: Settings, options: ServeOptions) -> ServiceState:
+    authority: Authority | None
+    try:
+        authority = await open_authority(home, registry)
+    except CaLocked as exc:
+        log.warning("CRL signing disabled (%s); serving the CRL last published by 'iotauth crl'", exc)
+        authority = None
+    access = AccessPolicy.build(
+        settings.serve.admin_token_sha256, options.admin_tokens, settings.serve.broker_networks, options.tls
+    )
+    if not access.admin_digests:
+        log.warning("no admin token configured: the admin API is disabled ('iotauth serve token' makes one)")
+    elif not options.tls:
+        log.warning("plain HTTP: the admin API is disabled (tokens are never accepted without TLS)")
+    return ServiceState(registry=registry, access=access, crl=CrlSource(registry, authority, home),
+                        ocsp=load_responder(home))
+
+
+async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> None:
+    """Run until SIGINT/SIGTERM (uvicorn installs the handlers and drains connections)."""
+    settings = load_settings(home)
+    host, port = parse_bind(options.bind or settings.serve.bind, 8443)
+    certfile = options.certfile or home.server_cert
+    keyfile = options.keyfile or home.server_key
+    async with await open_registry(registry_location(home, registry_url)) as registry:
+        state = await build_state(home, registry, settings, options)
+        config = uvicorn.Config(
+            create_app(state),
+            host=host,
+            port=port,
+            ssl_certfile=str(certfile) if options.tls else None,
+            ssl_keyfile=str(keyfile) if options.tls else None,
+            log_level="warning",
+            lifespan="off",
+            timeout_keep_alive=30,
+            server_header=False,
+        )
+        server = uvicorn.Server(config)
+        log.info("iotauth serve on %s://%s:%d", "https" if options.tls else "http", host, port)
+        await server.serve()

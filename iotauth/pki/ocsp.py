@@ -1,0 +1,114 @@
+"""OCSP (RFC 6960) for device certificates, answered from the registry.
+
+Responses are signed by a delegated responder certificate (EKU OCSPSigning,
+issued by the issuing CA at ``iotauth init``), so the HTTP service never needs
+the issuing CA key online. Statuses match the CRL exactly: revoked with its
+reason; pending (never delivered) and suspended as certificateHold; unknown
+serials as unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from iotauth.pki.ca import CLOCK_SKEW, CertificateAuthority, now_utc
+from iotauth.pki.keys import PrivateKey, generate_private_key
+
+RESPONDER_VALIDITY = timedelta(days=2 * 365)
+RESPONSE_VALIDITY = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class CertificateStatusAnswer:
+    """What the registry says about one serial."""
+
+    status: ocsp.OCSPCertStatus
+    revoked_at: datetime | None = None
+    reason: x509.ReasonFlags | None = None
+
+
+Lookup = Callable[[str], Awaitable[CertificateStatusAnswer]]
+
+
+def issue_responder(ca: CertificateAuthority, now: datetime | None = None) -> tuple[PrivateKey, x509.Certificate]:
+    """A delegated OCSP signing certificate for the issuing CA."""
+    issued_at = now or now_utc()
+    key = generate_private_key("p256")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"iotauth OCSP ({ca.trust_domain})"[:64])]))
+        .issuer_name(ca.issuing_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(issued_at - CLOCK_SKEW)
+        .not_valid_after(min(issued_at + RESPONDER_VALIDITY, ca.issuing_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(ca.authority_key_identifier(), critical=False)
+        .sign(ca.issuing_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+class OcspResponder:
+    """Turn DER OCSP requests into signed DER responses."""
+
+    def __init__(
+        self, issuing_cert: x509.Certificate, responder_cert: x509.Certificate, responder_key: PrivateKey
+    ) -> None:
+        self._issuer = issuing_cert
+        self._cert = responder_cert
+        self._key = responder_key
+        self._issuer_key_hashes = {
+            algorithm.name: _issuer_key_hash(issuing_cert, algorithm)
+            for algorithm in (hashes.SHA1(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())
+        }
+
+    async def respond(self, request_der: bytes, lookup: Lookup, now: datetime | None = None) -> bytes:
+        try:
+            request = ocsp.load_der_ocsp_request(request_der)
+        except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError):
+            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        if request.issuer_key_hash != self._issuer_key_hashes.get(request.hash_algorithm.name):
+            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        answer = await lookup(format(request.serial_number, "x"))
+        at = now or now_utc()
+        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+            issuer_name_hash=request.issuer_name_hash,
+            issuer_key_hash=request.issuer_key_hash,
+            serial_number=request.serial_number,
+            algorithm=request.hash_algorithm,
+            cert_status=answer.status,
+            this_update=at,
+            next_update=at + RESPONSE_VALIDITY,
+            revocation_time=answer.revoked_at,
+            revocation_reason=answer.reason if answer.status is ocsp.OCSPCertStatus.REVOKED else None,
+        )
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self._cert).certificates([self._cert])
+        for extension in request.extensions:
+            if isinstance(extension.value, x509.OCSPNonce):
+                builder = builder.add_extension(extension.value, critical=False)
+        response = builder.sign(self._key, hashes.SHA256())  # type: ignore[arg-type]
+        return response.public_bytes(serialization.Encoding.DER)
+
+
+def _issuer_key_hash(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
+    """The issuerKeyHash a client computes for certificates of ``issuer`` (let cryptography derive it)."""
+    probe = ocsp.OCSPRequestBuilder().add_certificate(issuer, issuer, algorithm).build()
+    return probe.issuer_key_hash
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)

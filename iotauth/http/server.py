@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from iotauth.errors import CaLocked, ConfigError
 from iotauth.http.access import AccessPolicy
 from iotauth.http.app import ServiceState, create_app
 from iotauth.http.crl import CrlSource
+from iotauth.http.push import EmqxKicker, push_revocations
 from iotauth.pki.keys import load_private_key
 from iotauth.pki.ocsp import OcspResponder
 from iotauth.registry import Registry, open_registry
@@ -80,4 +84,25 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
         )
         server = uvicorn.Server(config)
         log.info("iotauth serve on %s://%s:%d", "https" if options.tls else "http", host, port)
-        await server.serve()
+        pusher = _start_push(settings, registry)
+        try:
+            await server.serve()
+        finally:
+            if pusher is not None:
+                pusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pusher
+
+
+def _start_push(settings: Settings, registry: Registry) -> asyncio.Task[None] | None:
+    emqx = settings.emqx
+    if not emqx.base_url:
+        return None
+    secret = os.environ.get(emqx.api_secret_env)
+    if not emqx.api_key or not secret:
+        raise ConfigError(
+            f"[emqx] base_url is set: also set [emqx] api_key and the secret in ${emqx.api_secret_env}"
+        )
+    kicker = EmqxKicker(emqx.base_url, emqx.api_key, secret)
+    log.info("pushing revocations to EMQX at %s", emqx.base_url)
+    return asyncio.get_running_loop().create_task(push_revocations(registry, kicker), name="iotauth-emqx-push")

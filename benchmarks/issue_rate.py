@@ -43,7 +43,9 @@ async def run(count: int, concurrency: int) -> dict[str, object]:
     home = Home(Path(tempfile.mkdtemp(prefix="iotauth-bench-")) / "home")
     await initialise_home(home, "bench.test", ["localhost"], passphrase=None, actor="bench")
     csrs = [
-        x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(generate_private_key(), hashes.SHA256())
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(generate_private_key(), hashes.SHA256())
         for _ in range(count)
     ]
     async with await open_registry(home.registry_db) as registry:
@@ -58,8 +60,10 @@ async def run(count: int, concurrency: int) -> dict[str, object]:
         started, cpu = time.perf_counter(), _cpu()
         for start in range(0, count, concurrency):
             await asyncio.gather(
-                *[authority.issue(csr, f"dev-{start + n}", actor="bench") for n, csr in
-                  enumerate(csrs[start : start + concurrency])]
+                *[
+                    authority.issue(csr, f"dev-{start + n}", actor="bench")
+                    for n, csr in enumerate(csrs[start : start + concurrency])
+                ]
             )
         elapsed, cpu_used = time.perf_counter() - started, _cpu() - cpu
         assert len(await registry.list_devices()) == count
@@ -101,12 +105,24 @@ async def _fill_revoked(registry: object, count: int) -> None:
     async def op(tx: Tx) -> None:
         await tx.execute(
             "INSERT INTO devices (device_id, hardware_id, profile, status, created_at, updated_at) "
-            "VALUES ('crl-bench', NULL, 'default', 'revoked', ?, ?)", (tx.now, tx.now),
+            "VALUES ('crl-bench', NULL, 'default', 'revoked', ?, ?)",
+            (tx.now, tx.now),
         )
         pem = "-----BEGIN CERTIFICATE-----\n" + "A" * 700 + "\n-----END CERTIFICATE-----\n"  # realistic row size
         rows = [
-            (format(10**12 + n, "x"), f"{n:064x}", "crl-bench", f"{n:064x}", "2026-01-01T00:00:00Z",
-             "2099-01-01T00:00:00Z", "revoked", tx.now, tx.now, "superseded", pem)
+            (
+                format(10**12 + n, "x"),
+                f"{n:064x}",
+                "crl-bench",
+                f"{n:064x}",
+                "2026-01-01T00:00:00Z",
+                "2099-01-01T00:00:00Z",
+                "revoked",
+                tx.now,
+                tx.now,
+                "superseded",
+                pem,
+            )
             for n in range(count)
         ]
         await tx.executemany(

@@ -17,9 +17,9 @@ import argparse
 import asyncio
 import sys
 
-from iotauth.errors import CaLocked, IotAuthError
 from iotauth.authority import default_actor, open_authority
 from iotauth.config import Home, registry_location
+from iotauth.errors import CaLocked, IotAuthError
 from iotauth.registry import RevocationReason, open_registry
 
 

@@ -25,7 +25,7 @@ from iotauth.pki.files import write_public
 from iotauth.pki.keys import public_key_sha256
 from iotauth.registry import CertificateRecord, Registry
 
-PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"
+PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 
 
 def ca_passphrase() -> bytes | None:

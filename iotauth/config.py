@@ -182,7 +182,7 @@ class EmqxSettings:
 
     base_url: str | None = None
     api_key: str | None = None
-    api_secret_env: str = "IOTAUTH_EMQX_API_SECRET"
+    api_secret_env: str = "IOTAUTH_EMQX_API_SECRET"  # noqa: S105 - names the variable holding it
 
 
 @dataclass(frozen=True)
@@ -252,10 +252,16 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
         broker_port=broker.get("port", int, 8883, minimum=1),
         serve=ServeSettings(
             bind=serve.get("bind", str, ServeSettings.bind),
-            admin_token_sha256=tuple(_strings(serve.get("admin_token_sha256", list, []), "serve.admin_token_sha256",
-                                              serve)),
-            broker_networks=tuple(_strings(serve.get("broker_networks", list, list(ServeSettings.broker_networks)),
-                                           "serve.broker_networks", serve)),
+            admin_token_sha256=tuple(
+                _strings(serve.get("admin_token_sha256", list, []), "serve.admin_token_sha256", serve)
+            ),
+            broker_networks=tuple(
+                _strings(
+                    serve.get("broker_networks", list, list(ServeSettings.broker_networks)),
+                    "serve.broker_networks",
+                    serve,
+                )
+            ),
         ),
         emqx=EmqxSettings(
             base_url=emqx.get("base_url", str, None) or None,

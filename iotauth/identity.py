@@ -58,9 +58,7 @@ def validate_profile_name(value: object) -> str:
 
 def validate_trust_domain(value: object) -> str:
     """Return ``value`` if it is a lower-case DNS-style SPIFFE trust domain."""
-    checked = _check(
-        "trust domain", value, _TRUST_DOMAIN, "use a lower-case DNS name such as 'factory.example.com'"
-    )
+    checked = _check("trust domain", value, _TRUST_DOMAIN, "use a lower-case DNS name such as 'factory.example.com'")
     if len(checked) > 253:
         raise InvalidIdentity("invalid trust domain: longer than 253 characters")
     return checked

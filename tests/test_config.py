@@ -47,7 +47,7 @@ def test_bad_settings_are_rejected_with_a_clear_message(raw: dict[str, object], 
 
 def test_unknown_profile_lists_known_ones() -> None:
     settings = parse_settings({"trust_domain": "x.test"})
-    with pytest.raises(ConfigError, match="profiles in iotauth.toml: default"):
+    with pytest.raises(ConfigError, match=r"profiles in iotauth\.toml: default"):
         settings.profile("nope")
 
 

@@ -23,8 +23,11 @@ IOTAUTH = str(Path(sys.executable).parent / "iotauth")
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     lines = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def help_text(*subcommand: str) -> str:

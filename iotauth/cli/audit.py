@@ -58,6 +58,8 @@ def verify(ctx: CliContext, expect_head: str | None, as_json: bool) -> None:
         return
     if problem:
         where = f" at event {report.first_bad_id}" if report.first_bad_id else ""
-        raise AuditChainBroken(f"audit log does not verify{where}: {problem} ({report.events} event(s) verified before it)")
+        raise AuditChainBroken(
+            f"audit log does not verify{where}: {problem} ({report.events} event(s) verified before it)"
+        )
     success(f"audit log verified: {report.events} events, head #{report.head_id}")
     fields("chain head", {"id": report.head_id, "hash": report.head_hash})

@@ -64,13 +64,22 @@ def show_device(ctx: CliContext, device_id: str, event_limit: int, as_json: bool
         "certificates",
         ["serial", "status", "not after", "fingerprint (sha256)", "revoked", "reason"],
         [
-            (c["serial"], status(c["status"]), c["not_after"], c["fingerprint"][:23] + "…", c["revoked_at"],
-             c["revocation_reason"])
+            (
+                c["serial"],
+                status(c["status"]),
+                c["not_after"],
+                c["fingerprint"][:23] + "…",
+                c["revoked_at"],
+                c["revocation_reason"],
+            )
             for c in data["certificates"]
         ],
     )
-    table("recent events", ["id", "time", "kind", "actor"],
-          [(e["id"], e["ts"], e["kind"], e["actor"]) for e in data["events"]])
+    table(
+        "recent events",
+        ["id", "time", "kind", "actor"],
+        [(e["id"], e["ts"], e["kind"], e["actor"]) for e in data["events"]],
+    )
 
 
 @click.command()
@@ -88,11 +97,14 @@ def revoke(ctx: CliContext, device_id: str, reason: str, as_json: bool) -> None:
     revoked = run(ctx.with_registry(lambda reg: reg.revoke(device_id, RevocationReason(reason), actor=default_actor())))
     crl_note = publish_crl_quietly(ctx)
     if as_json:
-        emit_json({"device_id": device_id, "reason": reason, "revoked_serials": [c.serial for c in revoked],
-                   "crl": crl_note})
+        emit_json(
+            {"device_id": device_id, "reason": reason, "revoked_serials": [c.serial for c in revoked], "crl": crl_note}
+        )
         return
     if revoked:
-        success(f"revoked {device_id} ({reason}): {len(revoked)} certificate(s) " + ", ".join(c.serial for c in revoked))
+        success(
+            f"revoked {device_id} ({reason}): {len(revoked)} certificate(s) " + ", ".join(c.serial for c in revoked)
+        )
     else:
         success(f"{device_id} was already revoked; nothing changed")
     _crl_message(crl_note)

@@ -29,7 +29,9 @@ from iotauth.pki.files import write_public
 @click.option("--key-type", type=click.Choice(["p256", "p384"]), default="p256", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_cli
-def init(ctx: CliContext, trust_domain: str | None, server_names: tuple[str, ...], key_type: str, as_json: bool) -> None:
+def init(
+    ctx: CliContext, trust_domain: str | None, server_names: tuple[str, ...], key_type: str, as_json: bool
+) -> None:
     """Create the CA hierarchy, the broker certificate, iotauth.toml and the registry."""
     passphrase = ca_passphrase()
     result = run(
@@ -78,8 +80,13 @@ def _read_csr(path: Path) -> x509.CertificateSigningRequest:
 
 @click.command()
 @click.argument("device_id")
-@click.option("--csr", "csr_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="PEM or DER CSR; only its key and signature are used.")
+@click.option(
+    "--csr",
+    "csr_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM or DER CSR; only its key and signature are used.",
+)
 @click.option("--profile", default="default", show_default=True, help="Profile from iotauth.toml.")
 @click.option("--hardware-id", help="Hardware id to bind to the device (stored as the subject serialNumber).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the certificate PEM here.")

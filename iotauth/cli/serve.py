@@ -16,13 +16,17 @@ from iotauth.http.access import new_token, token_digest
 @click.group(invoke_without_command=True)
 @click.option("--bind", help="HOST:PORT to listen on. [default: [serve] bind in iotauth.toml, 127.0.0.1:8443]")
 @click.option("--no-tls", is_flag=True, help="Plain HTTP (for a TLS-terminating proxy). Disables the admin API.")
-@click.option("--certfile", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="TLS certificate chain. [default: the broker server certificate from 'iotauth init']")
+@click.option(
+    "--certfile",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="TLS certificate chain. [default: the broker server certificate from 'iotauth init']",
+)
 @click.option("--keyfile", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("-v", "--verbose", is_flag=True, help="Log every decision.")
 @click.pass_context
-def serve(ctx: click.Context, bind: str | None, no_tls: bool, certfile: Path | None, keyfile: Path | None,
-          verbose: bool) -> None:
+def serve(
+    ctx: click.Context, bind: str | None, no_tls: bool, certfile: Path | None, keyfile: Path | None, verbose: bool
+) -> None:
     """Run the HTTP service: EMQX and mosquitto-go-auth authorizer, CRL, OCSP, admin API.
 
     Admin tokens come from [serve] admin_token_sha256 in iotauth.toml or from

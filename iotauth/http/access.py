@@ -35,8 +35,9 @@ class AccessPolicy:
     tls: bool
 
     @classmethod
-    def build(cls, digests: Iterable[str], plain_tokens: Iterable[str], networks: Sequence[str], tls: bool
-              ) -> AccessPolicy:
+    def build(
+        cls, digests: Iterable[str], plain_tokens: Iterable[str], networks: Sequence[str], tls: bool
+    ) -> AccessPolicy:
         all_digests = {d.lower() for d in digests} | {token_digest(t) for t in plain_tokens if t}
         return cls(frozenset(all_digests), tuple(ipaddress.ip_network(n, strict=False) for n in networks), tls)
 

@@ -13,9 +13,9 @@ import base64
 import binascii
 import json
 import logging
-from datetime import datetime
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from cryptography.x509 import ocsp
@@ -97,6 +97,7 @@ def state_of(request: Request) -> ServiceState:
 
 # -- CRL and OCSP (public: their content is signed) -------------------------------------
 
+
 async def crl_der(request: Request) -> Response:
     document = await state_of(request).crl.current()
     return Response(document.der, media_type="application/pkix-crl", headers={"Cache-Control": "no-cache"})
@@ -154,6 +155,7 @@ async def certificate_status(registry: Registry, serial: str) -> CertificateStat
 
 # -- admin API (bearer token over TLS) --------------------------------------------------
 
+
 def admin(handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
     async def wrapped(request: Request) -> Response:
         actor = state_of(request).access.admin_actor(request.headers.get("authorization"))
@@ -191,8 +193,13 @@ async def revoke_device(request: Request, actor: str) -> Response:
         choices = ", ".join(r.value for r in RevocationReason)
         raise BadRequest(f"unknown reason {reason_text!r}; use one of {choices}") from exc
     revoked = await state_of(request).registry.revoke(request.path_params["device_id"], reason, actor=actor)
-    return JSONResponse({"device_id": request.path_params["device_id"], "reason": reason.value,
-                         "revoked_serials": [c.serial for c in revoked]})
+    return JSONResponse(
+        {
+            "device_id": request.path_params["device_id"],
+            "reason": reason.value,
+            "revoked_serials": [c.serial for c in revoked],
+        }
+    )
 
 
 async def suspend_device(request: Request, actor: str) -> Response:
@@ -227,5 +234,3 @@ def create_app(state: ServiceState) -> Starlette:
     app = Starlette(routes=routes, max_body_size=MAX_BODY)
     app.state.iotauth = state
     return app
-
-

@@ -65,8 +65,9 @@ class CrlSource:
             try:
                 return CrlDocument(self._home.crl_der.read_bytes(), self._home.crl_pem.read_bytes(), head)
             except OSError as exc:
-                raise PkiError("no CRL has been published yet; run 'iotauth crl' (or start serve with the CA "
-                               "passphrase)") from exc
+                raise PkiError(
+                    "no CRL has been published yet; run 'iotauth crl' (or start serve with the CA passphrase)"
+                ) from exc
         published = await self._authority.build_crl()
         crl = published.crl
         return CrlDocument(

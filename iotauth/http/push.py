@@ -45,8 +45,9 @@ class EmqxKicker:
                 if answer.status_code in (204, 404) or answer.status_code < 500:
                     log.info("EMQX kick of %s: HTTP %d", device_id, answer.status_code)
                     return answer.status_code
-                log.warning("EMQX kick of %s: HTTP %d, attempt %d/%d", device_id, answer.status_code, attempt + 1,
-                            self.attempts)
+                log.warning(
+                    "EMQX kick of %s: HTTP %d, attempt %d/%d", device_id, answer.status_code, attempt + 1, self.attempts
+                )
             await asyncio.sleep(self.backoff * 2**attempt)
         return None
 

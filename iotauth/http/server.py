@@ -59,8 +59,9 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
         log.warning("no admin token configured: the admin API is disabled ('iotauth serve token' makes one)")
     elif not options.tls:
         log.warning("plain HTTP: the admin API is disabled (tokens are never accepted without TLS)")
-    return ServiceState(registry=registry, access=access, crl=CrlSource(registry, authority, home),
-                        ocsp=load_responder(home))
+    return ServiceState(
+        registry=registry, access=access, crl=CrlSource(registry, authority, home), ocsp=load_responder(home)
+    )
 
 
 async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> None:
@@ -100,9 +101,7 @@ def _start_push(settings: Settings, registry: Registry) -> asyncio.Task[None] | 
         return None
     secret = os.environ.get(emqx.api_secret_env)
     if not emqx.api_key or not secret:
-        raise ConfigError(
-            f"[emqx] base_url is set: also set [emqx] api_key and the secret in ${emqx.api_secret_env}"
-        )
+        raise ConfigError(f"[emqx] base_url is set: also set [emqx] api_key and the secret in ${emqx.api_secret_env}")
     kicker = EmqxKicker(emqx.base_url, emqx.api_key, secret)
     log.info("pushing revocations to EMQX at %s", emqx.base_url)
     return asyncio.get_running_loop().create_task(push_revocations(registry, kicker), name="iotauth-emqx-push")

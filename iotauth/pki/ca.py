@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from iotauth.config import Home, Profile, Settings
 from iotauth.errors import CsrRejected, PkiError
@@ -42,7 +42,7 @@ def serial_hex(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
 
-def hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
@@ -151,7 +151,7 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
         if self.ocsp_url:
             access = x509.AccessDescription(
-                x509.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(self.ocsp_url)
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(self.ocsp_url)
             )
             builder = builder.add_extension(x509.AuthorityInformationAccess([access]), critical=False)
         return builder.sign(self.issuing_key, hash_for(self.issuing_key))
@@ -187,7 +187,7 @@ class CertificateAuthority:
         return builder.sign(self.issuing_key, hash_for(self.issuing_key))
 
 
-_REASON_EXTENSIONS = {
+_REASON_EXTENSIONS: dict[x509.ReasonFlags, x509.Extension[x509.CRLReason]] = {
     reason: x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(reason))
     for reason in x509.ReasonFlags
     if reason is not x509.ReasonFlags.unspecified

@@ -50,9 +50,7 @@ def issue_responder(ca: CertificateAuthority, now: datetime | None = None) -> tu
         .not_valid_before(issued_at - CLOCK_SKEW)
         .not_valid_after(min(issued_at + RESPONDER_VALIDITY, ca.issuing_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
         .add_extension(x509.OCSPNoCheck(), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -73,7 +71,8 @@ class OcspResponder:
         self._key = responder_key
         self._issuer_key_hashes = {
             algorithm.name: _issuer_key_hash(issuing_cert, algorithm)
-            for algorithm in (hashes.SHA1(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())
+            # RFC 6960 clients (openssl included) identify certificates by SHA-1 hashes by default.
+            for algorithm in (hashes.SHA1(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())  # noqa: S303
         }
 
     async def respond(self, request_der: bytes, lookup: Lookup, now: datetime | None = None) -> bytes:
@@ -100,7 +99,7 @@ class OcspResponder:
         for extension in request.extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 builder = builder.add_extension(extension.value, critical=False)
-        response = builder.sign(self._key, hashes.SHA256())  # type: ignore[arg-type]
+        response = builder.sign(self._key, hashes.SHA256())
         return response.public_bytes(serialization.Encoding.DER)
 
 

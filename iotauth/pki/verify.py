@@ -97,7 +97,9 @@ class ClientCertificateVerifier:
         """Return the certificate's identity, or raise :class:`Rejection` saying why not."""
         at = now or now_utc()
         if at < cert.not_valid_before_utc:
-            raise Rejection("not-yet-valid", f"certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+            raise Rejection(
+                "not-yet-valid", f"certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+            )
         if at > cert.not_valid_after_utc:
             raise Rejection("expired", f"certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
         fp = fingerprint(cert)

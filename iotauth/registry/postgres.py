@@ -168,9 +168,9 @@ class ChangeListener:
     def _notified(self, *_: object) -> None:
         self._event.set()
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, interval: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+            await asyncio.wait_for(self._event.wait(), interval)
         self._event.clear()
 
     async def close(self) -> None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cryptography import x509
 
@@ -37,6 +37,8 @@ from iotauth.registry.models import (
 )
 
 T = TypeVar("T")
+Req = TypeVar("Req")
+Res = TypeVar("Res")
 _DEVICE_COLUMNS = "device_id, hardware_id, profile, status, created_at, updated_at"
 _CERT_COLUMNS = (
     "serial, fingerprint, device_id, public_key_sha256, not_before, not_after, status, issued_at, pem, "
@@ -98,7 +100,7 @@ class Registry:
         self._closers = closers
         self._wait_change = wait_change
         self.location = location
-        self._issuance = _Coalescer(self._record_batch)
+        self._issuance: _Coalescer[_IssuanceRequest, CertificateRecord] = _Coalescer(self._record_batch)
 
     async def __aenter__(self) -> Registry:
         return self
@@ -239,9 +241,7 @@ class Registry:
 
         return await self.write(op)
 
-    async def revoke(
-        self, device_id: str, reason: RevocationReason, *, actor: str
-    ) -> list[CertificateRecord]:
+    async def revoke(self, device_id: str, reason: RevocationReason, *, actor: str) -> list[CertificateRecord]:
         """Revoke a device for good: the device and every unrevoked certificate it has.
 
         Idempotent: revoking a revoked device changes nothing and returns ``[]``.
@@ -260,9 +260,7 @@ class Registry:
 
         return await self.write(op)
 
-    async def revoke_certificate(
-        self, serial: str, reason: RevocationReason, *, actor: str
-    ) -> CertificateRecord:
+    async def revoke_certificate(self, serial: str, reason: RevocationReason, *, actor: str) -> CertificateRecord:
         """Revoke one certificate and leave its device's status alone (supersession, rework)."""
 
         async def op(tx: Tx) -> CertificateRecord:
@@ -454,20 +452,20 @@ class _IssuanceRequest:
     details: dict[str, Any]
 
 
-class _Coalescer:
+class _Coalescer(Generic[Req, Res]):
     """Gather concurrent requests and hand them to ``handler`` as one batch.
 
     A thread round trip through aiosqlite costs far more than the SQL it
     carries, so issuance checks and inserts run set-based, once per batch.
     """
 
-    def __init__(self, handler: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+    def __init__(self, handler: Callable[[list[Req]], Awaitable[list[Res | Exception]]]) -> None:
         self._handler = handler
-        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Req, asyncio.Future[Res]]] = []
         self._flushing = False
 
-    async def submit(self, request: Any) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    async def submit(self, request: Req) -> Res:
+        future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
         if not self._flushing:
             self._flushing = True
@@ -479,8 +477,9 @@ class _Coalescer:
             while self._pending:
                 await asyncio.sleep(0)
                 batch, self._pending = self._pending, []
+                results: list[Res | BaseException]
                 try:
-                    results = await self._handler([request for request, _ in batch])
+                    results = list(await self._handler([request for request, _ in batch]))
                 except BaseException as exc:
                     results = [exc] * len(batch)
                 for (_, future), result in zip(batch, results, strict=True):
@@ -518,17 +517,21 @@ async def _record_issuances(tx: Tx, requests: list[_IssuanceRequest]) -> list[Ce
     key_hashes = {id(r): public_key_sha256(r.cert.public_key()) for r in requests}
     devices = {
         row[0]: _device(row)
-        for row in await _lookup(tx, f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({{marks}})", device_ids)
+        for row in await _lookup(
+            tx, f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({{marks}})", device_ids
+        )
     }
     hardware_owner = {
         row[0]: row[1]
-        for row in await _lookup(tx, "SELECT hardware_id, device_id FROM devices WHERE hardware_id IN ({marks})",
-                                 hardware_ids)
+        for row in await _lookup(
+            tx, "SELECT hardware_id, device_id FROM devices WHERE hardware_id IN ({marks})", hardware_ids
+        )
     }
     key_owner = {
         row[0]: row[1]
         for row in await _lookup(
-            tx, "SELECT public_key_sha256, device_id FROM certificates WHERE public_key_sha256 IN ({marks})",
+            tx,
+            "SELECT public_key_sha256, device_id FROM certificates WHERE public_key_sha256 IN ({marks})",
             sorted(set(key_hashes.values())),
         )
     }
@@ -547,17 +550,29 @@ async def _record_issuances(tx: Tx, requests: list[_IssuanceRequest]) -> list[Ce
         status = DeviceStatus.ACTIVE if request.activate else DeviceStatus.PENDING
         if device is None:
             new_devices.append((request.device_id, request.hardware_id, request.profile, status.value, tx.now, tx.now))
-            tx.event("device.created", request.actor, request.device_id,
-                     {"hardware_id": request.hardware_id, "profile": request.profile})
+            tx.event(
+                "device.created",
+                request.actor,
+                request.device_id,
+                {"hardware_id": request.hardware_id, "profile": request.profile},
+            )
             device = Device(request.device_id, request.hardware_id, request.profile, status, tx.now, tx.now)
         else:
             if request.hardware_id is not None and device.hardware_id is None:
-                updates.append(("UPDATE devices SET hardware_id = ?, updated_at = ? WHERE device_id = ?",
-                                (request.hardware_id, tx.now, request.device_id)))
+                updates.append(
+                    (
+                        "UPDATE devices SET hardware_id = ?, updated_at = ? WHERE device_id = ?",
+                        (request.hardware_id, tx.now, request.device_id),
+                    )
+                )
                 device = replace(device, hardware_id=request.hardware_id)
             if request.activate and device.status is DeviceStatus.PENDING:
-                updates.append(("UPDATE devices SET status = 'active', updated_at = ? WHERE device_id = ?",
-                                (tx.now, request.device_id)))
+                updates.append(
+                    (
+                        "UPDATE devices SET status = 'active', updated_at = ? WHERE device_id = ?",
+                        (tx.now, request.device_id),
+                    )
+                )
                 tx.event("device.active", request.actor, request.device_id)
                 device = replace(device, status=DeviceStatus.ACTIVE)
         devices[request.device_id] = device
@@ -576,8 +591,20 @@ async def _record_issuances(tx: Tx, requests: list[_IssuanceRequest]) -> list[Ce
             issued_at=tx.now,
             pem=pem(request.cert).decode(),
         )
-        new_certs.append((record.serial, record.fingerprint, record.device_id, key_hash, record.not_before,
-                          record.not_after, cert_status.value, tx.now, tx.now if request.activate else None, record.pem))
+        new_certs.append(
+            (
+                record.serial,
+                record.fingerprint,
+                record.device_id,
+                key_hash,
+                record.not_before,
+                record.not_after,
+                cert_status.value,
+                tx.now,
+                tx.now if request.activate else None,
+                record.pem,
+            )
+        )
         tx.event(
             "certificate.issued",
             request.actor,

@@ -92,11 +92,11 @@ class SqliteConnection:
         await self.raw.executemany(sql, rows)
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        rows = await self.raw.execute_fetchall(sql, params)
+        rows = list(await self.raw.execute_fetchall(sql, params))
         return tuple(rows[0]) if rows else None
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return list(await self.raw.execute_fetchall(sql, params))  # rows are tuples (no row_factory)
+        return [tuple(row) for row in await self.raw.execute_fetchall(sql, params)]
 
     async def close(self) -> None:
         await self.raw.close()
@@ -117,7 +117,7 @@ SQLITE_DIALECT = Dialect(begin_write=("BEGIN IMMEDIATE",), translate_error=trans
 
 async def connect(path: Path, *, create: bool) -> tuple[SqliteConnection, SqliteConnection]:
     """Open (and migrate) the database; return the writer and reader connections."""
-    if not create and not path.exists():
+    if not create and not path.exists():  # noqa: ASYNC240 - one stat() before opening
         raise RegistryError(f"registry database {path} does not exist; run 'iotauth init' or check --home")
     writer = await _open(path)
     try:

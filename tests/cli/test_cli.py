@@ -18,11 +18,15 @@ from iotauth.pki.keys import PrivateKey
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
 
-def iotauth(home: Path, *args: str, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
+def iotauth(
+    home: Path, *args: str, env: dict[str, str] | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "IOTAUTH_HOME": str(home), "COLUMNS": "200", **(env or {})}
     if "IOTAUTH_CA_PASSPHRASE" not in (env or {}):
         full_env.pop("IOTAUTH_CA_PASSPHRASE", None)
-    result = subprocess.run([_executable(), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False)
+    result = subprocess.run(
+        [_executable(), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
+    )
     assert "Traceback" not in result.stderr, result.stderr
     if ok:
         assert result.returncode == 0, result.stderr
@@ -63,8 +67,11 @@ def csr_file(tmp_path: Path, csr_factory: CsrFactory) -> Path:
 
 def test_issue_list_show_revoke_audit_roundtrip(cli_home: Path, csr_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "sensor.pem"
-    issued = json.loads(iotauth(cli_home, "issue", "sensor-1", "--csr", str(csr_file), "--hardware-id", "HW-1",
-                                "--out", str(out), "--json").stdout)
+    issued = json.loads(
+        iotauth(
+            cli_home, "issue", "sensor-1", "--csr", str(csr_file), "--hardware-id", "HW-1", "--out", str(out), "--json"
+        ).stdout
+    )
     assert issued["status"] == "active" and issued["device_id"] == "sensor-1"
     cert = x509.load_pem_x509_certificate(out.read_bytes())
     assert cert.subject.rfc4514_string().endswith("CN=sensor-1") and format(cert.serial_number, "x") == issued["serial"]
@@ -79,7 +86,10 @@ def test_issue_list_show_revoke_audit_roundtrip(cli_home: Path, csr_file: Path, 
 
     revoked = json.loads(iotauth(cli_home, "revoke", "sensor-1", "--reason", "key-compromise", "--json").stdout)
     assert revoked["revoked_serials"] == [issued["serial"]]
-    assert json.loads(iotauth(cli_home, "devices", "list", "--status", "revoked", "--json").stdout)[0]["device_id"] == "sensor-1"
+    assert (
+        json.loads(iotauth(cli_home, "devices", "list", "--status", "revoked", "--json").stdout)[0]["device_id"]
+        == "sensor-1"
+    )
     crl = x509.load_pem_x509_crl((cli_home / "ca" / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(int(issued["serial"], 16)) is not None
 
@@ -124,8 +134,10 @@ def test_errors_are_one_clear_line(cli_home: Path, args: tuple[str, ...], needle
 
 def test_bad_device_id_and_unknown_profile(cli_home: Path, csr_file: Path) -> None:
     one_line_error(iotauth(cli_home, "issue", "dev+1", "--csr", str(csr_file), ok=False), "invalid device id")
-    one_line_error(iotauth(cli_home, "issue", "dev", "--csr", str(csr_file), "--profile", "nope", ok=False),
-                   "unknown profile 'nope'")
+    one_line_error(
+        iotauth(cli_home, "issue", "dev", "--csr", str(csr_file), "--profile", "nope", ok=False),
+        "unknown profile 'nope'",
+    )
 
 
 def test_missing_home_is_one_line(tmp_path: Path) -> None:
@@ -144,11 +156,21 @@ def test_wrong_and_missing_passphrase_are_one_line(tmp_path: Path, csr_file: Pat
     home = tmp_path / "enc"
     result = iotauth(home, "init", env={"IOTAUTH_CA_PASSPHRASE": "correct horse"})
     assert "UNENCRYPTED" not in result.stderr
-    one_line_error(iotauth(home, "issue", "d", "--csr", str(csr_file), env={"IOTAUTH_CA_PASSPHRASE": "wrong"},
-                           ok=False), "wrong IOTAUTH_CA_PASSPHRASE")
+    one_line_error(
+        iotauth(home, "issue", "d", "--csr", str(csr_file), env={"IOTAUTH_CA_PASSPHRASE": "wrong"}, ok=False),
+        "wrong IOTAUTH_CA_PASSPHRASE",
+    )
     one_line_error(iotauth(home, "issue", "d", "--csr", str(csr_file), ok=False), "set IOTAUTH_CA_PASSPHRASE")
-    iotauth(home, "issue", "d", "--csr", str(csr_file), "--out", str(tmp_path / "d.pem"),
-            env={"IOTAUTH_CA_PASSPHRASE": "correct horse"})
+    iotauth(
+        home,
+        "issue",
+        "d",
+        "--csr",
+        str(csr_file),
+        "--out",
+        str(tmp_path / "d.pem"),
+        env={"IOTAUTH_CA_PASSPHRASE": "correct horse"},
+    )
     # Revoking needs no CA key: the registry changes, the CRL refresh is reported as a warning.
     revoke = iotauth(home, "revoke", "d")
     assert "CRL not refreshed" in revoke.stderr

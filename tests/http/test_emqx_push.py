@@ -67,7 +67,11 @@ async def _wait_for_calls(fake: FakeEmqx, count: int) -> None:
 
 
 async def test_revoke_and_suspend_kick_the_client_through_emqx(
-    home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory, fake_emqx: FakeEmqx,
+    home: Home,
+    authority: Authority,
+    registry: Registry,
+    csr_factory: CsrFactory,
+    fake_emqx: FakeEmqx,
     service_factory: Callable[..., RunningService],
 ) -> None:
     config = home.config_file.read_text()
@@ -92,8 +96,9 @@ async def test_revoke_and_suspend_kick_the_client_through_emqx(
     ]
 
 
-def test_push_configuration_without_a_secret_is_refused(home: Home,
-                                                        service_factory: Callable[..., RunningService]) -> None:
+def test_push_configuration_without_a_secret_is_refused(
+    home: Home, service_factory: Callable[..., RunningService]
+) -> None:
     config = home.config_file.read_text().replace('# base_url = "http://emqx:18083"', 'base_url = "http://x"')
     home.config_file.write_text(config.replace('# api_key = "iotauth"', 'api_key = "k"'))
     with pytest.raises(RuntimeError, match="IOTAUTH_EMQX_API_SECRET"):

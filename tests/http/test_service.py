@@ -24,9 +24,22 @@ def openssl_ocsp(home: Home, service: RunningService, cert: x509.Certificate, tm
     leaf = tmp_path / f"{cert.serial_number:x}.pem"
     leaf.write_bytes(pem(cert))
     result = subprocess.run(
-        ["openssl", "ocsp", "-issuer", str(home.issuing_cert), "-cert", str(leaf), "-url", f"{service.base_url}/ocsp",
-         "-CAfile", str(home.chain_file)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            "openssl",
+            "ocsp",
+            "-issuer",
+            str(home.issuing_cert),
+            "-cert",
+            str(leaf),
+            "-url",
+            f"{service.base_url}/ocsp",
+            "-CAfile",
+            str(home.chain_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Response verify OK" in result.stderr + result.stdout
@@ -34,7 +47,11 @@ def openssl_ocsp(home: Home, service: RunningService, cert: x509.Certificate, tm
 
 
 async def test_openssl_ocsp_reports_good_revoked_hold_and_unknown(
-    home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory, service_factory: ServiceFactory,
+    home: Home,
+    authority: Authority,
+    registry: Registry,
+    csr_factory: CsrFactory,
+    service_factory: ServiceFactory,
     tmp_path: Path,
 ) -> None:
     good = await authority.issue(csr_factory()[1], "good-1", actor="op")
@@ -55,8 +72,9 @@ async def test_openssl_ocsp_reports_good_revoked_hold_and_unknown(
     assert "certificateHold" in openssl_ocsp(home, service, good.certificate, tmp_path)
 
 
-async def test_crl_is_fresh_after_every_revocation(home: Home, authority: Authority, registry: Registry,
-                                                   csr_factory: CsrFactory, service_factory: ServiceFactory) -> None:
+async def test_crl_is_fresh_after_every_revocation(
+    home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory, service_factory: ServiceFactory
+) -> None:
     issued = [await authority.issue(csr_factory()[1], f"d{n}", actor="op") for n in range(3)]
     service = service_factory(home)
     with service.client() as client:
@@ -69,8 +87,9 @@ async def test_crl_is_fresh_after_every_revocation(home: Home, authority: Author
             assert crl.is_signature_valid(authority.ca.issuing_cert.public_key())  # type: ignore[arg-type]
 
 
-async def test_admin_api_requires_a_token(home: Home, authority: Authority, csr_factory: CsrFactory,
-                                          service_factory: ServiceFactory) -> None:
+async def test_admin_api_requires_a_token(
+    home: Home, authority: Authority, csr_factory: CsrFactory, service_factory: ServiceFactory
+) -> None:
     await authority.issue(csr_factory()[1], "sensor-1", actor="op")
     service = service_factory(home)
     with service.client() as anonymous:
@@ -88,9 +107,9 @@ async def test_admin_api_requires_a_token(home: Home, authority: Authority, csr_
         assert operator.post("/admin/devices/sensor-1/suspend").status_code == 409
 
 
-async def test_admin_actions_are_audited_with_the_token_identity(home: Home, authority: Authority,
-                                                                 registry: Registry, csr_factory: CsrFactory,
-                                                                 service_factory: ServiceFactory) -> None:
+async def test_admin_actions_are_audited_with_the_token_identity(
+    home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory, service_factory: ServiceFactory
+) -> None:
     await authority.issue(csr_factory()[1], "sensor-1", actor="op")
     with service_factory(home).client(ADMIN_TOKEN) as operator:
         operator.post("/admin/devices/sensor-1/suspend")
@@ -106,8 +125,9 @@ async def test_admin_actions_are_audited_with_the_token_identity(home: Home, aut
         (b'{"reason": "because"}', "unknown reason 'because'"),
     ],
 )
-async def test_bad_input_is_a_400_with_a_message(home: Home, authority: Authority, csr_factory: CsrFactory,
-                                                 service_factory: ServiceFactory, body: bytes, needle: str) -> None:
+async def test_bad_input_is_a_400_with_a_message(
+    home: Home, authority: Authority, csr_factory: CsrFactory, service_factory: ServiceFactory, body: bytes, needle: str
+) -> None:
     await authority.issue(csr_factory()[1], "sensor-1", actor="op")
     with service_factory(home).client(ADMIN_TOKEN) as operator:
         answer = operator.post("/admin/devices/sensor-1/revoke", content=body)

@@ -32,7 +32,9 @@ def ca(home: Home) -> CertificateAuthority:
     return CertificateAuthority.load(home, load_settings(home), None)
 
 
-def test_issued_certificate_has_the_device_profile(ca: CertificateAuthority, home: Home, csr_factory: CsrFactory) -> None:
+def test_issued_certificate_has_the_device_profile(
+    ca: CertificateAuthority, home: Home, csr_factory: CsrFactory
+) -> None:
     key, csr = csr_factory()
     profile = load_settings(home).profile("default")
     cert = ca.issue(csr, "sensor-1", profile, hardware_id="HW-0001")
@@ -57,8 +59,9 @@ def test_issued_certificate_has_the_device_profile(ca: CertificateAuthority, hom
     assert timedelta(days=365) <= lifetime <= timedelta(days=365, minutes=10)
 
 
-def test_serial_numbers_are_random_with_at_least_64_bits(ca: CertificateAuthority, home: Home,
-                                                         csr_factory: CsrFactory) -> None:
+def test_serial_numbers_are_random_with_at_least_64_bits(
+    ca: CertificateAuthority, home: Home, csr_factory: CsrFactory
+) -> None:
     profile = load_settings(home).profile("default")
     _, csr = csr_factory()
     serials = {ca.issue(csr, f"d{n}", profile).serial_number for n in range(64)}
@@ -66,8 +69,9 @@ def test_serial_numbers_are_random_with_at_least_64_bits(ca: CertificateAuthorit
     assert min(s.bit_length() for s in serials) > 64
 
 
-def test_csr_subject_and_sans_never_change_the_identity(ca: CertificateAuthority, home: Home,
-                                                         csr_factory: CsrFactory) -> None:
+def test_csr_subject_and_sans_never_change_the_identity(
+    ca: CertificateAuthority, home: Home, csr_factory: CsrFactory
+) -> None:
     forged_sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/device/victim"),
         x509.DNSName("broker.example.com"),
@@ -118,19 +122,24 @@ def test_crl_and_ocsp_urls_come_from_configuration(home: Home, csr_factory: CsrF
     assert aia[0].access_location == x509.UniformResourceIdentifier("http://pki.test/ocsp")
 
 
-def test_openssl_accepts_the_certificate_for_client_auth(ca: CertificateAuthority, home: Home,
-                                                         csr_factory: CsrFactory, tmp_path: Path) -> None:
+def test_openssl_accepts_the_certificate_for_client_auth(
+    ca: CertificateAuthority, home: Home, csr_factory: CsrFactory, tmp_path: Path
+) -> None:
     cert = ca.issue(csr_factory()[1], "sensor-1", load_settings(home).profile("default"))
     leaf = tmp_path / "leaf.pem"
     leaf.write_bytes(pem(cert))
     ok = subprocess.run(
         ["openssl", "verify", "-CAfile", str(home.chain_file), "-purpose", "sslclient", str(leaf)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     wrong_purpose = subprocess.run(
         ["openssl", "verify", "-CAfile", str(home.chain_file), "-purpose", "sslserver", str(leaf)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert wrong_purpose.returncode != 0
 

@@ -27,8 +27,9 @@ def _reason(crl: x509.CertificateRevocationList, serial: str) -> x509.ReasonFlag
         return None
 
 
-async def test_revoked_certificate_appears_in_next_crl_with_reason(authority: Authority, registry: Registry,
-                                                                   csr_factory: CsrFactory) -> None:
+async def test_revoked_certificate_appears_in_next_crl_with_reason(
+    authority: Authority, registry: Registry, csr_factory: CsrFactory
+) -> None:
     keep = await authority.issue(csr_factory()[1], "keep", actor="op")
     gone = await authority.issue(csr_factory()[1], "gone", actor="op")
     before = await authority.build_crl()
@@ -43,8 +44,9 @@ async def test_revoked_certificate_appears_in_next_crl_with_reason(authority: Au
     assert after.crl.next_update_utc - after.crl.last_update_utc == timedelta(hours=24)  # type: ignore[operator]
 
 
-async def test_suspended_and_pending_are_on_hold_and_resume_lifts_it(authority: Authority, registry: Registry,
-                                                                     csr_factory: CsrFactory) -> None:
+async def test_suspended_and_pending_are_on_hold_and_resume_lifts_it(
+    authority: Authority, registry: Registry, csr_factory: CsrFactory
+) -> None:
     suspended = await authority.issue(csr_factory()[1], "paused", actor="op")
     pending = await authority.issue(csr_factory()[1], "undelivered", activate=False, actor="station")
     await registry.suspend("paused", actor="op")
@@ -65,9 +67,21 @@ async def test_openssl_refuses_a_revoked_certificate_with_the_published_crl(
     leaf = tmp_path / "leaf.pem"
     leaf.write_bytes(pem(issued.certificate))
     result = subprocess.run(
-        ["openssl", "verify", "-crl_check", "-CAfile", str(home.chain_file), "-CRLfile", str(home.crl_pem),
-         "-purpose", "sslclient", str(leaf)],
-        capture_output=True, text=True, check=False,
+        [
+            "openssl",
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            str(home.chain_file),
+            "-CRLfile",
+            str(home.crl_pem),
+            "-purpose",
+            "sslclient",
+            str(leaf),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode != 0 and "revoked" in (result.stdout + result.stderr)
 

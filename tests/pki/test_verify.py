@@ -38,12 +38,13 @@ def _forge(authority_ca: CertificateAuthority, /, **kwargs: object) -> x509.Cert
         generate_private_key().public_key(),
         authority_ca.issuing_key,
         authority_ca.issuing_cert.subject,
-        **defaults  # type: ignore[arg-type]
+        **defaults,  # type: ignore[arg-type]
     )
 
 
-def test_a_well_formed_forgery_by_the_real_ca_verifies(ca: CertificateAuthority,
-                                                       verifier: ClientCertificateVerifier) -> None:
+def test_a_well_formed_forgery_by_the_real_ca_verifies(
+    ca: CertificateAuthority, verifier: ClientCertificateVerifier
+) -> None:
     assert verifier.verify(_forge(ca)).device_id == "sensor-1"
 
 
@@ -66,8 +67,9 @@ def test_a_well_formed_forgery_by_the_real_ca_verifies(ca: CertificateAuthority,
         ({"ca": True}, "chain"),
     ],
 )
-def test_bad_certificates_are_rejected_with_a_reason(ca: CertificateAuthority, verifier: ClientCertificateVerifier,
-                                                     kwargs: dict[str, object], code: str) -> None:
+def test_bad_certificates_are_rejected_with_a_reason(
+    ca: CertificateAuthority, verifier: ClientCertificateVerifier, kwargs: dict[str, object], code: str
+) -> None:
     with pytest.raises(Rejection) as info:
         verifier.verify(_forge(ca, **kwargs))
     assert info.value.code == code
@@ -76,23 +78,28 @@ def test_bad_certificates_are_rejected_with_a_reason(ca: CertificateAuthority, v
 def test_wrong_ca_and_self_signed_are_rejected(ca: CertificateAuthority, verifier: ClientCertificateVerifier) -> None:
     rogue_key = generate_private_key()
     rogue = forge_certificate(
-        rogue_key.public_key(), rogue_key, ca.issuing_cert.subject,  # same issuer *name*, different key
-        common_name="sensor-1", uris=[f"spiffe://{TRUST_DOMAIN}/device/sensor-1"],
+        rogue_key.public_key(),
+        rogue_key,
+        ca.issuing_cert.subject,  # same issuer *name*, different key
+        common_name="sensor-1",
+        uris=[f"spiffe://{TRUST_DOMAIN}/device/sensor-1"],
     )
     with pytest.raises(Rejection) as info:
         verifier.verify(rogue)
     assert info.value.code == "chain"
 
 
-def test_ca_certificate_used_as_client_is_rejected(ca: CertificateAuthority,
-                                                   verifier: ClientCertificateVerifier) -> None:
+def test_ca_certificate_used_as_client_is_rejected(
+    ca: CertificateAuthority, verifier: ClientCertificateVerifier
+) -> None:
     for cert in (ca.issuing_cert, ca.root_cert):
         with pytest.raises(Rejection):
             verifier.verify(cert)
 
 
-def test_cache_still_checks_validity_on_every_call(ca: CertificateAuthority,
-                                                   verifier: ClientCertificateVerifier) -> None:
+def test_cache_still_checks_validity_on_every_call(
+    ca: CertificateAuthority, verifier: ClientCertificateVerifier
+) -> None:
     cert = _forge(ca, lifetime=timedelta(hours=1))
     assert verifier.verify(cert).device_id == "sensor-1"
     with pytest.raises(Rejection) as info:

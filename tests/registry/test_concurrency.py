@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from iotauth.config import Home
 from iotauth.registry import open_registry
@@ -42,7 +41,9 @@ ISSUER = textwrap.dedent(
 def _spawn(home: Home, url: str, prefix: str, count: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", ISSUER, str(home.root), url, prefix, str(count)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
@@ -94,8 +95,13 @@ CRASHER = textwrap.dedent(
 
 
 async def test_a_returned_certificate_survives_a_crash(home: Home, registry_url: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", CRASHER, str(home.root), registry_url], capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHER, str(home.root), registry_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL
     serial = proc.stdout.strip()
     assert serial

@@ -21,8 +21,9 @@ from iotauth.registry.sqlite import SCHEMA_VERSION
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
 
-async def test_issue_records_device_certificate_and_events(authority: Authority, registry: Registry,
-                                                           csr_factory: CsrFactory) -> None:
+async def test_issue_records_device_certificate_and_events(
+    authority: Authority, registry: Registry, csr_factory: CsrFactory
+) -> None:
     issued = await authority.issue(csr_factory()[1], "sensor-1", hardware_id="HW-1", actor="op")
     device = await registry.get_device("sensor-1")
     assert (device.status, device.hardware_id, device.profile) == (DeviceStatus.ACTIVE, "HW-1", "default")
@@ -34,8 +35,7 @@ async def test_issue_records_device_certificate_and_events(authority: Authority,
     assert kinds == ["device.created", "certificate.issued"]
 
 
-async def test_pending_issue_then_activation(authority: Authority, registry: Registry,
-                                            csr_factory: CsrFactory) -> None:
+async def test_pending_issue_then_activation(authority: Authority, registry: Registry, csr_factory: CsrFactory) -> None:
     issued = await authority.issue(csr_factory()[1], "sensor-1", activate=False, actor="station")
     assert (await registry.get_device("sensor-1")).status is DeviceStatus.PENDING
     credential = await registry.find_credential(issued.record.fingerprint)
@@ -61,8 +61,9 @@ async def test_a_public_key_belongs_to_one_device(authority: Authority, csr_fact
     await authority.issue(csr, "sensor-1", actor="op")  # renewal with the same key is the same device
 
 
-async def test_conflicts_inside_one_group_commit_are_isolated(authority: Authority, registry: Registry,
-                                                               csr_factory: CsrFactory) -> None:
+async def test_conflicts_inside_one_group_commit_are_isolated(
+    authority: Authority, registry: Registry, csr_factory: CsrFactory
+) -> None:
     _, shared = csr_factory()
     results = await asyncio.gather(
         authority.issue(csr_factory()[1], "a", hardware_id="HW-A", actor="op"),
@@ -85,8 +86,9 @@ async def test_profile_must_exist_and_match(authority: Authority, csr_factory: C
         await authority.issue(csr_factory()[1], "svc-1", "default", actor="op")
 
 
-async def test_revocation_is_final_and_idempotent(authority: Authority, registry: Registry,
-                                                  csr_factory: CsrFactory) -> None:
+async def test_revocation_is_final_and_idempotent(
+    authority: Authority, registry: Registry, csr_factory: CsrFactory
+) -> None:
     first = await authority.issue(csr_factory()[1], "sensor-1", actor="op")
     second = await authority.issue(csr_factory()[1], "sensor-1", actor="op")
     revoked = await registry.revoke("sensor-1", RevocationReason.KEY_COMPROMISE, actor="op")
@@ -111,14 +113,15 @@ async def test_suspend_and_resume(authority: Authority, registry: Registry, csr_
         await registry.resume("sensor-1", actor="op")
 
 
-async def test_expire_pending_revokes_only_old_pending(authority: Authority, registry: Registry,
-                                                       csr_factory: CsrFactory) -> None:
+async def test_expire_pending_revokes_only_old_pending(
+    authority: Authority, registry: Registry, csr_factory: CsrFactory
+) -> None:
     old = await authority.issue(csr_factory()[1], "sensor-1", activate=False, actor="station")
     live = await authority.issue(csr_factory()[1], "sensor-2", actor="op")
-    assert await registry.expire_pending(now_utc() - timedelta(minutes=1), RevocationReason.SUPERSEDED,
-                                         actor="ttl") == []
-    expired = await registry.expire_pending(now_utc() + timedelta(seconds=1), RevocationReason.SUPERSEDED,
-                                            actor="ttl")
+    assert (
+        await registry.expire_pending(now_utc() - timedelta(minutes=1), RevocationReason.SUPERSEDED, actor="ttl") == []
+    )
+    expired = await registry.expire_pending(now_utc() + timedelta(seconds=1), RevocationReason.SUPERSEDED, actor="ttl")
     assert [c.serial for c in expired] == [old.record.serial]
     assert (await registry.get_certificate(live.record.serial)).status is CertificateStatus.ACTIVE
 

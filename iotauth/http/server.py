@@ -11,16 +11,20 @@ from pathlib import Path
 
 import uvicorn
 from cryptography import x509
+from starlette.applications import Starlette
 
 from iotauth.authority import Authority, open_authority
 from iotauth.config import Home, Settings, load_settings, parse_bind, registry_location
 from iotauth.errors import CaLocked, ConfigError
 from iotauth.http.access import AccessPolicy
 from iotauth.http.app import ServiceState, create_app
+from iotauth.http.brokers import BrokerFrontEnd, broker_routes
 from iotauth.http.crl import CrlSource
 from iotauth.http.push import EmqxKicker, push_revocations
 from iotauth.pki.keys import load_private_key
 from iotauth.pki.ocsp import OcspResponder
+from iotauth.pki.verify import ClientCertificateVerifier
+from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
 
 log = logging.getLogger("iotauth.http")
@@ -45,6 +49,13 @@ def load_responder(home: Home) -> OcspResponder:
     return OcspResponder(issuing, cert, key)
 
 
+async def build_app(home: Home, registry: Registry, settings: Settings, options: ServeOptions) -> Starlette:
+    """The complete application for ``home``: every route, wired to ``registry``."""
+    app = create_app(await build_state(home, registry, settings, options))
+    app.state.brokers = broker_front_end(home, registry, settings)
+    return app
+
+
 async def build_state(home: Home, registry: Registry, settings: Settings, options: ServeOptions) -> ServiceState:
     authority: Authority | None
     try:
@@ -60,7 +71,21 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
     elif not options.tls:
         log.warning("plain HTTP: the admin API is disabled (tokens are never accepted without TLS)")
     return ServiceState(
-        registry=registry, access=access, crl=CrlSource(registry, authority, home), ocsp=load_responder(home)
+        registry=registry,
+        access=access,
+        crl=CrlSource(registry, authority, home),
+        ocsp=load_responder(home),
+        extra_routes=broker_routes(),
+    )
+
+
+def broker_front_end(home: Home, registry: Registry, settings: Settings) -> BrokerFrontEnd:
+    root = x509.load_pem_x509_certificate(home.root_cert.read_bytes())
+    issuing = x509.load_pem_x509_certificate(home.issuing_cert.read_bytes())
+    return BrokerFrontEnd(
+        registry=registry,
+        policies=PolicySet.from_profiles(settings.profiles.values()),
+        verifier=ClientCertificateVerifier([root], [issuing], settings.trust_domain),
     )
 
 
@@ -71,9 +96,8 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
     certfile = options.certfile or home.server_cert
     keyfile = options.keyfile or home.server_key
     async with await open_registry(registry_location(home, registry_url)) as registry:
-        state = await build_state(home, registry, settings, options)
         config = uvicorn.Config(
-            create_app(state),
+            await build_app(home, registry, settings, options),
             host=host,
             port=port,
             ssl_certfile=str(certfile) if options.tls else None,

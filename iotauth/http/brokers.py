@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from iotauth.errors import CertificateRejected, InvalidIdentity, NotFound
-from iotauth.http.app import BadRequest, guard, read_json, state_of
+from iotauth.http.app import BadRequest, Handler, guard, read_json, state_of
 from iotauth.identity import validate_device_id
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.policy import Action, PolicySet, SessionPolicy
@@ -160,7 +160,7 @@ def front_end(request: Request) -> BrokerFrontEnd:
     return front
 
 
-def broker_only(handler: Any) -> Any:
+def broker_only(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         host = request.client.host if request.client else None
         if not state_of(request).access.broker_allowed(host):

@@ -15,7 +15,7 @@ only decide per device, not per certificate; configure EMQX to forward it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from iotauth.errors import CertificateRejected, InvalidIdentity, NotFound
+from iotauth.errors import CertificateRejected, InvalidIdentity, NotFound, PolicyDenied
 from iotauth.http.app import BadRequest, Handler, guard, read_json, state_of
 from iotauth.identity import validate_device_id
 from iotauth.pki.verify import ClientCertificateVerifier
@@ -52,11 +52,17 @@ class Verdict:
 
 @dataclass
 class BrokerFrontEnd:
-    """What the broker-facing endpoints need, built once per service."""
+    """What the broker-facing endpoints need, built once per service.
+
+    Compiled policies are cached per (profile, device): they are a pure
+    function of the configuration, unlike the device's status, which is read
+    from the registry on every request so that revocation is never delayed.
+    """
 
     registry: Registry
     policies: PolicySet
     verifier: ClientCertificateVerifier
+    _compiled: dict[tuple[str, str], SessionPolicy | None] = field(default_factory=dict)
 
     async def authenticate(
         self, client_id: object, common_name: object, cert_pem: object, cert_fingerprint: object
@@ -129,10 +135,15 @@ class BrokerFrontEnd:
         )
 
     def _policy(self, profile: str, device_id: str) -> SessionPolicy | None:
-        try:
-            return self.policies.bind(profile, device_id)
-        except Exception:  # unknown profile after a config change: no rights (fail closed)
-            return None
+        key = (profile, device_id)
+        if key not in self._compiled:
+            if len(self._compiled) > 100_000:
+                self._compiled.clear()
+            try:
+                self._compiled[key] = self.policies.bind(profile, device_id)
+            except (PolicyDenied, InvalidIdentity):  # unknown profile: no rights (fail closed)
+                self._compiled[key] = None
+        return self._compiled[key]
 
     async def authorize(self, client_id: object, action: Action, topic: object) -> Verdict:
         """May an (already connected) client do ``action`` on ``topic`` right now?"""

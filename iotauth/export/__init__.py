@@ -1,0 +1,1 @@
+"""Exports of iotauth's CA, CRL and topic policies for other brokers."""

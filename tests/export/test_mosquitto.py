@@ -214,6 +214,8 @@ async def test_devices_stay_within_their_topics(mosquitto: Mosquitto, identities
 async def test_revocation_refuses_new_connections_after_export_and_reload(
     mosquitto: Mosquitto, home: Home, registry: Registry, identities: dict[str, Identity]
 ) -> None:
+    control = mosquitto.publish(identities["sensor-1"], "devices/sensor-1/state", "before")
+    assert control.returncode == 0 and "received CONNACK (0)" in control.stdout
     # No other sensor-1 connection while this one is live: the client id is the CN, so it would take over.
     live = mosquitto.subscribe(identities["sensor-1"], "devices/sensor-1/commands/#")
     try:
@@ -241,8 +243,10 @@ async def test_revocation_refuses_new_connections_after_export_and_reload(
     finally:
         live.stop()
     refused = mosquitto.publish(identities["sensor-1"], "devices/sensor-1/state", "after")
+    # TLS 1.3 reports the server's "certificate revoked" alert only once the client writes, so the
+    # client's error text varies; what matters is that no CONNACK ever arrives.
     assert refused.returncode != 0
-    assert "certificate revoked" in refused.stderr + refused.stdout
+    assert "CONNACK" not in refused.stdout
 
 
 def test_cli_export_writes_a_runnable_configuration(

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from iotauth.errors import Conflict, RegistryError
 from iotauth.registry.backend import Dialect, Row
+from iotauth.registry.schema import migrations
 
 try:
     import asyncpg
@@ -28,56 +29,7 @@ CHANNEL = "iotauth_events"
 WRITE_LOCK = 0x107A07  # advisory lock key shared by every iotauth writer
 SCHEMA_LOCK = 0x107A08
 
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE devices (
-        device_id   TEXT PRIMARY KEY,
-        hardware_id TEXT UNIQUE,
-        profile     TEXT NOT NULL,
-        status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'suspended', 'revoked')),
-        created_at  TEXT NOT NULL,
-        updated_at  TEXT NOT NULL
-    );
-    CREATE TABLE certificates (
-        serial            TEXT PRIMARY KEY,
-        fingerprint       TEXT NOT NULL UNIQUE,
-        device_id         TEXT NOT NULL REFERENCES devices (device_id),
-        public_key_sha256 TEXT NOT NULL,
-        not_before        TEXT NOT NULL,
-        not_after         TEXT NOT NULL,
-        status            TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
-        issued_at         TEXT NOT NULL,
-        activated_at      TEXT,
-        revoked_at        TEXT,
-        revocation_reason TEXT,
-        pem               TEXT NOT NULL
-    );
-    CREATE INDEX certificates_device ON certificates (device_id);
-    CREATE INDEX certificates_key ON certificates (public_key_sha256);
-    CREATE INDEX certificates_status ON certificates (status);
-    CREATE INDEX certificates_crl ON certificates (not_after, serial, revoked_at, issued_at, revocation_reason, status)
-        WHERE status <> 'active';
-    CREATE INDEX devices_status ON devices (status);
-    CREATE TABLE events (
-        id        BIGINT PRIMARY KEY,
-        ts        TEXT NOT NULL,
-        kind      TEXT NOT NULL,
-        actor     TEXT NOT NULL,
-        device_id TEXT,
-        data      TEXT NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash      TEXT NOT NULL
-    );
-    CREATE INDEX events_device ON events (device_id);
-    CREATE INDEX events_ts ON events (ts);
-    CREATE FUNCTION iotauth_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
-    CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
-        FOR EACH ROW EXECUTE FUNCTION iotauth_append_only();
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    INSERT INTO meta (key, value) VALUES ('audit_allocated', '0'), ('crl_number', '0');
-    """,
-)
+MIGRATIONS = migrations("postgresql")  # the iotauth_schema table records how many have run
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -18,62 +18,12 @@ import aiosqlite
 
 from iotauth.errors import Conflict, RegistryError
 from iotauth.registry.backend import Dialect, Row
+from iotauth.registry.schema import migrations
 
 BUSY_TIMEOUT_MS = 30_000
 
-# Each entry upgrades the schema by one version; PRAGMA user_version records where a database is.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE devices (
-        device_id   TEXT PRIMARY KEY,
-        hardware_id TEXT UNIQUE,
-        profile     TEXT NOT NULL,
-        status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'suspended', 'revoked')),
-        created_at  TEXT NOT NULL,
-        updated_at  TEXT NOT NULL
-    );
-    CREATE TABLE certificates (
-        serial            TEXT PRIMARY KEY,
-        fingerprint       TEXT NOT NULL UNIQUE,
-        device_id         TEXT NOT NULL REFERENCES devices (device_id),
-        public_key_sha256 TEXT NOT NULL,
-        not_before        TEXT NOT NULL,
-        not_after         TEXT NOT NULL,
-        status            TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
-        issued_at         TEXT NOT NULL,
-        activated_at      TEXT,
-        revoked_at        TEXT,
-        revocation_reason TEXT,
-        pem               TEXT NOT NULL
-    );
-    CREATE INDEX certificates_device ON certificates (device_id);
-    CREATE INDEX certificates_key ON certificates (public_key_sha256);
-    CREATE INDEX certificates_status ON certificates (status);
-    -- CRL building reads only these columns of non-active certificates: a covering partial index
-    -- keeps it from scanning every certificate's PEM.
-    CREATE INDEX certificates_crl ON certificates (not_after, serial, revoked_at, issued_at, revocation_reason, status)
-        WHERE status <> 'active';
-    CREATE INDEX devices_status ON devices (status);
-    CREATE TABLE events (
-        id        INTEGER PRIMARY KEY,
-        ts        TEXT NOT NULL,
-        kind      TEXT NOT NULL,
-        actor     TEXT NOT NULL,
-        device_id TEXT,
-        data      TEXT NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash      TEXT NOT NULL
-    );
-    CREATE INDEX events_device ON events (device_id);
-    CREATE INDEX events_ts ON events (ts);
-    CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    INSERT INTO meta (key, value) VALUES ('audit_allocated', '0'), ('crl_number', '0');
-    """,
-)
+# PRAGMA user_version records which of these a database has had.
+MIGRATIONS = migrations("sqlite")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

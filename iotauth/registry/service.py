@@ -416,8 +416,10 @@ class Registry:
 
     async def verify_audit(self) -> AuditReport:
         """Recompute the whole chain; report the first event that fails."""
-        rows = await self._reader.fetchall(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY id")
+        # The counter first: both only grow, so events read afterwards always cover it. Read the other
+        # way round, a commit landing in between would look like a deleted tail.
         allocated = await self._reader.fetchone("SELECT value FROM meta WHERE key = 'audit_allocated'")
+        rows = await self._reader.fetchall(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY id")
         events = []
         for row in rows:
             try:

@@ -9,7 +9,7 @@ import traceback
 import click
 
 from iotauth import __version__
-from iotauth.cli import audit, broker, devices, export, pki, provision, serve
+from iotauth.cli import audit, broker, demo, devices, export, pki, provision, serve
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
@@ -36,7 +36,8 @@ def cli(ctx: click.Context, home: str | None, registry_url: str | None) -> None:
     ctx.obj = CliContext(Home.resolve(home), registry_url)
 
 
-for command in (*pki.COMMANDS, *devices.COMMANDS, audit.audit, *provision.COMMANDS, *broker.COMMANDS, *serve.COMMANDS, *export.COMMANDS):
+for command in (*pki.COMMANDS, *devices.COMMANDS, audit.audit, *provision.COMMANDS, *broker.COMMANDS, *serve.COMMANDS, *export.COMMANDS,
+                *demo.COMMANDS):
     cli.add_command(command)
 
 

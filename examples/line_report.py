@@ -79,7 +79,8 @@ def show(summary: dict[str, Any]) -> None:
         f"{summary['failed_attempts']} failed attempt(s); first-pass yield {summary['first_pass_yield']}"
     )
     print(
-        f"time per board: median {summary['seconds_per_board']['median']} s, p95 {summary['seconds_per_board']['p95']} s"
+        f"time per board: median {summary['seconds_per_board']['median']} s, "
+        f"p95 {summary['seconds_per_board']['p95']} s"
         f" ({summary['from']} .. {summary['to']})"
     )
     for title in ("by_station", "by_operator", "by_port"):

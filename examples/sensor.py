@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 
 def load_identity(state: Path) -> dict[str, Any]:
     try:
         config = json.loads((state / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {state} holds no provisioned config.json ({exc}); provision the device first")
+        raise SystemExit(f"error: {state} holds no provisioned config.json ({exc}); provision the device first") from exc
     for name in ("key.pem", "fullchain.pem", "ca.pem"):
         if not (state / name).exists():
             raise SystemExit(f"error: {state / name} is missing; provision the device first")
@@ -57,7 +58,7 @@ def main() -> int:
     connected = threading.Event()
     refused: list[str] = []
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
     client.tls_set(
         ca_certs=str(args.state / "ca.pem"),
         certfile=str(args.state / "fullchain.pem"),

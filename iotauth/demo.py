@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from iotauth.authority import Authority, open_authority
 from iotauth.bootstrap import initialise_home
@@ -80,7 +81,7 @@ class Client:
         self._connected = threading.Event()
         self._disconnected = threading.Event()
         self._arrived = threading.Condition()
-        self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        self.paho = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         self.paho.tls_set(ca_certs=str(cafile), certfile=str(certfile), keyfile=str(keyfile))
         self.paho.on_connect = self._on_connect
         self.paho.on_disconnect = self._on_disconnect
@@ -96,7 +97,7 @@ class Client:
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         with self._arrived:
-            self.messages.append((message.topic, message.payload))
+            self.messages.append((message.topic, bytes(message.payload)))
             self._arrived.notify_all()
 
     def connect(self, port: int) -> bool:
@@ -155,7 +156,7 @@ class Board:
             "--keygen-ms",
             "100",
         ]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # noqa: S603
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], WAIT)
         line = process.stdout.readline().decode().strip() if ready else ""

@@ -35,7 +35,8 @@ def load_identity(state: Path) -> dict[str, Any]:
     try:
         config = json.loads((state / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {state} holds no provisioned config.json ({exc}); provision the device first") from exc
+        message = f"error: {state} holds no provisioned config.json ({exc}); provision the device first"
+        raise SystemExit(message) from exc
     for name in ("key.pem", "fullchain.pem", "ca.pem"):
         if not (state / name).exists():
             raise SystemExit(f"error: {state / name} is missing; provision the device first")

@@ -1,0 +1,123 @@
+"""examples/: each script runs as a user would run it, against real parts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+
+from iotauth.config import Home
+from iotauth.provisioning.report import append_report
+from iotauth.provisioning.station import Station
+from iotauth.registry import DeviceStatus, Registry, RevocationReason
+from tests.fixtures.broker import BrokerProcess, Pki, connect
+from tests.fixtures.devices import EmulatorFactory
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+StationFactory = Callable[..., Station]
+
+
+def run_example(name: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+async def test_sensor_uses_the_credentials_the_station_wrote(
+    emulator: EmulatorFactory, station_factory: StationFactory, home: Home, registry: Registry, tmp_path: Path
+) -> None:
+    board = emulator()
+    provisioned = await station_factory().provision(board.port)
+    assert provisioned.ok, provisioned.error
+    device_id = str(provisioned.device_id)
+    broker = BrokerProcess(home).start()
+    try:
+        ops = await asyncio.to_thread(Pki(home, tmp_path / "ops").issue, "ops-1", "ingest")  # it runs its own loop
+        operator = connect(broker.port, ops)
+        operator.subscribe("devices/+/telemetry/#")
+        operator.subscribe("devices/+/state")
+        sensor = subprocess.Popen(
+            [
+                sys.executable,
+                str(EXAMPLES / "sensor.py"),
+                "--state",
+                str(board.state),
+                "--port",
+                str(broker.port),
+                "--count",
+                "3",
+                "--interval",
+                "0.3",
+                "--linger",
+                "4",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        first = operator.receive()
+        assert first.topic == f"devices/{device_id}/telemetry/temperature"
+        assert json.loads(first.payload)["seq"] == 0
+        operator.publish(f"devices/{device_id}/commands/ping", "are you there?")
+        out, errors = sensor.communicate(timeout=60)
+        assert sensor.returncode == 0, errors
+        assert f"connected to localhost:{broker.port} as {device_id}" in out
+        assert "command ping: are you there?" in out
+        received = [first, *operator.receive_all()]
+        topics = [m.topic for m in received]
+        assert topics.count(f"devices/{device_id}/telemetry/temperature") == 3
+        assert (f"devices/{device_id}/state", b"pong") in [(m.topic, m.payload) for m in received]
+        operator.close()
+
+        await registry.revoke(device_id, RevocationReason.KEY_COMPROMISE, actor="test")
+        refused = run_example("sensor.py", "--state", str(board.state), "--port", str(broker.port), "--count", "1")
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == "error: the broker refused the connection: Not authorized"
+    finally:
+        broker.stop()
+
+
+def test_sensor_without_credentials_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_example("sensor.py", "--state", str(tmp_path))
+    assert result.returncode != 0 and "provision the device first" in result.stderr
+
+
+async def test_operator_revoke(home: Home, registry: Registry, tmp_path: Path) -> None:
+    creds = await asyncio.to_thread(Pki(home, tmp_path / "creds").issue, "sensor-7")
+    result = run_example("operator_revoke.py", "sensor-7", "--reason", "key-compromise", "--home", str(home.root))
+    assert result.returncode == 0, result.stderr
+    assert "revoked sensor-7: 1 certificate(s)" in result.stdout
+    assert (await registry.get_device("sensor-7")).status is DeviceStatus.REVOKED
+    crl = x509.load_pem_x509_crl(home.crl_pem.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(creds.serial, 16)) is not None
+    unknown = run_example("operator_revoke.py", "ghost", "--home", str(home.root))
+    assert unknown.returncode == 1 and unknown.stderr.strip() == "error: unknown device 'ghost'"
+
+
+async def test_line_report_summarises_a_real_station_report(
+    emulator: EmulatorFactory, station_factory: StationFactory, tmp_path: Path
+) -> None:
+    station = station_factory()
+    good = await station.provision(emulator().port)
+    bad = await station.provision(emulator(faults=["stall:hello"], args=["--stall-ms", "0"]).port)
+    assert good.ok and not bad.ok
+    report = tmp_path / "line.csv"
+    append_report(report, [good.as_row(), bad.as_row()])
+
+    summary = json.loads(run_example("line_report.py", str(report), "--json").stdout)
+    assert summary["rows"] == 2 and summary["boards"] == 2
+    assert summary["devices_provisioned"] == 1 and summary["failed_attempts"] == 1
+    assert summary["first_pass_yield"] == 0.5
+    assert list(summary["failure_reasons"]) == [bad.error]
+    assert summary["by_station"] == {"test-station": {"passed": 1, "failed": 1}}
+    assert summary["seconds_per_board"]["median"] > 0
+    text = run_example("line_report.py", str(report)).stdout
+    assert "1 device(s) provisioned from 2 board(s)" in text and "failure reasons:" in text
+    assert run_example("line_report.py", str(tmp_path / "missing.csv")).returncode == 1

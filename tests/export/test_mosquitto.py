@@ -112,7 +112,11 @@ class Mosquitto:
             text=True,
         )
         subscriber = Subscriber(proc)
-        subscriber.wait_for("SUBACK")
+        try:
+            subscriber.wait_for("SUBACK")
+        except AssertionError:
+            subscriber.stop()  # never leave a client running behind a failed test
+            raise
         return subscriber
 
 

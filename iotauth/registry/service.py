@@ -396,6 +396,18 @@ class Registry:
         row = await self._reader.fetchone("SELECT MAX(id) FROM events")
         return int(row[0]) if row and row[0] is not None else 0
 
+    async def wait_for_change(self, interval: float) -> None:
+        """Return when a commit may have added events (PostgreSQL NOTIFY), or after ``interval`` seconds.
+
+        For consumers that poll :meth:`events` themselves (the broker times
+        every read, to fail closed) but still want push wake-ups where the
+        backend has them. SQLite has none: this just sleeps.
+        """
+        if self._wait_change is not None:
+            await self._wait_change(interval)
+        else:
+            await asyncio.sleep(interval)
+
     async def follow(self, after_id: int, poll_interval: float = 0.05) -> AsyncIterator[list[AuditEvent]]:
         """Yield batches of new events forever: the registry's change feed.
 

@@ -1,0 +1,260 @@
+"""The broker's entries in the registry's hash-chained audit log.
+
+Three kinds of write, with three policies:
+
+* **Accepted CONNECT: group-committed behind the CONNACK, fail closed.**
+  Accept records are queued and written in one transaction at most
+  ``flush_interval`` (50 ms) later, together with everything else queued.
+  Awaiting a commit per CONNECT would cost ~0.75 ms of broker CPU (six
+  round trips to the SQLite thread and an fsync) -- more than the whole
+  authorization budget -- and buy only the last 50 ms of records in a crash.
+  What must hold is "never serve clients the broker cannot account for", so
+  the audit trail is part of the admission decision instead: while audit
+  writes fail or the queue backs up, :attr:`BrokerAudit.healthy` is false and
+  the guard refuses new connects (CONNACK 0x03) exactly as for an unreadable
+  registry. Deployments that want the record on disk *before* CONNACK set
+  ``durable_accept`` (``--durable-accept-audit``) and pay the commit per connect.
+* **Denied CONNECT and kicks: queued the same way, never awaited.** An
+  unauthenticated client must not be able to make the broker wait on disk for
+  it. Denials are rate-limited (a token bucket); beyond the limit they are
+  *counted* per reason and written as one ``broker.audit.suppressed`` event
+  per flush, so no denial goes uncounted even during a flood. Kicks are never
+  rate-limited.
+* **Denied PUBLISH / SUBSCRIBE / RECEIVE: aggregated in memory.** The per-packet
+  path only bumps a counter (no I/O); every ``topic_interval`` (1 s) one event
+  per (device, action, reason) is written with the count and the first
+  offending topic.
+
+Attacker-controlled strings (client ids, topics) are truncated before they are
+stored; the audit log escapes them as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from iotauth.errors import RegistryError
+
+T = TypeVar("T")
+log = logging.getLogger("iotauth.broker.audit")
+
+ACCEPTED = "broker.connect.accepted"
+DENIED = "broker.connect.denied"
+KICKED = "broker.session.kicked"
+SUPPRESSED = "broker.audit.suppressed"
+TOPIC_DENIED = "broker.{action}.denied"
+MAX_QUEUE = 10_000
+MAX_TEXT = 256
+
+
+class EventWriter(Protocol):
+    """What the audit needs from the registry: its serialised, group-committed write."""
+
+    async def write(self, op: Callable[[Any], Awaitable[T]]) -> T: ...
+
+
+def clip(value: str | None, limit: int = MAX_TEXT) -> str | None:
+    if value is None:
+        return None
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def default_actor() -> str:
+    return f"broker@{socket.gethostname()}"[:128]
+
+
+@dataclass
+class _Bucket:
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class _TopicDenials:
+    count: int = 0
+    first_topic: str | None = None
+
+
+@dataclass
+class AuditStats:
+    accepted: int = 0
+    denied: int = 0
+    kicked: int = 0
+    suppressed: Counter[str] = field(default_factory=Counter)
+    topic_denied: int = 0
+    lost: int = 0
+
+
+class BrokerAudit:
+    """Writes the broker's decisions to the audit log (see the module docstring for the policies)."""
+
+    def __init__(
+        self,
+        writer: EventWriter,
+        *,
+        actor: str | None = None,
+        deny_rate: float = 20.0,
+        deny_burst: float = 200.0,
+        flush_interval: float = 0.05,
+        durable_accept: bool = False,
+        topic_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._writer = writer
+        self.actor = actor or default_actor()
+        self._clock = clock
+        self._bucket = _Bucket(deny_rate, deny_burst, deny_burst, clock())
+        self._flush_interval = flush_interval
+        self._queue: list[tuple[str, str | None, dict[str, Any]]] = []
+        self._suppressed: Counter[str] = Counter()
+        self._topics: dict[tuple[str, str, str], _TopicDenials] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._failing = False
+        self._topic_interval = topic_interval
+        self._topics_flushed = clock()
+        self.durable_accept = durable_accept
+        self.stats = AuditStats()
+
+    @property
+    def healthy(self) -> bool:
+        """False while audit writes fail or the queue is backed up: the broker then admits no one."""
+        return not self._failing and len(self._queue) < MAX_QUEUE // 2
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="iotauth-broker-audit")
+
+    async def close(self) -> None:
+        """Flush what is queued (best effort) and stop."""
+        self._closing = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task
+            self._task = None
+        await self.flush()
+
+    async def accepted(self, device_id: str, data: dict[str, Any], timeout: float) -> None:  # noqa: ASYNC109
+        """Record an accepted connect: queued, or committed before returning with ``durable_accept``.
+
+        Raises:
+            RegistryError: (``durable_accept`` only) the record was not committed within ``timeout``.
+        """
+        self.stats.accepted += 1
+        if not self.durable_accept:
+            self._enqueue(ACCEPTED, device_id, data)
+            return
+
+        async def op(tx: Any) -> None:
+            tx.event(ACCEPTED, self.actor, device_id, data)
+
+        try:
+            await asyncio.wait_for(self._writer.write(op), timeout)
+        except TimeoutError as exc:
+            raise RegistryError(f"audit write did not complete within {timeout:g} s") from exc
+        except RegistryError:
+            raise
+        except Exception as exc:
+            raise RegistryError(f"audit write failed: {exc}") from exc
+
+    def denied(self, reason: str, device_id: str | None, data: dict[str, Any]) -> bool:
+        """Queue a denied-connect record; if denials arrive faster than the rate limit, only count it.
+
+        Returns whether it was recorded individually (callers log only those, for the same reason).
+        """
+        self.stats.denied += 1
+        if not self._bucket.take(self._clock()) or len(self._queue) >= MAX_QUEUE:
+            self._suppressed[reason] += 1
+            self.stats.suppressed[reason] += 1
+            return False
+        self._enqueue(DENIED, device_id, {"reason": reason, **data})
+        return True
+
+    def kicked(self, device_id: str, data: dict[str, Any]) -> None:
+        self.stats.kicked += 1
+        self._enqueue(KICKED, device_id, data)
+
+    def event(self, kind: str, device_id: str | None, data: dict[str, Any]) -> None:
+        """Queue any other broker event (reloads, outages, start and stop)."""
+        self._enqueue(kind, device_id, data)
+
+    def topic_denied(self, device_id: str, action: str, reason: str, topic: str) -> None:
+        """Count a denied PUBLISH/SUBSCRIBE/RECEIVE: memory only, written in aggregate at the next flush."""
+        self.stats.topic_denied += 1
+        key = (device_id, action, reason)
+        entry = self._topics.get(key)
+        if entry is None:
+            entry = self._topics[key] = _TopicDenials(first_topic=clip(topic))
+        entry.count += 1
+
+    def _enqueue(self, kind: str, device_id: str | None, data: dict[str, Any]) -> None:
+        if len(self._queue) >= MAX_QUEUE:
+            self.stats.lost += 1
+            log.error("audit queue full; dropping %s event", kind)
+            return
+        self._queue.append((kind, device_id, data))
+        if len(self._queue) >= 256:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            self._wake.clear()
+            await self.flush()
+            if self._closing:
+                return
+
+    async def flush(self) -> None:
+        """Write everything queued and aggregated so far in one transaction."""
+        pending, self._queue = self._queue, []
+        now = self._clock()
+        if self._topics and (self._closing or now - self._topics_flushed >= self._topic_interval):
+            for (device_id, action, reason), entry in self._topics.items():
+                pending.append(
+                    (TOPIC_DENIED.format(action=action), device_id,
+                     {"reason": reason, "count": entry.count, "first_topic": entry.first_topic})
+                )
+            self._topics = {}
+            self._topics_flushed = now
+        if self._suppressed:
+            pending.append((SUPPRESSED, None, {"connect_denied": dict(self._suppressed)}))
+            self._suppressed = Counter()
+        if not pending:
+            return
+
+        async def op(tx: Any) -> None:
+            for kind, device_id, data in pending:
+                tx.event(kind, self.actor, device_id, data)
+
+        try:
+            await asyncio.wait_for(self._writer.write(op), 30.0)
+        except Exception as exc:  # the registry is unwritable: say so loudly; the guard stops admitting
+            self.stats.lost += len(pending)
+            if not self._failing:
+                log.error("could not write %d audit events (refusing new connections until it works): %s",
+                          len(pending), exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("audit log writable again")
+        self._failing = False

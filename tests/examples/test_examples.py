@@ -9,13 +9,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from iotauth.config import Home
 from iotauth.provisioning.report import append_report
 from iotauth.provisioning.station import Station
 from iotauth.registry import DeviceStatus, Registry, RevocationReason
-from tests.fixtures.broker import BrokerProcess, Pki, connect
+from tests.fixtures.broker import BrokerProcess, ConnectRefused, Pki, connect
 from tests.fixtures.devices import EmulatorFactory
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -121,3 +122,40 @@ async def test_line_report_summarises_a_real_station_report(
     text = run_example("line_report.py", str(report)).stdout
     assert "1 device(s) provisioned from 2 board(s)" in text and "failure reasons:" in text
     assert run_example("line_report.py", str(tmp_path / "missing.csv")).returncode == 1
+
+
+def test_amqtt_configuration_example_runs_the_hardened_broker(home: Home, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    creds = Pki(home, tmp_path / "creds").issue("sensor-8")
+    stranger = Pki(home, tmp_path / "creds").forge("stranger", signer="stranger")
+    env = {**os.environ, "IOTAUTH_HOME": str(home.root)}
+    env.pop("IOTAUTH_REGISTRY", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(EXAMPLES / "amqtt_broker.py"),
+            str(EXAMPLES / "amqtt_config.yaml"),
+            "--bind",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        addresses = json.loads(process.stdout.readline())
+        port = int(next(iter(addresses.values())).rsplit(":", 1)[1])
+        with connect(port, creds) as device:
+            device.subscribe("devices/sensor-8/commands/#")
+            assert device.is_connected()
+        with pytest.raises(ConnectRefused) as refused:  # at the TLS handshake: never reaches CONNACK
+            connect(port, stranger)
+        assert refused.value.code is None
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert process.returncode == 0

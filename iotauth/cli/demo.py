@@ -9,6 +9,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Group
@@ -17,8 +18,10 @@ from rich.live import Live
 from iotauth.cli.provision import LiveView
 from iotauth.cli.render import emit_json, err, out, table
 from iotauth.config import Home
-from iotauth.demo import DemoRun, StepResult, run_demo
 from iotauth.errors import ConfigError
+
+if TYPE_CHECKING:  # the demo pulls in the broker, paho and the station: load it only when it runs
+    from iotauth.demo import DemoRun
 
 
 @click.command()
@@ -67,6 +70,8 @@ def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> Non
 
 
 async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool) -> DemoRun:
+    from iotauth.demo import StepResult, run_demo
+
     stop = asyncio.Event() if keep else None
     live = Live(get_renderable=lambda: Group(view.render()), console=err, refresh_per_second=8, transient=True)
     provisioning = {"active": False}

@@ -23,7 +23,7 @@ from iotauth.identity import validate_device_id, validate_hardware_id
 from iotauth.pki.ca import CertificateAuthority, now_utc, pem, revoked_entry
 from iotauth.pki.files import write_public
 from iotauth.pki.keys import public_key_sha256
-from iotauth.registry import CertificateRecord, Registry
+from iotauth.registry import CertificateRecord, Registry, RevokedSerial
 
 PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 
@@ -70,6 +70,9 @@ class Authority:
         self.ca = ca
         self.registry = registry
         self.settings = settings
+        # CRL entry objects from the last build: a long-running service rebuilds the CRL after every
+        # revocation, and constructing 100k entries costs far more than signing them.
+        self._crl_entries: dict[RevokedSerial, x509.RevokedCertificate] = {}
 
     async def issue(
         self,
@@ -139,7 +142,12 @@ class Authority:
         """Sign a fresh CRL over the registry's complete revocation state."""
         at = now or now_utc()
         entries = await self.registry.crl_entries(at)
-        revoked = [revoked_entry(int(e.serial, 16), datetime.fromisoformat(e.revoked_at), e.reason) for e in entries]
+        known = self._crl_entries
+        self._crl_entries = {
+            e: known.get(e) or revoked_entry(int(e.serial, 16), datetime.fromisoformat(e.revoked_at), e.reason)
+            for e in entries
+        }
+        revoked = list(self._crl_entries.values())
         number = await self.registry.next_crl_number()
         crl = self.ca.sign_crl(revoked, number, self.settings.crl_next_update, at)
         return PublishedCrl(crl, number, len(revoked))

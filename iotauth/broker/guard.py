@@ -240,7 +240,6 @@ class Guard:
         self._credentials: OrderedDict[str, tuple[str, str]] = OrderedDict()  # fingerprint -> (device, profile)
         self._cached_by_device: dict[str, set[str]] = {}
         self._touched: dict[str, tuple[int, float]] = {}
-        self._identities: dict[str, CertificateIdentity] = {}
         self._compiled: dict[tuple[str, str], SessionPolicy] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._unhealthy_since: float | None = None
@@ -356,22 +355,8 @@ class Guard:
         return binding
 
     def _verify(self, der: bytes) -> CertificateIdentity:
-        """The verifier's answer, remembered by the DER's SHA-256 (the certificate fingerprint).
-
-        Chain, usage and identity checks are a pure function of the bytes and
-        the trust anchors, which are fixed for the broker's lifetime; only the
-        validity window depends on the clock, so it is compared on every call
-        (outside the window the verifier runs again and says why).
-        """
-        fp = hashlib.sha256(der).hexdigest()
-        known = self._identities.get(fp)
-        if known is not None and known.not_before <= self._clock() <= known.not_after:
-            return known
-        identity = self.verifier.verify_der(der)
-        self._identities[fp] = identity
-        if len(self._identities) > CREDENTIAL_CACHE:
-            self._identities.pop(next(iter(self._identities)))
-        return identity
+        """Chain, usage and identity (cached by the verifier per certificate); the validity window every time."""
+        return self.verifier.verify_der(der, self._clock())
 
     def _compile(self, profile: str, device_id: str) -> SessionPolicy:
         """Compiled policies are immutable, so sessions of one identity share one (until the next reload)."""

@@ -12,6 +12,7 @@ compared against the clock on every call.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,14 @@ class Rejection(CertificateRejected):
         self.code = code
 
 
+def _check_window(not_before: datetime, not_after: datetime, at: datetime) -> None:
+    """Validity is checked on every call, cached or not: only the chain verdict is cached."""
+    if at < not_before:
+        raise Rejection("not-yet-valid", f"certificate is not valid before {not_before:%Y-%m-%dT%H:%M:%SZ}")
+    if at > not_after:
+        raise Rejection("expired", f"certificate expired at {not_after:%Y-%m-%dT%H:%M:%SZ}")
+
+
 def _require_client_auth(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
     if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise ValueError("extended key usage does not include clientAuth")
@@ -86,22 +95,22 @@ class ClientCertificateVerifier:
         self._cache_size = cache_size
 
     def verify_der(self, der: bytes, now: datetime | None = None) -> CertificateIdentity:
-        """Like :meth:`verify` for the DER bytes a TLS stack hands over."""
+        """Like :meth:`verify` for the DER bytes a TLS stack hands over; a known certificate is not even parsed."""
+        at = now or now_utc()
+        cached = self._cache.get(hashlib.sha256(der).hexdigest())
+        if cached is not None:
+            _check_window(cached.not_before, cached.not_after, at)
+            return cached
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError as exc:
             raise Rejection("malformed", "client certificate is not valid DER") from exc
-        return self.verify(cert, now)
+        return self.verify(cert, at)
 
     def verify(self, cert: x509.Certificate, now: datetime | None = None) -> CertificateIdentity:
         """Return the certificate's identity, or raise :class:`Rejection` saying why not."""
         at = now or now_utc()
-        if at < cert.not_valid_before_utc:
-            raise Rejection(
-                "not-yet-valid", f"certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
-            )
-        if at > cert.not_valid_after_utc:
-            raise Rejection("expired", f"certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+        _check_window(cert.not_valid_before_utc, cert.not_valid_after_utc, at)
         fp = fingerprint(cert)
         cached = self._cache.get(fp)
         if cached is not None:

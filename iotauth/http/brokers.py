@@ -29,7 +29,7 @@ from iotauth.http.app import BadRequest, Handler, guard, read_json, state_of
 from iotauth.identity import validate_device_id
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.policy import Action, PolicySet, SessionPolicy
-from iotauth.registry import CertificateStatus, Credential, DeviceStatus, Registry
+from iotauth.registry import CertificateStatus, Credential, Device, DeviceStatus, Registry
 
 log = logging.getLogger("iotauth.http.brokers")
 
@@ -111,13 +111,19 @@ class BrokerFrontEnd:
             return Verdict(False, "certificate expired")
         return Verdict(True, "ok", self._policy(credential.device.profile, device_id), expires)
 
-    async def _device_only(self, device_id: str) -> Verdict:
+    async def _active_device(self, device_id: str) -> Device | Verdict:
         try:
             device = await self.registry.get_device(device_id)
         except NotFound:
             return Verdict(False, "unknown device")
         if device.status is not DeviceStatus.ACTIVE:
             return Verdict(False, f"device {device.status.value}")
+        return device
+
+    async def _device_only(self, device_id: str) -> Verdict:
+        device = await self._active_device(device_id)
+        if isinstance(device, Verdict):
+            return device
         now = datetime.now().astimezone()
         active = [
             c
@@ -153,12 +159,9 @@ class BrokerFrontEnd:
             return Verdict(False, f"client id: {exc}")
         if not isinstance(topic, str):
             return Verdict(False, "topic missing")
-        try:
-            device = await self.registry.get_device(device_id)
-        except NotFound:
-            return Verdict(False, "unknown device")
-        if device.status is not DeviceStatus.ACTIVE:
-            return Verdict(False, f"device {device.status.value}")
+        device = await self._active_device(device_id)
+        if isinstance(device, Verdict):
+            return device
         policy = self._policy(device.profile, device_id)
         if policy is None:
             return Verdict(False, f"profile {device.profile!r} is not configured")

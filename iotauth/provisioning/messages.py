@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Self, TypeVar
 
 from iotauth.provisioning.codec import VERSION, Frame, ProtocolError, encode
 
@@ -319,24 +319,30 @@ class Prove(Message):
 
 
 @dataclass(frozen=True)
-class Commit(Message):
-    """Mark the device provisioned with the certificate of this fingerprint."""
+class _FingerprintMessage(Message):
+    """A message whose whole payload is one certificate fingerprint (32 bytes)."""
 
-    TYPE: ClassVar[MsgType] = MsgType.COMMIT
     fingerprint: bytes
 
     def __post_init__(self) -> None:
-        _hash(self.fingerprint, "COMMIT fingerprint")
+        _hash(self.fingerprint, f"{self.TYPE.name} fingerprint")
 
     def payload(self) -> bytes:
         return self.fingerprint
 
     @classmethod
-    def parse(cls, payload: bytes) -> Commit:
-        r = _Reader(payload, "COMMIT")
+    def parse(cls, payload: bytes) -> Self:
+        r = _Reader(payload, cls.TYPE.name)
         fp = r.take(HASH_SIZE)
         r.end()
         return cls(fp)
+
+
+@dataclass(frozen=True)
+class Commit(_FingerprintMessage):
+    """Mark the device provisioned with the certificate of this fingerprint."""
+
+    TYPE: ClassVar[MsgType] = MsgType.COMMIT
 
 
 @dataclass(frozen=True)
@@ -507,22 +513,8 @@ class Signature(Message):
 
 
 @dataclass(frozen=True)
-class Committed(Message):
+class Committed(_FingerprintMessage):
     TYPE: ClassVar[MsgType] = MsgType.COMMITTED
-    fingerprint: bytes
-
-    def __post_init__(self) -> None:
-        _hash(self.fingerprint, "COMMITTED fingerprint")
-
-    def payload(self) -> bytes:
-        return self.fingerprint
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Committed:
-        r = _Reader(payload, "COMMITTED")
-        fp = r.take(HASH_SIZE)
-        r.end()
-        return cls(fp)
 
 
 @dataclass(frozen=True)

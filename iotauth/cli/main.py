@@ -36,8 +36,16 @@ def cli(ctx: click.Context, home: str | None, registry_url: str | None) -> None:
     ctx.obj = CliContext(Home.resolve(home), registry_url)
 
 
-for command in (*pki.COMMANDS, *devices.COMMANDS, audit.audit, *provision.COMMANDS, *broker.COMMANDS, *serve.COMMANDS, *export.COMMANDS,
-                *demo.COMMANDS):
+for command in (
+    *pki.COMMANDS,
+    *devices.COMMANDS,
+    audit.audit,
+    *provision.COMMANDS,
+    *broker.COMMANDS,
+    *serve.COMMANDS,
+    *export.COMMANDS,
+    *demo.COMMANDS,
+):
     cli.add_command(command)
 
 

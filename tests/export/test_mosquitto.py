@@ -293,3 +293,51 @@ def test_cli_export_writes_a_runnable_configuration(
         assert line in config
     assert oct((out / "server.key").stat().st_mode)[-3:] == "600"
     assert "user svc-ingest" in (out / "acl").read_text()
+
+
+async def test_watch_refreshes_the_crl_and_reloads_mosquitto_after_a_revocation(
+    mosquitto: Mosquitto, home: Home, registry: Registry, identities: dict[str, Identity]
+) -> None:
+    import sys
+
+    assert mosquitto.publish(identities["sensor-2"], "devices/sensor-2/state", "before").returncode == 0
+    watcher = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "iotauth"),
+            "--home",
+            str(home.root),
+            "export",
+            "mosquitto",
+            "--out",
+            str(mosquitto.directory),
+            "--bind",
+            f"127.0.0.1:{mosquitto.port}",
+            "--reload-pid",
+            str(mosquitto.process.pid),
+            "--watch",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(2.0)  # the initial export and reload
+        serial = int(x509.load_pem_x509_certificate(identities["sensor-2"].cert.read_bytes()).serial_number)
+        await registry.revoke("sensor-2", RevocationReason.KEY_COMPROMISE, actor="op")
+        crl_file = mosquitto.directory / "crl.pem"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            crl = x509.load_pem_x509_crl(crl_file.read_bytes())
+            if crl.get_revoked_certificate_by_serial_number(serial) is not None:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the watched export never published the revocation")
+        time.sleep(1.0)  # SIGHUP follows the export
+        refused = mosquitto.publish(identities["sensor-2"], "devices/sensor-2/state", "after")
+        assert refused.returncode != 0 and "CONNACK" not in refused.stdout
+        assert watcher.poll() is None
+    finally:
+        watcher.terminate()
+        output, _ = watcher.communicate(timeout=20)
+    assert "re-exported (device.revoked sensor-2)" in output or "re-exported (certificate.revoked" in output, output

@@ -63,6 +63,8 @@ def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> Non
         _summary(run)
     if run.ok and temporary and not keep:
         shutil.rmtree(root, ignore_errors=True)
+        if not as_json:
+            err.print("the temporary home was removed; use --keep or --dir DIR to explore it", highlight=False)
     elif not run.ok:
         err.print(f"the demo's files are kept for inspection in {root}", highlight=False)
     if not run.ok:
@@ -126,7 +128,7 @@ def _summary(run: DemoRun) -> None:
         [(s.name, "ok" if s.ok else "FAILED", f"{s.seconds:.2f}", s.detail) for s in run.steps],
     )
     total = sum(s.seconds for s in run.steps)
-    out.print(f"total {total:.1f} s; home {run.home}", highlight=False)
+    out.print(f"total {total:.1f} s", highlight=False)
 
 
 COMMANDS = (demo,)

@@ -20,7 +20,8 @@ from typing import Any
 
 from cryptography.x509 import ocsp
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -58,7 +59,9 @@ async def read_json(request: Request) -> Mapping[str, Any]:
     """Parse a JSON object body (size-capped by the app), or raise :class:`BadRequest`."""
     try:
         body = await request.body()
-    except Exception as exc:  # starlette raises HTTPException(413) when the cap is exceeded
+    except HTTPException:  # 413 when the body exceeds the cap: Starlette answers it
+        raise
+    except (ClientDisconnect, ValueError) as exc:
         raise BadRequest(f"cannot read request body: {exc}") from exc
     if not body:
         return {}

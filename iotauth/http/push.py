@@ -42,7 +42,7 @@ class EmqxKicker:
             except httpx.HTTPError as exc:
                 log.warning("EMQX kick of %s failed (%s), attempt %d/%d", device_id, exc, attempt + 1, self.attempts)
             else:
-                if answer.status_code in (204, 404) or answer.status_code < 500:
+                if answer.status_code < 500:  # 204 kicked, 404 not connected, 4xx will not change on retry
                     log.info("EMQX kick of %s: HTTP %d", device_id, answer.status_code)
                     return answer.status_code
                 log.warning(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from iotauth.config import Home
 from iotauth.demo import TRUST_DOMAIN, run_demo
+from tests.fixtures import iotauth_executable
 
 EXPECTED_STEPS = [
     "initialise the CA and registry",
@@ -24,7 +24,7 @@ EXPECTED_STEPS = [
 
 def test_demo_runs_every_step(tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "iotauth"), "demo", "--dir", str(tmp_path / "d"), "--json"],
+        [iotauth_executable(), "demo", "--dir", str(tmp_path / "d"), "--json"],
         capture_output=True,
         text=True,
         timeout=180,

@@ -10,15 +10,16 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.fixtures import iotauth_executable
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-IOTAUTH = str(Path(sys.executable).parent / "iotauth")
+IOTAUTH = iotauth_executable()
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

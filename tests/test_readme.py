@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import iotauth_executable
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
@@ -57,7 +59,7 @@ def test_console_iotauth_commands_exist(argv: list[str]) -> None:
     path: list[str] = []
     for word in words:
         probe = subprocess.run(
-            [str(Path(sys.executable).parent / "iotauth"), *path, word, "--help"],
+            [iotauth_executable(), *path, word, "--help"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from iotauth.pki.keys import PrivateKey
+from tests.fixtures import iotauth_executable
 
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
@@ -25,20 +26,12 @@ def iotauth(
     if "IOTAUTH_CA_PASSPHRASE" not in (env or {}):
         full_env.pop("IOTAUTH_CA_PASSPHRASE", None)
     result = subprocess.run(
-        [_executable(), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
+        [iotauth_executable(), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
     )
     assert "Traceback" not in result.stderr, result.stderr
     if ok:
         assert result.returncode == 0, result.stderr
     return result
-
-
-def _executable() -> str:
-    import shutil
-    import sys
-
-    candidate = Path(sys.executable).parent / "iotauth"
-    return str(candidate) if candidate.exists() else (shutil.which("iotauth") or "iotauth")
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:

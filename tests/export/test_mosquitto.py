@@ -22,6 +22,7 @@ from iotauth.pki.ca import pem
 from iotauth.pki.keys import PrivateKey, private_key_pem
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, RevocationReason
+from tests.fixtures import iotauth_executable
 from tests.fixtures.service import free_port
 
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
@@ -256,12 +257,10 @@ async def test_revocation_refuses_new_connections_after_export_and_reload(
 def test_cli_export_writes_a_runnable_configuration(
     home: Home, identities: dict[str, Identity], tmp_path: Path
 ) -> None:
-    import sys
-
     out = tmp_path / "cli-export"
     result = subprocess.run(
         [
-            str(Path(sys.executable).parent / "iotauth"),
+            iotauth_executable(),
             "--home",
             str(home.root),
             "export",
@@ -298,12 +297,10 @@ def test_cli_export_writes_a_runnable_configuration(
 async def test_watch_refreshes_the_crl_and_reloads_mosquitto_after_a_revocation(
     mosquitto: Mosquitto, home: Home, registry: Registry, identities: dict[str, Identity]
 ) -> None:
-    import sys
-
     assert mosquitto.publish(identities["sensor-2"], "devices/sensor-2/state", "before").returncode == 0
     watcher = subprocess.Popen(
         [
-            str(Path(sys.executable).parent / "iotauth"),
+            iotauth_executable(),
             "--home",
             str(home.root),
             "export",

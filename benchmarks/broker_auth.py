@@ -72,7 +72,7 @@ from iotauth.broker.mqtt import Connect, encode_connect
 from iotauth.config import Home, load_settings
 from iotauth.pki.keys import generate_private_key, private_key_pem
 from iotauth.policy import PolicySet
-from iotauth.registry import RevocationReason, open_registry
+from iotauth.registry import Registry, RevocationReason, open_registry
 
 HOST = "127.0.0.1"
 DISCONNECT = b"\xe0\x00"
@@ -108,18 +108,25 @@ class Creds:
 async def make_home(root: Path, devices: list[tuple[str, str]]) -> tuple[Home, dict[str, Creds]]:
     home = Home(root / "home")
     await initialise_home(home, "bench.test", ["localhost", HOST], passphrase=None, actor="bench")
-    creds = {}
     async with await open_registry(home.registry_db) as registry:
-        authority = await open_authority(home, registry)
-        for device_id, profile in devices:
-            key = generate_private_key("p256")
-            csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, _sha256())
-            issued = await authority.issue(csr, device_id, profile, actor="bench")
-            cert_path, key_path = root / f"{device_id}.crt", root / f"{device_id}.key"
-            cert_path.write_bytes(issued.pem)
-            key_path.write_bytes(private_key_pem(key, None))
-            creds[device_id] = Creds(device_id, cert_path, key_path)
+        creds = await issue_creds(home, registry, devices, root)
     return home, creds
+
+
+async def issue_creds(home: Home, registry: Registry, devices: list[tuple[str, str]],
+                      directory: Path) -> dict[str, Creds]:
+    """Issue each (device id, profile) from a fresh key and write its PEM certificate and key into ``directory``."""
+    authority = await open_authority(home, registry)
+    creds = {}
+    for device_id, profile in devices:
+        key = generate_private_key("p256")
+        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, _sha256())
+        issued = await authority.issue(csr, device_id, profile, actor="bench")
+        cert_path, key_path = directory / f"{device_id}.crt", directory / f"{device_id}.key"
+        cert_path.write_bytes(issued.pem)
+        key_path.write_bytes(private_key_pem(key, None))
+        creds[device_id] = Creds(device_id, cert_path, key_path)
+    return creds
 
 
 def _sha256() -> Any:
@@ -443,17 +450,8 @@ async def measure_throughput(home: Home, creds: dict[str, Creds], brokers: dict[
 
 async def measure_revocation(home: Home, broker: BrokerUnderTest, count: int) -> dict[str, Any]:
     devices = [(f"rev-{n}", "default") for n in range(count)]
-    victims: dict[str, Creds] = {}
-    directory = home.root.parent
     async with await open_registry(home.registry_db) as registry:
-        authority = await open_authority(home, registry)
-        for device_id, profile in devices:
-            key = generate_private_key("p256")
-            csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, _sha256())
-            issued = await authority.issue(csr, device_id, profile, actor="bench")
-            (directory / f"{device_id}.crt").write_bytes(issued.pem)
-            (directory / f"{device_id}.key").write_bytes(private_key_pem(key, None))
-            victims[device_id] = Creds(device_id, directory / f"{device_id}.crt", directory / f"{device_id}.key")
+        victims = await issue_creds(home, registry, devices, home.root.parent)
         latencies = []
         for device_id, creds in victims.items():
             reader, writer, code = await open_mqtt(broker.port, client_context(home, creds), device_id)

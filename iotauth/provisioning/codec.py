@@ -120,7 +120,8 @@ def decode(buffer: bytes | bytearray | memoryview) -> tuple[int, Frame | None]:
             an over-long run without one, the whole buffer) are not a valid
             frame; ``consumed`` says how many to drop.
     """
-    data = bytes(buffer)
+    # Nothing past one maximal frame is examined, so copying more would make a buffer of many frames quadratic.
+    data = bytes(buffer[: MAX_ENCODED + 1])
     skipped = 0
     while skipped < len(data) and data[skipped] == DELIMITER:
         skipped += 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iotauth.registry.backend import WriteBatcher
+from iotauth.registry.backend import TIMESTAMP_FORMAT, WriteBatcher
 from iotauth.registry.models import (
     AuditEvent,
     AuditReport,
@@ -21,6 +21,7 @@ from iotauth.registry.models import (
 from iotauth.registry.service import Credential, Registry
 
 __all__ = [
+    "TIMESTAMP_FORMAT",
     "AuditEvent",
     "AuditReport",
     "CertificateRecord",

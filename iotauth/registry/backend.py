@@ -30,11 +30,12 @@ from iotauth.registry.audit import GENESIS, canonical_json, event_hash
 T = TypeVar("T")
 Row = tuple[Any, ...]
 MAX_BATCH = 512
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+"""Timestamps are ISO 8601 UTC text: portable across backends and sortable as text."""
 
 
 def utc_now_iso() -> str:
-    """Timestamps are ISO 8601 UTC text: portable across backends and sortable as text."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(TIMESTAMP_FORMAT)
 
 
 class SqlConnection(Protocol):

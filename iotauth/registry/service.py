@@ -24,7 +24,7 @@ from iotauth.identity import validate_device_id, validate_hardware_id, validate_
 from iotauth.pki.ca import fingerprint, pem, serial_hex
 from iotauth.pki.keys import public_key_sha256
 from iotauth.registry.audit import verify_chain
-from iotauth.registry.backend import Row, SqlConnection, Tx, WriteBatcher
+from iotauth.registry.backend import TIMESTAMP_FORMAT, Row, SqlConnection, Tx, WriteBatcher
 from iotauth.registry.models import (
     AuditEvent,
     AuditReport,
@@ -147,10 +147,6 @@ class Registry:
             sql += " LIMIT ?"
             params.append(limit)
         return [_device(r) for r in await self._reader.fetchall(sql, params)]
-
-    async def count_devices(self) -> dict[str, int]:
-        rows = await self._reader.fetchall("SELECT status, COUNT(*) FROM devices GROUP BY status")
-        return {str(r[0]): int(r[1]) for r in rows}
 
     # -- certificates ----------------------------------------------------------------------
 
@@ -275,7 +271,7 @@ class Registry:
         self, issued_before: datetime, reason: RevocationReason, *, actor: str
     ) -> list[CertificateRecord]:
         """Revoke every pending certificate issued before ``issued_before`` (delivery never completed)."""
-        cutoff = issued_before.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        cutoff = issued_before.strftime(TIMESTAMP_FORMAT)
 
         async def op(tx: Tx) -> list[CertificateRecord]:
             rows = await tx.fetchall(
@@ -421,10 +417,7 @@ class Registry:
                 cursor = batch[-1].id
                 yield batch
                 continue
-            if self._wait_change is not None:
-                await self._wait_change(poll_interval)
-            else:
-                await asyncio.sleep(poll_interval)
+            await self.wait_for_change(poll_interval)
 
     async def verify_audit(self) -> AuditReport:
         """Recompute the whole chain; report the first event that fails."""
@@ -691,4 +684,4 @@ async def _revoke_certificate(
         cert.device_id,
         {"serial": cert.serial, "fingerprint": cert.fingerprint, "reason": reason.value},
     )
-    return await _certificate_in_tx(tx, cert.serial)
+    return replace(cert, status=CertificateStatus.REVOKED, revoked_at=tx.now, revocation_reason=reason)

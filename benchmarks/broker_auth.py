@@ -72,7 +72,7 @@ from iotauth.broker.mqtt import Connect, encode_connect
 from iotauth.config import Home, load_settings
 from iotauth.pki.keys import generate_private_key, private_key_pem
 from iotauth.policy import PolicySet
-from iotauth.registry import Registry, RevocationReason, open_registry
+from iotauth.registry import TIMESTAMP_FORMAT, Registry, RevocationReason, open_registry
 
 HOST = "127.0.0.1"
 DISCONNECT = b"\xe0\x00"
@@ -462,7 +462,7 @@ async def measure_revocation(home: Home, broker: BrokerUnderTest, count: int) ->
                 await asyncio.wait_for(reader.read(), 10)
             dropped = time.time()
             event = [e for e in await registry.events(device_id=device_id) if e.kind == "device.revoked"][-1]
-            stamp = datetime.strptime(event.ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+            stamp = datetime.strptime(event.ts, TIMESTAMP_FORMAT).replace(tzinfo=UTC).timestamp()
             latencies.append((dropped - stamp) * 1000)
             writer.close()
     latencies.sort()

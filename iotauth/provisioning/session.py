@@ -68,17 +68,25 @@ class RetryPolicy:
             return 0.0
         return min(self.backoff * self.backoff_factor ** max(attempt - 1, 0), self.backoff_max)
 
+    def try_timeout(self, byte_time: float, extra: float = 0.0) -> float:
+        """How long one try waits for its reply: the base timeout plus a maximal frame each way on this link."""
+        return self.timeout + extra + 2 * MAX_ENCODED * byte_time
+
     def request_budget(self, byte_time: float, extra: float = 0.0) -> float:
         """The longest one request can take, every try and pause included."""
-        per_try = self.timeout + extra + 2 * MAX_ENCODED * byte_time
-        return self.attempts * per_try + (self.attempts - 1) * self.backoff_max
+        return self.attempts * self.try_timeout(byte_time, extra) + (self.attempts - 1) * self.backoff_max
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """Device-supplied text made safe for terminals, logs and reports."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
 
 
 class DeviceRefused(ProvisioningError):
     """The device answered with ERROR; ``error`` is its reply."""
 
     def __init__(self, request: MsgType, error: Error) -> None:
-        text = "".join(ch if ch.isprintable() else "?" for ch in error.text)[:120]
+        text = printable(error.text, 120)
         super().__init__(f"device refused {request.name}: {error.code_name}" + (f" ({text})" if text else ""))
         self.request = request
         self.error = error
@@ -113,7 +121,7 @@ class Session:
         seq = self._next_seq()
         wire = message.encode(seq)
         wanted = response_type(message.TYPE)
-        timeout = self.policy.timeout + extra_timeout + 2 * MAX_ENCODED * self.link.byte_time
+        timeout = self.policy.try_timeout(self.link.byte_time, extra_timeout)
         problem = "no reply"
         for attempt in range(1, self.policy.attempts + 1):
             await self._send(wire)

@@ -90,14 +90,21 @@ from iotauth.provisioning.objects import (
     spki_der,
     verify_proof,
 )
-from iotauth.provisioning.session import DeviceRefused, RetryPolicy, Session
+from iotauth.provisioning.session import DeviceRefused, RetryPolicy, Session, printable
 from iotauth.provisioning.transport import Link, LinkClosed, SerialLink
-from iotauth.registry import CertificateRecord, CertificateStatus, Device, DeviceStatus, Registry, RevocationReason
+from iotauth.registry import (
+    TIMESTAMP_FORMAT,
+    CertificateRecord,
+    CertificateStatus,
+    Device,
+    DeviceStatus,
+    Registry,
+    RevocationReason,
+)
 from iotauth.registry.service import Credential
 
 PROTOCOL_VERSION = 1
 KEY_PREFERENCE = (KeyType.P256, KeyType.P384, KeyType.ED25519)
-_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class Step(IntEnum):
@@ -135,11 +142,6 @@ _EVENT_NAMES = {
     Step.ACTIVATE: "activated",
 }
 STEP_COUNT = len(Step)
-
-
-def printable(text: str, limit: int = 64) -> str:
-    """Device-supplied text made safe for terminals, logs and reports."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
 
 
 def _now() -> datetime:
@@ -190,8 +192,8 @@ class ProvisionResult:
             "port": self.port,
             "station": self.station,
             "operator": self.operator,
-            "started_at": self.started_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "finished_at": self.finished_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "started_at": self.started_at.strftime(TIMESTAMP_FORMAT),
+            "finished_at": self.finished_at.strftime(TIMESTAMP_FORMAT),
             "result": self.result,
             "error": self.error,
         }
@@ -813,7 +815,7 @@ class _Run:
             return True, None
         records = await self.registry.certificates_with_key(public_key_sha256(key))
         mine = [r for r in records if r.device_id == self.device_id]
-        cutoff = (_now() - self.station.settings.pending_ttl).strftime(_ISO)
+        cutoff = (_now() - self.station.settings.pending_ttl).strftime(TIMESTAMP_FORMAT)
         pending = [r for r in mine if r.status is CertificateStatus.PENDING and r.issued_at >= cutoff]
         if pending and len(pending) == len(mine):
             return False, pending[-1]
@@ -908,7 +910,6 @@ class _Run:
             issued = await authority.issue(self.csr, device_id, profile, hardware_id=self.hardware_id,
                                            activate=False, actor=operator)
         else:
-            await authority.check_public_key_free(_certifiable(key), device_id)
             issued = await authority.issue_for_key(_certifiable(key), device_id, profile,
                                                    hardware_id=self.hardware_id, activate=False, actor=operator)
         return issued.certificate
@@ -1038,7 +1039,5 @@ def _key_type(key: PublicKeyTypes) -> KeyType:
 
 
 def _certifiable(key: PublicKeyTypes) -> CertificatePublicKeyTypes:
-    kind = key_type_of(key)
-    if kind is None:
-        raise ProvisioningError(f"unsupported key algorithm {type(key).__name__}")
+    _key_type(key)
     return key  # type: ignore[return-value]

@@ -181,7 +181,11 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
                 self.runtime.guard.topic_denied(binding, action.value, topic)
             return False
         if self._other_topic_plugins:
-            return bool(await super()._topic_filtering(session, topic, action))
+            # amqtt's own dispatch would run every topic plugin, iotauth's included: ask only the others.
+            verdicts = await asyncio.gather(*(
+                p.topic_filtering(session=session, topic=topic, action=action) for p in self._other_topic_plugins
+            ))
+            return all(verdicts)
         return True
 
     # -- subscriptions, tracked per session so they can be re-checked ----------------------

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 
 from iotauth.config import Home
@@ -124,22 +128,13 @@ async def test_line_report_summarises_a_real_station_report(
     assert run_example("line_report.py", str(tmp_path / "missing.csv")).returncode == 1
 
 
-def test_amqtt_configuration_example_runs_the_hardened_broker(home: Home, tmp_path: Path) -> None:
-    import os
-    import signal
-
-    creds = Pki(home, tmp_path / "creds").issue("sensor-8")
-    stranger = Pki(home, tmp_path / "creds").forge("stranger", signer="stranger")
-    env = {**os.environ, "IOTAUTH_HOME": str(home.root)}
+@contextlib.contextmanager
+def amqtt_example_broker(home: Home, config: Path) -> Iterator[int]:
+    """examples/amqtt_broker.py on ``config``, bound to a free loopback port; yields the port."""
+    env = {**os.environ, "IOTAUTH_HOME": str(home.root), "PYTHONPATH": str(EXAMPLES.parent)}
     env.pop("IOTAUTH_REGISTRY", None)
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(EXAMPLES / "amqtt_broker.py"),
-            str(EXAMPLES / "amqtt_config.yaml"),
-            "--bind",
-            "127.0.0.1:0",
-        ],
+        [sys.executable, str(EXAMPLES / "amqtt_broker.py"), str(config), "--bind", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -148,14 +143,32 @@ def test_amqtt_configuration_example_runs_the_hardened_broker(home: Home, tmp_pa
     try:
         assert process.stdout is not None
         addresses = json.loads(process.stdout.readline())
-        port = int(next(iter(addresses.values())).rsplit(":", 1)[1])
+        yield int(next(iter(addresses.values())).rsplit(":", 1)[1])
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert process.returncode == 0
+
+
+def test_amqtt_configuration_example_runs_the_hardened_broker(home: Home, tmp_path: Path) -> None:
+    creds = Pki(home, tmp_path / "creds").issue("sensor-8")
+    stranger = Pki(home, tmp_path / "creds").forge("stranger", signer="stranger")
+    with amqtt_example_broker(home, EXAMPLES / "amqtt_config.yaml") as port:
         with connect(port, creds) as device:
             device.subscribe("devices/sensor-8/commands/#")
             assert device.is_connected()
         with pytest.raises(ConnectRefused) as refused:  # at the TLS handshake: never reaches CONNACK
             connect(port, stranger)
         assert refused.value.code is None
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
-    assert process.returncode == 0
+
+
+def test_an_operators_own_topic_plugin_narrows_iotauths_verdicts(home: Home, tmp_path: Path) -> None:
+    config = yaml.safe_load((EXAMPLES / "amqtt_config.yaml").read_text())
+    config["plugins"]["tests.examples.narrowing_plugin.DenyBlockedTopics"] = {}
+    path = tmp_path / "amqtt_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    creds = Pki(home, tmp_path / "creds").issue("sensor-9")
+    with amqtt_example_broker(home, path) as port, connect(port, creds) as device:
+        assert device.subscribe("devices/sensor-9/commands/blocked") == [0x80]  # iotauth allows, the plugin denies
+        assert device.subscribe("devices/sensor-9/commands/open") == [1]
+        assert device.subscribe("devices/sensor-1/commands/open") == [0x80]  # the plugin allows, iotauth denies

@@ -97,25 +97,32 @@ class ClientCertificateVerifier:
     def verify_der(self, der: bytes, now: datetime | None = None) -> CertificateIdentity:
         """Like :meth:`verify` for the DER bytes a TLS stack hands over; a known certificate is not even parsed."""
         at = now or now_utc()
-        cached = self._cache.get(hashlib.sha256(der).hexdigest())
+        fp = hashlib.sha256(der).hexdigest()
+        cached = self._cached(fp, at)
         if cached is not None:
-            _check_window(cached.not_before, cached.not_after, at)
             return cached
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError as exc:
             raise Rejection("malformed", "client certificate is not valid DER") from exc
-        return self.verify(cert, at)
+        return self._verify_new(cert, fp, at)
 
     def verify(self, cert: x509.Certificate, now: datetime | None = None) -> CertificateIdentity:
         """Return the certificate's identity, or raise :class:`Rejection` saying why not."""
         at = now or now_utc()
-        _check_window(cert.not_valid_before_utc, cert.not_valid_after_utc, at)
         fp = fingerprint(cert)
+        return self._cached(fp, at) or self._verify_new(cert, fp, at)
+
+    def _cached(self, fp: str, at: datetime) -> CertificateIdentity | None:
+        """A verified chain is remembered by fingerprint; only its validity window depends on the time."""
         cached = self._cache.get(fp)
         if cached is not None:
+            _check_window(cached.not_before, cached.not_after, at)
             self._cache.move_to_end(fp)
-            return cached
+        return cached
+
+    def _verify_new(self, cert: x509.Certificate, fp: str, at: datetime) -> CertificateIdentity:
+        _check_window(cert.not_valid_before_utc, cert.not_valid_after_utc, at)
         identity = self._verify_uncached(cert, fp, at)
         self._cache[fp] = identity
         if len(self._cache) > self._cache_size:

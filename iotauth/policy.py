@@ -384,8 +384,10 @@ class SessionPolicy:
 
     def explain(self, action: Action | str, topic: str) -> str | None:
         """``None`` if allowed, else a short reason (``malformed ...``, ``system topic``, ``no matching rule``)."""
-        if self.allows(action, topic):
-            return None
+        return None if self.allows(action, topic) else self.denial_reason(action, topic)
+
+    def denial_reason(self, action: Action | str, topic: str) -> str:
+        """Why ``action`` on ``topic`` is denied, for a caller that has already found it denied."""
         if action not in (Action.PUBLISH, Action.SUBSCRIBE, Action.RECEIVE):
             return f"unknown action {str(action)[:20]!r}"
         problem = filter_problem(topic) if action == Action.SUBSCRIBE else topic_problem(topic)

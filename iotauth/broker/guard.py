@@ -486,7 +486,7 @@ class Guard:
             binding.cancel_timer()
 
     def topic_denied(self, binding: Binding, action: str, topic: str) -> None:
-        reason = binding.revoked or binding.policy.explain(action, topic) or "denied"
+        reason = binding.revoked or binding.policy.denial_reason(action, topic)
         self.audit.topic_denied(binding.device_id, str(action), reason, topic)
 
     # -- expiry ----------------------------------------------------------------------------
@@ -567,10 +567,7 @@ class Guard:
             await self.revalidate(self._bindings_with(device_id, None))
 
     def _bindings_with(self, device_id: str | None, fingerprint: str | None) -> list[Binding]:
-        if device_id is None:
-            candidates = [b for group in self._connections.values() for b in group]
-        else:
-            candidates = list(self._connections.get(device_id, ()))
+        candidates = self.connections(device_id)
         if self._host is not None:
             seen = {id(b) for b in candidates}
             candidates += [b for b in self._host.bound(device_id) if id(b) not in seen]

@@ -36,7 +36,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import websockets
 from amqtt.adapters import (
@@ -154,6 +154,12 @@ def _peer(address: Any) -> str:
     return str(address or "unknown")
 
 
+class _PacketWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
 class _Gate:
     def __init__(self, guard: Guard, handoff: Handoff, context: ssl.SSLContext, options: GateOptions,
                  listener: str) -> None:
@@ -192,10 +198,22 @@ class _Gate:
             return None
         return connect, decision
 
-    async def _run_session(self, binding: Binding, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+    def _answerer(self, writer: _PacketWriter) -> Callable[[bytes], Awaitable[None]]:
+        """How a refusal's CONNACK is sent: best effort and bounded, since the connection is closed next anyway."""
+
+        async def answer(packet: bytes) -> None:
+            writer.write(packet)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), self.options.write_timeout)
+
+        return answer
+
+    async def _run_session(self, binding: Binding, connect: Connect, reader: ReaderAdapter,
+                           writer: WriterAdapter) -> None:
+        """Hand amqtt the connection, replaying the CONNECT re-encoded from the values the gate decided on."""
         token = ADMISSION.set(binding)
         try:
-            await self._handoff(reader, writer)
+            await self._handoff(ReplayReader(encode_connect(connect), reader), writer)
         finally:
             ADMISSION.reset(token)
             self.guard.release(binding)
@@ -250,8 +268,7 @@ class TlsGate(_Gate):
         if admitted is None:
             return
         connect, binding = admitted
-        await self._run_session(binding, ReplayReader(encode_connect(connect), StreamReaderAdapter(reader)),
-                                StreamWriterAdapter(writer))
+        await self._run_session(binding, connect, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             peer: str) -> tuple[Connect, Binding] | None:
@@ -262,13 +279,7 @@ class TlsGate(_Gate):
             return None
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-
-        async def answer(packet: bytes) -> None:
-            writer.write(packet)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.drain(), self.options.write_timeout)
-
-        return await self._admit(der, reader.readexactly, peer, answer, writer.transport.abort)
+        return await self._admit(der, reader.readexactly, peer, self._answerer(writer), writer.transport.abort)
 
 
 class WebSocketGate(_Gate):
@@ -312,16 +323,11 @@ class WebSocketGate(_Gate):
                     raise EOFError("connection closed")
                 return data
 
-            async def answer(packet: bytes) -> None:
-                writer.write(packet)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.drain(), self.options.write_timeout)
-
-            admitted = await self._admit(der, read, peer, answer, connection.transport.abort)
+            admitted = await self._admit(der, read, peer, self._answerer(writer), connection.transport.abort)
             if admitted is None:
                 return
             connect, binding = admitted
-            await self._run_session(binding, ReplayReader(encode_connect(connect), reader), writer)
+            await self._run_session(binding, connect, reader, writer)
         except Exception:
             log.exception("websocket connection from %s failed", peer)
         finally:

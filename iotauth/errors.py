@@ -36,6 +36,14 @@ class CertificateRejected(PkiError):
     """A presented certificate failed chain, validity, usage or identity checks."""
 
 
+class Rejection(CertificateRejected):
+    """A certificate check failed; ``code`` is a stable short reason for audit records."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class RegistryError(IotAuthError):
     """The device registry could not be read or written."""
 
@@ -48,12 +56,90 @@ class Conflict(RegistryError):
     """The change would break a registry invariant (duplicate hardware id, key, state)."""
 
 
+class ProfileMismatch(Conflict):
+    """A certificate was requested under another profile than the device already has.
+
+    The message names both profiles; front ends may add how to ask for the
+    right one (the CLI: ``--profile``).
+    """
+
+    def __init__(self, device_id: str, profile: str, requested: str) -> None:
+        super().__init__(f"device {device_id!r} has profile {profile!r}")
+        self.device_id = device_id
+        self.profile = profile
+        self.requested = requested
+
+
+class JournalWriteFailed(RegistryError):
+    """Buffered audit records could not be appended to the log; ``lost`` says how many."""
+
+    def __init__(self, message: str, lost: int) -> None:
+        super().__init__(message)
+        self.lost = lost
+
+
+class RegistryMissing(RegistryError):
+    """The registry database file does not exist (and was not to be created)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"registry database {path} does not exist")
+        self.path = path
+
+
 class AuditChainBroken(RegistryError):
     """The hash-chained audit log does not verify."""
 
 
 class ProvisioningError(IotAuthError):
     """A provisioning step failed on the device or on the link."""
+
+
+class ProtocolError(ProvisioningError):
+    """Bytes or a message that break the wire protocol.
+
+    Args:
+        code: a stable short name (``bad-crc``, ``oversize``, ``bad-payload``...).
+        message: what was wrong, for logs.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FrameError(ProtocolError):
+    """A frame that cannot be decoded.
+
+    Attributes:
+        consumed: how many bytes of the buffer belong to the bad frame.
+        unterminated: the bad bytes did not end at a delimiter, so the rest of
+            the frame (up to the next 0x00) is still to come and must be skipped.
+    """
+
+    def __init__(self, code: str, message: str, consumed: int, *, unterminated: bool = False) -> None:
+        super().__init__(code, message)
+        self.consumed = consumed
+        self.unterminated = unterminated
+
+
+class LinkClosed(ProvisioningError):
+    """The device went away (unplugged, powered off, port closed)."""
+
+
+class DeviceRefused(ProvisioningError):
+    """The device answered a request with ERROR.
+
+    Attributes:
+        request: the name of the refused request (``PUT_CERT``...).
+        code: the device's error code (:class:`~iotauth.provisioning.messages.ErrorCode`).
+        arg: the error's argument (for ``BAD_OFFSET``, where the device stands).
+    """
+
+    def __init__(self, request: str, code: int, code_name: str, arg: int, text: str) -> None:
+        super().__init__(f"device refused {request}: {code_name}" + (f" ({text})" if text else ""))
+        self.request = request
+        self.code = code
+        self.arg = arg
 
 
 class PolicyDenied(IotAuthError):
@@ -68,3 +154,31 @@ class PolicyDenied(IotAuthError):
         super().__init__(f"{reason}: {name!r}")
         self.reason = reason
         self.name = name
+
+
+class MalformedPacket(IotAuthError, ValueError):
+    """The bytes are not a well-formed MQTT 3.1.1 CONNECT; the connection is closed without CONNACK."""
+
+
+class UnsupportedProtocol(MalformedPacket):
+    """A well-formed CONNECT of another protocol level (answered with CONNACK 0x01)."""
+
+
+class ConnectRefused(IotAuthError):
+    """An MQTT client (:mod:`iotauth.testing`) was not admitted.
+
+    Attributes:
+        code: the CONNACK return code, or None if TLS or the socket failed first.
+    """
+
+    def __init__(self, code: int | None, detail: str) -> None:
+        super().__init__(f"connection refused ({code}): {detail}")
+        self.code = code
+
+
+class BadRequest(IotAuthError):
+    """An HTTP request body or parameter is malformed (HTTP 400)."""
+
+
+class DemoFailed(IotAuthError):
+    """A step of ``iotauth demo`` did not behave as described."""

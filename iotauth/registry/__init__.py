@@ -7,18 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iotauth.registry.backend import TIMESTAMP_FORMAT, WriteBatcher
+from iotauth.certs import TIMESTAMP_FORMAT
+from iotauth.registry.backend import WriteBatcher
+from iotauth.registry.events import EventKind
 from iotauth.registry.models import (
     AuditEvent,
     AuditReport,
     CertificateRecord,
     CertificateStatus,
+    Credential,
     Device,
     DeviceStatus,
     RevocationReason,
     RevokedSerial,
 )
-from iotauth.registry.service import Credential, Registry
+from iotauth.registry.service import Registry
 
 __all__ = [
     "TIMESTAMP_FORMAT",
@@ -29,6 +32,7 @@ __all__ = [
     "Credential",
     "Device",
     "DeviceStatus",
+    "EventKind",
     "Registry",
     "RevocationReason",
     "RevokedSerial",

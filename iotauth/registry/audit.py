@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from iotauth.registry.models import AuditEvent, AuditReport
@@ -52,3 +53,15 @@ def verify_chain(events: Iterable[AuditEvent], raw_data: Iterable[str], highest_
         problem = f"events after id {count} were deleted (ids up to {highest_allocated} were allocated)"
         return AuditReport(False, count, count, prev_hash, count + 1, problem)
     return AuditReport(True, count, count, prev_hash)
+
+
+def expect_head(report: AuditReport, expected: str | None) -> AuditReport:
+    """``report``, failed if the chain verifies but its head is not ``expected`` (a hash kept elsewhere).
+
+    Someone who can rewrite the database can also rebuild a consistent chain
+    or cut its tail; only a head recorded outside the database catches that.
+    """
+    if not report.ok or not expected or expected == report.head_hash:
+        return report
+    problem = f"chain head {report.head_hash} differs from the expected {expected} (log truncated or replaced)"
+    return replace(report, ok=False, problem=problem)

@@ -21,22 +21,16 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+from iotauth.certs import now_utc, timestamp
 from iotauth.errors import IotAuthError, RegistryError
 from iotauth.registry.audit import GENESIS, canonical_json, event_hash
+from iotauth.registry.events import EventKind
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
 MAX_BATCH = 512
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-"""Timestamps are ISO 8601 UTC text: portable across backends and sortable as text."""
-
-
-def utc_now_iso() -> str:
-    return datetime.now(UTC).strftime(TIMESTAMP_FORMAT)
-
 
 class SqlConnection(Protocol):
     """The few primitives the batcher and the domain need; SQL uses ``?`` placeholders."""
@@ -104,13 +98,16 @@ class Tx:
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return await self._conn.fetchall(sql, params)
 
-    def event(self, kind: str, actor: str, device_id: str | None = None, data: dict[str, Any] | None = None) -> int:
+    def event(
+        self, kind: EventKind, actor: str, device_id: str | None = None, data: dict[str, Any] | None = None
+    ) -> int:
         """Append an audit event to the chain; it is written with the transaction."""
         chain = self._chain
         event_id = chain.allocated + 1
+        name = str(kind)  # the plain value: what the log stores and the chain hashes
         text = canonical_json(data or {})
-        digest = event_hash(chain.head_hash, event_id, self.now, kind, actor, device_id, text)
-        chain.rows.append((event_id, self.now, kind, actor, device_id, text, chain.head_hash, digest))
+        digest = event_hash(chain.head_hash, event_id, self.now, name, actor, device_id, text)
+        chain.rows.append((event_id, self.now, name, actor, device_id, text, chain.head_hash, digest))
         chain.allocated, chain.head_hash = event_id, digest
         return event_id
 
@@ -179,7 +176,7 @@ class WriteBatcher:
                 await conn.execute(statement)
             chain = await self._chain_head()
             for job in batch:
-                tx = Tx(conn, chain, utc_now_iso())
+                tx = Tx(conn, chain, timestamp(now_utc()))
                 mark = chain.mark()
                 try:
                     results.append((True, await job.op(tx)))

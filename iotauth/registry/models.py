@@ -38,6 +38,13 @@ class RevocationReason(StrEnum):
         return x509.ReasonFlags[self.value.replace("-", "_")]
 
 
+CRL_REASONS: dict[str, x509.ReasonFlags] = {
+    **{r.value: r.crl_reason for r in RevocationReason},
+    "certificate-hold": x509.ReasonFlags.certificate_hold,
+}
+"""CRL reason codes by the names the registry stores (``certificate-hold``: pending or suspended)."""
+
+
 @dataclass(frozen=True)
 class Device:
     device_id: str
@@ -88,6 +95,18 @@ class CertificateRecord:
         if include_pem:
             data["pem"] = self.pem
         return data
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A certificate together with the device it belongs to (what the broker decides on)."""
+
+    certificate: CertificateRecord
+    device: Device
+
+    @property
+    def usable(self) -> bool:
+        return self.certificate.status is CertificateStatus.ACTIVE and self.device.status is DeviceStatus.ACTIVE
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiosqlite
 
-from iotauth.errors import Conflict, RegistryError
+from iotauth.errors import Conflict, RegistryError, RegistryMissing
 from iotauth.registry.backend import Dialect, Row
 from iotauth.registry.schema import migrations
 
@@ -68,7 +68,7 @@ SQLITE_DIALECT = Dialect(begin_write=("BEGIN IMMEDIATE",), translate_error=trans
 async def connect(path: Path, *, create: bool) -> tuple[SqliteConnection, SqliteConnection]:
     """Open (and migrate) the database; return the writer and reader connections."""
     if not create and not path.exists():  # noqa: ASYNC240 - one stat() before opening
-        raise RegistryError(f"registry database {path} does not exist; run 'iotauth init' or check --home")
+        raise RegistryMissing(str(path))
     writer = await _open(path)
     try:
         await _migrate(writer, path)

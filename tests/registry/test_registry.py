@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 
 from iotauth.authority import Authority
+from iotauth.certs import now_utc
 from iotauth.errors import Conflict, NotFound, RegistryError
-from iotauth.pki.ca import now_utc
 from iotauth.pki.keys import PrivateKey
 from iotauth.registry import CertificateStatus, DeviceStatus, Registry, RevocationReason, open_registry
 from iotauth.registry.sqlite import SCHEMA_VERSION

@@ -1,0 +1,117 @@
+"""Every kind of audit event iotauth writes, and which of them each follower of the log acts on.
+
+The values are the exact strings stored in the log and covered by its hash
+chain, so they never change. Followers of the change feed (the broker, the
+EMQX push, the CRL endpoint, the Mosquitto export watch) classify events with
+the small pure functions and sets below rather than with string literals, so
+what each reacts to is written down once, next to the kinds themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from types import MappingProxyType
+
+
+class EventKind(StrEnum):
+    CA_INITIALISED = "ca.initialised"
+
+    DEVICE_CREATED = "device.created"
+    DEVICE_PENDING = "device.pending"
+    DEVICE_ACTIVE = "device.active"
+    DEVICE_SUSPENDED = "device.suspended"
+    DEVICE_REVOKED = "device.revoked"
+
+    CERTIFICATE_ISSUED = "certificate.issued"
+    CERTIFICATE_ACTIVATED = "certificate.activated"
+    CERTIFICATE_REVOKED = "certificate.revoked"
+
+    PROVISIONING_IDENTIFIED = "provisioning.identified"
+    PROVISIONING_CHECKED = "provisioning.checked"
+    PROVISIONING_ASSIGNED = "provisioning.assigned"
+    PROVISIONING_KEYED = "provisioning.keyed"
+    PROVISIONING_ISSUED = "provisioning.issued"
+    PROVISIONING_WRITTEN = "provisioning.written"
+    PROVISIONING_VERIFIED = "provisioning.verified"
+    PROVISIONING_PROVEN = "provisioning.proven"
+    PROVISIONING_COMMITTED = "provisioning.committed"
+    PROVISIONING_ACTIVATED = "provisioning.activated"
+    PROVISIONING_ERASED = "provisioning.erased"
+    PROVISIONING_SUPERSEDED = "provisioning.superseded"
+    PROVISIONING_EXPIRED = "provisioning.expired"
+    PROVISIONING_FAILED = "provisioning.failed"
+
+    BROKER_STARTED = "broker.started"
+    BROKER_STOPPED = "broker.stopped"
+    BROKER_CONNECT_ACCEPTED = "broker.connect.accepted"
+    BROKER_CONNECT_DENIED = "broker.connect.denied"
+    BROKER_SESSION_KICKED = "broker.session.kicked"
+    BROKER_PUBLISH_DENIED = "broker.publish.denied"
+    BROKER_SUBSCRIBE_DENIED = "broker.subscribe.denied"
+    BROKER_RECEIVE_DENIED = "broker.receive.denied"
+    BROKER_AUDIT_SUPPRESSED = "broker.audit.suppressed"
+    BROKER_REGISTRY_RECOVERED = "broker.registry.recovered"
+    BROKER_POLICY_RELOADED = "broker.policy.reloaded"
+    BROKER_POLICY_RELOAD_FAILED = "broker.policy.reload_failed"
+
+
+def device_status_changed(status: str) -> EventKind:
+    """The event written when a device's status becomes ``status`` (a ``DeviceStatus`` value)."""
+    return EventKind(f"device.{status}")
+
+
+def topic_denied(action: str) -> EventKind:
+    """The broker's aggregated denial event for a topic ``action`` (publish, subscribe or receive)."""
+    return EventKind(f"broker.{action}.denied")
+
+
+# -- the broker ------------------------------------------------------------------------------
+
+_BROKER_PREFIX = "broker."
+
+
+def written_by_broker(kind: str) -> bool:
+    """The broker's own records (connects, kicks, reloads): nothing for a feed follower to enforce."""
+    return kind.startswith(_BROKER_PREFIX)
+
+
+HARMLESS_TO_SESSIONS: frozenset[str] = frozenset(
+    {EventKind.CERTIFICATE_ISSUED, EventKind.CERTIFICATE_ACTIVATED, EventKind.DEVICE_CREATED, EventKind.DEVICE_ACTIVE}
+)
+"""Changes that can only grant, never withdraw, a live session's rights: the broker lets them pass."""
+
+DEVICE_KICKS: Mapping[str, str] = MappingProxyType(
+    {
+        EventKind.DEVICE_REVOKED: "device-revoked",
+        EventKind.DEVICE_SUSPENDED: "device-suspended",
+        EventKind.DEVICE_PENDING: "device-pending",
+    }
+)
+"""Device status changes after which none of its sessions may live, with the kick reason the broker records.
+
+Any other event that names a device makes the broker ask the registry again
+about that device's sessions, so a kind added later fails safe.
+"""
+
+
+# -- other followers ---------------------------------------------------------------------
+
+EMQX_KICKS: frozenset[str] = frozenset(
+    {EventKind.DEVICE_REVOKED, EventKind.DEVICE_SUSPENDED, EventKind.CERTIFICATE_REVOKED}
+)
+"""Events after which ``iotauth serve`` asks EMQX to disconnect the device."""
+
+CRL_KIND_PREFIXES: tuple[str, ...] = ("certificate.", "device.")
+"""Every certificate and device event may change the CRL (which lists revoked, pending and suspended
+certificates); matched by prefix, so the registry can answer "any since event N?" with one indexed query."""
+
+
+def changes_crl(kind: str) -> bool:
+    """Whether a CRL built after this event may differ from one built before it."""
+    return kind.startswith(CRL_KIND_PREFIXES)
+
+
+def changes_mosquitto_export(kind: str) -> bool:
+    """Whether the exported Mosquitto files (the CRL, and the ACL of active devices by profile) may be stale."""
+    return changes_crl(kind)

@@ -1,0 +1,60 @@
+"""Event kinds are the exact strings in the log (the hash chain covers them), and each follower's set is explicit."""
+
+from __future__ import annotations
+
+import pytest
+
+from iotauth.policy import Action
+from iotauth.registry import DeviceStatus, EventKind
+from iotauth.registry.events import (
+    DEVICE_KICKS,
+    EMQX_KICKS,
+    HARMLESS_TO_SESSIONS,
+    changes_crl,
+    changes_mosquitto_export,
+    device_status_changed,
+    topic_denied,
+    written_by_broker,
+)
+
+STORED = {
+    "ca.initialised",
+    "device.created", "device.pending", "device.active", "device.suspended", "device.revoked",
+    "certificate.issued", "certificate.activated", "certificate.revoked",
+    "provisioning.identified", "provisioning.checked", "provisioning.assigned", "provisioning.keyed",
+    "provisioning.issued", "provisioning.written", "provisioning.verified", "provisioning.proven",
+    "provisioning.committed", "provisioning.activated", "provisioning.erased", "provisioning.superseded",
+    "provisioning.expired", "provisioning.failed",
+    "broker.started", "broker.stopped", "broker.connect.accepted", "broker.connect.denied", "broker.session.kicked",
+    "broker.publish.denied", "broker.subscribe.denied", "broker.receive.denied", "broker.audit.suppressed",
+    "broker.registry.recovered", "broker.policy.reloaded", "broker.policy.reload_failed",
+}
+
+
+def test_the_kinds_are_the_strings_already_in_logs() -> None:
+    assert {kind.value for kind in EventKind} == STORED
+
+
+@pytest.mark.parametrize("status", list(DeviceStatus))
+def test_every_device_status_has_its_event(status: DeviceStatus) -> None:
+    assert device_status_changed(status.value).value == f"device.{status.value}"
+
+
+@pytest.mark.parametrize("action", list(Action))
+def test_every_topic_action_has_its_denial_event(action: Action) -> None:
+    assert topic_denied(action.value).value == f"broker.{action.value}.denied"
+
+
+def test_the_broker_kicks_on_every_status_but_active_and_passes_only_what_grants() -> None:
+    assert set(DEVICE_KICKS) == {device_status_changed(s.value) for s in DeviceStatus if s is not DeviceStatus.ACTIVE}
+    assert set(DEVICE_KICKS.values()) == {"device-revoked", "device-suspended", "device-pending"}
+    assert HARMLESS_TO_SESSIONS.isdisjoint(DEVICE_KICKS) and EventKind.CERTIFICATE_REVOKED not in HARMLESS_TO_SESSIONS
+    assert all(written_by_broker(k) == k.value.startswith("broker.") for k in EventKind)
+
+
+def test_other_followers() -> None:
+    assert set(EMQX_KICKS) == {"device.revoked", "device.suspended", "certificate.revoked"}
+    crl = {k for k in EventKind if changes_crl(k)}
+    assert crl == {k for k in EventKind if k.value.startswith(("certificate.", "device."))}
+    assert {k for k in EventKind if changes_mosquitto_export(k)} == crl
+    assert changes_crl("device.some-future-kind")  # new device or certificate kinds fail safe

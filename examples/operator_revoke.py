@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import sys
 
-from iotauth.authority import default_actor, open_authority
+from iotauth.authority import operator_actor, open_authority
 from iotauth.config import Home, registry_location
 from iotauth.errors import CaLocked, IotAuthError
 from iotauth.registry import RevocationReason, open_registry
@@ -25,7 +25,7 @@ from iotauth.registry import RevocationReason, open_registry
 
 async def revoke(home: Home, device_id: str, reason: RevocationReason) -> int:
     async with await open_registry(registry_location(home)) as registry:
-        revoked = await registry.revoke(device_id, reason, actor=f"example:{default_actor()}")
+        revoked = await registry.revoke(device_id, reason, actor=f"example:{operator_actor()}")
         print(f"revoked {device_id}: {len(revoked)} certificate(s) {[c.serial for c in revoked]}")
         try:
             authority = await open_authority(home, registry)

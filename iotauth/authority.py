@@ -1,9 +1,18 @@
-"""The Authority: one issuance pipeline above the CA and the registry.
+"""The Authority: one pipeline above the CA and the registry.
 
 The CLI, the provisioning station and the HTTP service all issue through
 here, in the same fixed order: validate identity and profile, check the key
 and proof of possession (CA), refuse duplicates (registry, inside the write
 transaction), sign, and record durably before anything is returned.
+
+Operators change a device's standing through here too (revoke, suspend,
+resume): the registry change first, because it is what every broker enforces
+(each one follows the registry's change feed and drops the device's sessions,
+and ``iotauth serve`` pushes the kick to EMQX from the same feed, so a change
+made anywhere reaches every broker exactly once); then, when asked to, a fresh
+CRL for relying parties that read files. The CRL needs the CA key, which an
+operator revoking a device may not have at hand, so a CRL that cannot be
+signed is reported, never a reason to fail the revocation.
 """
 
 from __future__ import annotations
@@ -12,18 +21,18 @@ import getpass
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from iotauth import castore
+from iotauth.certs import now_utc, pem, public_key_sha256
 from iotauth.config import Home, Profile, Settings, load_settings
-from iotauth.errors import Conflict
+from iotauth.errors import Conflict, IotAuthError, PkiError
 from iotauth.identity import validate_device_id, validate_hardware_id
-from iotauth.pki.ca import CertificateAuthority, now_utc, pem, revoked_entry
-from iotauth.pki.files import write_public
-from iotauth.pki.keys import public_key_sha256
-from iotauth.registry import CertificateRecord, Registry, RevokedSerial
+from iotauth.pki.ca import CertificateAuthority, revoked_entry
+from iotauth.registry import CertificateRecord, Device, Registry, RevocationReason, RevokedSerial
 
 PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 
@@ -34,8 +43,8 @@ def ca_passphrase() -> bytes | None:
     return value.encode() if value else None
 
 
-def default_actor() -> str:
-    """Who is acting, for the audit log: ``$IOTAUTH_OPERATOR`` or the login user."""
+def operator_actor() -> str:
+    """The operator acting, for the audit log: ``$IOTAUTH_OPERATOR`` or the login user."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -63,16 +72,71 @@ class PublishedCrl:
     entries: int
 
 
-class Authority:
-    """Issue, activate and publish revocation for device identities."""
+@dataclass(frozen=True)
+class CrlRefresh:
+    """The home's CRL after a status change: published to ``path``, or why not (``error``)."""
 
-    def __init__(self, ca: CertificateAuthority, registry: Registry, settings: Settings) -> None:
-        self.ca = ca
+    path: Path
+    published: PublishedCrl | None = None
+    error: IotAuthError | None = None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A device revoked for good: the certificates this call revoked (none if it already was)."""
+
+    device_id: str
+    reason: RevocationReason
+    certificates: tuple[CertificateRecord, ...]
+    crl: CrlRefresh | None
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """A device suspended or resumed, and what became of the home's CRL."""
+
+    device: Device
+    crl: CrlRefresh | None
+
+
+class Authority:
+    """Issue, activate, revoke and publish revocation for device identities.
+
+    Args:
+        ca: the issuing CA; None when it cannot sign (see ``signing_unavailable``).
+        registry: where every certificate and status change is recorded.
+        settings: profiles and CRL lifetime.
+        signing_unavailable: why there is no CA (locked or unreadable key); status
+            changes still work, signing raises this error.
+    """
+
+    def __init__(
+        self,
+        ca: CertificateAuthority | None,
+        registry: Registry,
+        settings: Settings,
+        *,
+        signing_unavailable: PkiError | None = None,
+    ) -> None:
+        if ca is None and signing_unavailable is None:
+            raise PkiError("an Authority without a CA needs the reason it has none")
+        self._ca = ca
+        self.signing_unavailable = signing_unavailable
         self.registry = registry
         self.settings = settings
         # CRL entry objects from the last build: a long-running service rebuilds the CRL after every
         # revocation, and constructing 100k entries costs far more than signing them.
         self._crl_entries: dict[RevokedSerial, x509.RevokedCertificate] = {}
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        """The issuing CA; raises the reason signing is unavailable if there is none."""
+        if self._ca is None:
+            assert self.signing_unavailable is not None
+            raise self.signing_unavailable
+        return self._ca
+
+    # -- issuance --------------------------------------------------------------------------
 
     async def issue(
         self,
@@ -138,8 +202,43 @@ class Authority:
         )
         return Issued(cert, record, self.ca.chain)
 
+    # -- status changes --------------------------------------------------------------------
+
+    async def revoke_device(
+        self, device_id: str, reason: RevocationReason, *, actor: str, publish_to: Home | None = None
+    ) -> Revocation:
+        """Revoke a device and every certificate it has; then refresh the CRL in ``publish_to``.
+
+        Idempotent: revoking a revoked device changes nothing and revokes no certificate.
+        """
+        revoked = await self.registry.revoke(device_id, reason, actor=actor)
+        return Revocation(device_id, reason, tuple(revoked), await self._refresh_crl(publish_to))
+
+    async def suspend_device(
+        self, device_id: str, *, actor: str, reason: str | None = None, publish_to: Home | None = None
+    ) -> StatusChange:
+        """Bar a device until it is resumed; its certificates appear on hold in the CRL."""
+        device = await self.registry.suspend(device_id, actor=actor, reason=reason)
+        return StatusChange(device, await self._refresh_crl(publish_to))
+
+    async def resume_device(self, device_id: str, *, actor: str, publish_to: Home | None = None) -> StatusChange:
+        """Lift a suspension."""
+        device = await self.registry.resume(device_id, actor=actor)
+        return StatusChange(device, await self._refresh_crl(publish_to))
+
+    async def _refresh_crl(self, home: Home | None) -> CrlRefresh | None:
+        if home is None:  # e.g. ``iotauth serve``: its CRL endpoint rebuilds from the registry on request
+            return None
+        try:
+            return CrlRefresh(home.crl_pem, published=await self.publish_crl(home))
+        except IotAuthError as exc:
+            return CrlRefresh(home.crl_pem, error=exc)
+
+    # -- CRLs ------------------------------------------------------------------------------
+
     async def build_crl(self, now: datetime | None = None) -> PublishedCrl:
         """Sign a fresh CRL over the registry's complete revocation state."""
+        ca = self.ca
         at = now or now_utc()
         entries = await self.registry.crl_entries(at)
         known = self._crl_entries
@@ -149,19 +248,31 @@ class Authority:
         }
         revoked = list(self._crl_entries.values())
         number = await self.registry.next_crl_number()
-        crl = self.ca.sign_crl(revoked, number, self.settings.crl_next_update, at)
+        crl = ca.sign_crl(revoked, number, self.settings.crl_next_update, at)
         return PublishedCrl(crl, number, len(revoked))
 
     async def publish_crl(self, home: Home, now: datetime | None = None) -> PublishedCrl:
         """Build the CRL and atomically replace ``ca/crl.pem`` and ``ca/crl.der`` in ``home``."""
         published = await self.build_crl(now)
-        write_public(home.crl_pem, published.crl.public_bytes(serialization.Encoding.PEM))
-        write_public(home.crl_der, published.crl.public_bytes(serialization.Encoding.DER))
+        castore.publish_crl(home, published.crl)
         return published
 
 
-async def open_authority(home: Home, registry: Registry) -> Authority:
-    """Load settings and the CA from ``home`` and attach ``registry``."""
+async def open_authority(home: Home, registry: Registry, *, signing_optional: bool = False) -> Authority:
+    """Load settings and the CA from ``home`` and attach ``registry``.
+
+    Args:
+        signing_optional: if the CA key cannot be used (encrypted and no or a
+            wrong ``$IOTAUTH_CA_PASSPHRASE``, or unreadable), return an
+            Authority that cannot sign instead of raising. Status changes work
+            without it; CRL consumers then fall back to the CRL last published.
+            This is the one place that decides what a locked CA means.
+    """
     settings = load_settings(home)
-    ca = CertificateAuthority.load(home, settings, ca_passphrase())
+    try:
+        ca = castore.load_ca(home, settings, ca_passphrase())
+    except PkiError as exc:
+        if not signing_optional:
+            raise
+        return Authority(None, registry, settings, signing_unavailable=exc)
     return Authority(ca, registry, settings)

@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from iotauth.castore import write_hierarchy
+from iotauth.certs import fingerprint
 from iotauth.config import Home, default_config_text, load_settings, registry_location
 from iotauth.errors import ConfigError, PkiError
 from iotauth.identity import validate_trust_domain
-from iotauth.pki.ca import CertificateAuthority, fingerprint
-from iotauth.pki.hierarchy import initialise_ca
-from iotauth.registry import open_registry
+from iotauth.pki.ca import CertificateAuthority
+from iotauth.pki.hierarchy import create_hierarchy
+from iotauth.registry import EventKind, open_registry
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ async def initialise_home(
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     staging = Path(tempfile.mkdtemp(prefix=".init-", dir=home.root))
     try:
-        ca = initialise_ca(Home(staging), domain, key_type, passphrase, list(server_names))
+        hierarchy = create_hierarchy(domain, key_type, list(server_names))
+        write_hierarchy(Home(staging), hierarchy, passphrase)
         os.rename(staging / "ca", home.ca_dir)
         os.rename(staging / "broker", home.server_dir)
     finally:
@@ -58,9 +61,10 @@ async def initialise_home(
     if not home.config_file.exists():
         home.config_file.write_text(default_config_text(domain), encoding="utf-8")
     load_settings(home)
+    ca = hierarchy.ca
     async with await open_registry(registry_location(home, registry), create=True) as reg:
         await reg.record_event(
-            "ca.initialised",
+            EventKind.CA_INITIALISED,
             actor=actor,
             data={
                 "trust_domain": domain,

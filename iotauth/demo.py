@@ -31,8 +31,8 @@ from iotauth.bootstrap import initialise_home
 from iotauth.broker.server import IotAuthBroker, broker_config
 from iotauth.config import Home
 from iotauth.errors import IotAuthError
-from iotauth.pki.ca import pem
-from iotauth.pki.files import write_public, write_secret
+from iotauth.certs import pem
+from iotauth.files import write_public, write_secret
 from iotauth.pki.keys import generate_private_key, private_key_pem
 from iotauth.provisioning.line import LineRequest, run_line
 from iotauth.provisioning.report import append_report

@@ -56,7 +56,7 @@ from iotauth.broker.audit import BrokerAudit
 from iotauth.broker.mqtt import NOT_AUTHORISED, SERVER_UNAVAILABLE, Connect
 from iotauth.config import DEFAULT_PROFILE
 from iotauth.errors import IotAuthError, PolicyDenied
-from iotauth.pki.ca import now_utc
+from iotauth.certs import now_utc
 from iotauth.pki.verify import CertificateIdentity, ClientCertificateVerifier, Rejection
 from iotauth.policy import Action, PolicySet, SessionPolicy, deny_all
 from iotauth.registry import AuditEvent, CertificateStatus, Credential, DeviceStatus

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from iotauth.authority import default_actor
+from iotauth.authority import operator_actor
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.pki import publish_crl_quietly
 from iotauth.cli.render import emit_json, fields, out, status, success, table, warn
@@ -94,7 +94,7 @@ def show_device(ctx: CliContext, device_id: str, event_limit: int, as_json: bool
 @pass_cli
 def revoke(ctx: CliContext, device_id: str, reason: str, as_json: bool) -> None:
     """Revoke DEVICE_ID permanently: every certificate, live sessions dropped, CRL refreshed."""
-    revoked = run(ctx.with_registry(lambda reg: reg.revoke(device_id, RevocationReason(reason), actor=default_actor())))
+    revoked = run(ctx.with_registry(lambda reg: reg.revoke(device_id, RevocationReason(reason), actor=operator_actor())))
     crl_note = publish_crl_quietly(ctx)
     if as_json:
         emit_json(
@@ -125,7 +125,7 @@ def _status_command(name: str, verb: str, doc: str) -> click.Command:
     def command(ctx: CliContext, device_id: str, as_json: bool) -> None:
         async def work(reg: Registry) -> Any:
             method = reg.suspend if verb == "suspend" else reg.resume
-            return await method(device_id, actor=default_actor())
+            return await method(device_id, actor=operator_actor())
 
         device = run(ctx.with_registry(work))
         crl_note = publish_crl_quietly(ctx)

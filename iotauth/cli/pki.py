@@ -9,13 +9,13 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from iotauth.authority import Authority, ca_passphrase, default_actor
+from iotauth.authority import Authority, ca_passphrase, operator_actor
 from iotauth.bootstrap import initialise_home
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, success, warn
 from iotauth.errors import CsrRejected, IotAuthError
-from iotauth.pki.ca import pem
-from iotauth.pki.files import write_public
+from iotauth.certs import pem
+from iotauth.files import write_public
 
 
 @click.command()
@@ -42,7 +42,7 @@ def init(
             key_type=key_type,
             passphrase=passphrase,
             registry=ctx.registry_url,
-            actor=default_actor(),
+            actor=operator_actor(),
         )
     )
     data = {
@@ -110,7 +110,7 @@ def issue(
 
     async def work(authority: Authority) -> tuple[bytes, dict[str, object]]:
         issued = await authority.issue(
-            csr, device_id, profile, hardware_id=hardware_id, activate=not pending, actor=default_actor()
+            csr, device_id, profile, hardware_id=hardware_id, activate=not pending, actor=operator_actor()
         )
         body = issued.pem + (pem(issued.chain[0]) if fullchain else b"")
         return body, issued.record.as_dict()

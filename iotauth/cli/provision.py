@@ -25,7 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from iotauth.authority import Authority, default_actor
+from iotauth.authority import Authority, operator_actor
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, err, success, table, warn
 from iotauth.errors import ConfigError
@@ -148,7 +148,7 @@ def provision(cli: CliContext, ports: tuple[str, ...], profile: str, id_template
         report_format(report_path)
     config = StationConfig(
         station=_name(station_name or socket.gethostname().split(".")[0] or "station", "station name"),
-        operator=_name(operator or default_actor(), "operator name"),
+        operator=_name(operator or operator_actor(), "operator name"),
         profile=profile,
         host_keygen=host_keygen,
         force=force,

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from iotauth.authority import Authority
 from iotauth.config import DEFAULT_PROFILE, Home
 from iotauth.errors import ConfigError
-from iotauth.pki.files import write_public, write_secret
+from iotauth.files import write_public, write_secret
 from iotauth.policy import Action, PolicySet, ProfilePolicy, covers
 from iotauth.registry import DeviceStatus, Registry
 

@@ -8,38 +8,24 @@ CSR's subject and extensions are read by nobody.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
+from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from iotauth.config import Home, Profile, Settings
-from iotauth.errors import CsrRejected, PkiError
+from iotauth.certs import now_utc
+from iotauth.errors import CsrRejected
 from iotauth.identity import spiffe_id, validate_device_id, validate_hardware_id
-from iotauth.pki.keys import PrivateKey, check_key_allowed, load_private_key
+from iotauth.pki.keys import PrivateKey, check_key_allowed
 
 # Devices with a loosely set clock must not reject a certificate issued "just now".
 CLOCK_SKEW = timedelta(minutes=5)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 of the certificate's DER encoding, lower-case hex."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def serial_hex(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "x")
 
 
 def hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
@@ -64,9 +50,27 @@ def key_usage(*, signature: bool = False, cert_sign: bool = False) -> x509.KeyUs
     )
 
 
+class KeyPolicy(Protocol):
+    """What issuance needs from a profile (``iotauth.config.Profile`` is one): key rules and lifetime."""
+
+    @property
+    def validity(self) -> timedelta: ...
+
+    @property
+    def key_types(self) -> Collection[str]: ...
+
+    @property
+    def rsa_min_bits(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class CertificateAuthority:
-    """The issuing CA and its chain. Immutable; load it once and share it."""
+    """The issuing CA and its chain, as values. Immutable; build it once and share it.
+
+    It holds the issuing key as a key object and never reads a file: where the
+    key comes from (a PEM file in the home, later an HSM) is decided above pki,
+    in :mod:`iotauth.castore`.
+    """
 
     root_cert: x509.Certificate
     issuing_cert: x509.Certificate
@@ -80,24 +84,11 @@ class CertificateAuthority:
         """Issuing CA first, then the root: what a device stores as its CA chain."""
         return (self.issuing_cert, self.root_cert)
 
-    @classmethod
-    def load(cls, home: Home, settings: Settings, passphrase: bytes | None) -> CertificateAuthority:
-        """Load the CA from ``home``; only the issuing key is needed (and decrypted)."""
-        home.require_initialised()
-        root = _read_cert(home.root_cert)
-        issuing = _read_cert(home.issuing_cert)
-        try:
-            key_data = home.issuing_key.read_bytes()
-        except OSError as exc:
-            raise PkiError(f"cannot read issuing CA key {home.issuing_key}: {exc.strerror}") from exc
-        key = load_private_key(key_data, passphrase, f"issuing CA key {home.issuing_key}")
-        return cls(root, issuing, key, settings.trust_domain, settings.crl_url, settings.ocsp_url)
-
     def issue(
         self,
         csr: x509.CertificateSigningRequest,
         device_id: str,
-        profile: Profile,
+        profile: KeyPolicy,
         *,
         hardware_id: str | None = None,
         now: datetime | None = None,
@@ -115,7 +106,7 @@ class CertificateAuthority:
         self,
         public_key: CertificatePublicKeyTypes,
         device_id: str,
-        profile: Profile,
+        profile: KeyPolicy,
         *,
         hardware_id: str | None = None,
         now: datetime | None = None,
@@ -206,16 +197,3 @@ def revoked_entry(serial: int, revoked_at: datetime, reason: x509.ReasonFlags | 
         revocation_date=revoked_at,
         extensions=[extension] if extension is not None else [],
     ).build()
-
-
-def _read_cert(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except OSError as exc:
-        raise PkiError(f"cannot read certificate {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise PkiError(f"{path} is not a valid PEM certificate") from exc
-
-
-def pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)

@@ -1,7 +1,8 @@
 """Creating a new CA hierarchy: root, issuing CA, broker server certificate, OCSP responder.
 
 Kept apart from :mod:`iotauth.pki.ca` (which *uses* a CA) because it runs once,
-at ``iotauth init``, and is the only code that ever holds the root key.
+at ``iotauth init``, and is the only code that ever holds the root key. It
+returns values; :mod:`iotauth.castore` writes them into a home.
 """
 
 from __future__ import annotations
@@ -9,23 +10,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from iotauth.config import Home
+from iotauth.certs import now_utc
 from iotauth.errors import PkiError
-from iotauth.pki.ca import (
-    CLOCK_SKEW,
-    CertificateAuthority,
-    hash_for,
-    key_usage,
-    now_utc,
-    pem,
-)
-from iotauth.pki.files import write_public, write_secret
-from iotauth.pki.keys import PrivateKey, generate_private_key, private_key_pem
+from iotauth.pki.ca import CLOCK_SKEW, CertificateAuthority, hash_for, key_usage
+from iotauth.pki.keys import PrivateKey, generate_private_key
 from iotauth.pki.ocsp import issue_responder
 
 ROOT_VALIDITY = timedelta(days=20 * 365)
@@ -45,24 +39,34 @@ def _ca_name(label: str, trust_domain: str) -> x509.Name:
     )
 
 
-def initialise_ca(
-    home: Home,
+@dataclass(frozen=True)
+class Hierarchy:
+    """A new CA hierarchy, as values: everything ``iotauth init`` stores in a home.
+
+    Attributes:
+        ca: the issuing CA (with its key) and the root certificate.
+        root_key: the root's private key, needed only to sign this hierarchy.
+        server_key, server_cert: the broker's TLS identity.
+        ocsp_key, ocsp_cert: the delegated OCSP responder.
+    """
+
+    ca: CertificateAuthority
+    root_key: PrivateKey
+    server_key: PrivateKey
+    server_cert: x509.Certificate
+    ocsp_key: PrivateKey
+    ocsp_cert: x509.Certificate
+
+
+def create_hierarchy(
     trust_domain: str,
     key_type: str,
-    passphrase: bytes | None,
     server_names: Sequence[str],
     now: datetime | None = None,
-) -> CertificateAuthority:
-    """Create the root, the issuing CA and the broker's server certificate in ``home``.
-
-    Refuses if any CA file already exists, so re-running ``init`` can never
-    replace a CA that devices in the field already trust.
-    """
+) -> Hierarchy:
+    """Create the root, the issuing CA, the broker's server certificate and the OCSP responder."""
     if key_type not in ("p256", "p384"):
         raise PkiError(f"CA key type must be p256 or p384, not {key_type!r}")
-    existing = [p for p in (home.root_key, home.root_cert, home.issuing_key, home.issuing_cert) if p.exists()]
-    if existing:
-        raise PkiError(f"a CA already exists in {home.root} ({existing[0].name}); refusing to overwrite it")
     issued_at = now or now_utc()
     root_key = generate_private_key(key_type)
     root_name = _ca_name("Root CA", trust_domain)
@@ -71,19 +75,10 @@ def initialise_ca(
     issuing = _ca_certificate(
         _ca_name("Issuing CA", trust_domain), issuing_key, root_name, root_key, root, issued_at, ISSUING_VALIDITY
     )
-    write_secret(home.root_key, private_key_pem(root_key, passphrase))
-    write_secret(home.issuing_key, private_key_pem(issuing_key, passphrase))
-    write_public(home.root_cert, pem(root))
-    write_public(home.issuing_cert, pem(issuing))
-    write_public(home.chain_file, pem(issuing) + pem(root))
     ca = CertificateAuthority(root, issuing, issuing_key, trust_domain)
     server_key, server_cert = issue_server_certificate(ca, server_names, issued_at)
-    write_secret(home.server_key, private_key_pem(server_key, None))
-    write_public(home.server_cert, pem(server_cert) + pem(issuing))
     ocsp_key, ocsp_cert = issue_responder(ca, issued_at)
-    write_secret(home.ocsp_key, private_key_pem(ocsp_key, None))
-    write_public(home.ocsp_cert, pem(ocsp_cert))
-    return ca
+    return Hierarchy(ca, root_key, server_key, server_cert, ocsp_key, ocsp_cert)
 
 
 def _ca_certificate(

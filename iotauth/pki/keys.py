@@ -7,7 +7,6 @@ device's INFO capabilities.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Collection
 
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +19,7 @@ PrivateKey = CertificateIssuerPrivateKeyTypes
 _CURVES: dict[str, ec.EllipticCurve] = {"p256": ec.SECP256R1(), "p384": ec.SECP384R1()}
 
 
-def key_type_of(public_key: PublicKeyTypes) -> str:
+def key_type_name(public_key: PublicKeyTypes) -> str:
     """Name the type of ``public_key`` in profile vocabulary, or raise :class:`CsrRejected`."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         for name, curve in _CURVES.items():
@@ -36,7 +35,7 @@ def key_type_of(public_key: PublicKeyTypes) -> str:
 
 def check_key_allowed(public_key: PublicKeyTypes, allowed: Collection[str], rsa_min_bits: int = 2048) -> str:
     """Enforce a profile's key policy; return the key type name."""
-    kind = key_type_of(public_key)
+    kind = key_type_name(public_key)
     if kind not in allowed:
         raise CsrRejected(f"key type {kind} is not allowed by this profile (allowed: {', '.join(sorted(allowed))})")
     if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < max(rsa_min_bits, 2048):
@@ -53,12 +52,6 @@ def generate_private_key(kind: str = "p256") -> PrivateKey:
     if kind == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
     raise PkiError(f"unknown key type {kind!r}; choose one of p256, p384, ed25519, rsa")
-
-
-def public_key_sha256(public_key: PublicKeyTypes) -> str:
-    """SHA-256 of the DER SubjectPublicKeyInfo: the key's identity for duplicate checks."""
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
 
 
 def private_key_pem(key: PrivateKey, passphrase: bytes | None) -> bytes:

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from iotauth.pki.ca import CLOCK_SKEW, CertificateAuthority, now_utc
+from iotauth.certs import now_utc
+from iotauth.pki.ca import CLOCK_SKEW, CertificateAuthority
 from iotauth.pki.keys import PrivateKey, generate_private_key
 
 RESPONDER_VALIDITY = timedelta(days=2 * 365)

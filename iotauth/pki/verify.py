@@ -29,9 +29,9 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from iotauth.errors import CertificateRejected, InvalidIdentity
+from iotauth.certs import fingerprint, now_utc, serial_hex
+from iotauth.errors import InvalidIdentity, Rejection
 from iotauth.identity import device_id_from_spiffe
-from iotauth.pki.ca import fingerprint, now_utc, serial_hex
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,6 @@ class CertificateIdentity:
     serial: str
     not_before: datetime
     not_after: datetime
-
-
-class Rejection(CertificateRejected):
-    """A certificate check failed; ``code`` is a stable short reason for audit records."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _check_window(not_before: datetime, not_after: datetime, at: datetime) -> None:

@@ -54,8 +54,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from iotauth.authority import Authority
 from iotauth.errors import Conflict, IotAuthError, NotFound, ProvisioningError, RegistryError
 from iotauth.identity import validate_hardware_id
-from iotauth.pki.ca import fingerprint, serial_hex
-from iotauth.pki.keys import check_key_allowed, generate_private_key, public_key_sha256
+from iotauth.certs import fingerprint, serial_hex
+from iotauth.pki.keys import check_key_allowed, generate_private_key
+from iotauth.certs import public_key_sha256
 from iotauth.pki.verify import ClientCertificateVerifier, Rejection
 from iotauth.provisioning.ids import IdSource
 from iotauth.provisioning.messages import (

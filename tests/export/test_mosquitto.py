@@ -18,7 +18,7 @@ from cryptography import x509
 from iotauth.authority import Authority, open_authority
 from iotauth.config import Home, load_settings
 from iotauth.export.mosquitto import export, reload_broker, render_acl
-from iotauth.pki.ca import pem
+from iotauth.certs import pem
 from iotauth.pki.keys import PrivateKey, private_key_pem
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, RevocationReason

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,10 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotauth.bootstrap import initialise_home
+from iotauth.castore import load_ca
+from iotauth.certs import pem
 from iotauth.config import Home, load_settings
-from iotauth.errors import CaLocked, CsrRejected, PkiError
-from iotauth.pki import CertificateAuthority, ClientCertificateVerifier
-from iotauth.pki.ca import pem
+from iotauth.errors import CsrRejected, PkiError
+from iotauth.pki import CertificateAuthority, ClientCertificateVerifier, create_hierarchy
 from iotauth.pki.keys import PrivateKey
 from tests.fixtures.pki import TRUST_DOMAIN, make_csr
 
@@ -29,7 +28,7 @@ CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
 @pytest.fixture
 def ca(home: Home) -> CertificateAuthority:
-    return CertificateAuthority.load(home, load_settings(home), None)
+    return load_ca(home, load_settings(home), None)
 
 
 def test_issued_certificate_has_the_device_profile(
@@ -114,7 +113,7 @@ def test_key_policy_defaults_and_opt_ins(ca: CertificateAuthority, home: Home, c
 def test_crl_and_ocsp_urls_come_from_configuration(home: Home, csr_factory: CsrFactory) -> None:
     settings = load_settings(home)
     settings = replace(settings, crl_url="http://pki.test/crl.der", ocsp_url="http://pki.test/ocsp")
-    ca = CertificateAuthority.load(home, settings, None)
+    ca = load_ca(home, settings, None)
     cert = ca.issue(csr_factory()[1], "sensor-1", settings.profile("default"))
     points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     assert points[0].full_name == [x509.UniformResourceIdentifier("http://pki.test/crl.der")]
@@ -154,36 +153,22 @@ def test_server_certificate_covers_requested_names(home: Home) -> None:
     ]
 
 
-def test_private_keys_are_mode_0600(home: Home) -> None:
-    for path in (home.root_key, home.issuing_key, home.server_key):
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
-
-
-async def test_init_never_overwrites_an_existing_ca(home: Home) -> None:
-    before = home.issuing_key.read_bytes()
-    with pytest.raises(PkiError, match="refusing to overwrite"):
-        await initialise_home(home, TRUST_DOMAIN, ["localhost"], passphrase=None, actor="test")
-    assert home.issuing_key.read_bytes() == before
-
-
-async def test_passphrase_encrypts_ca_keys_and_is_required(tmp_path: Path) -> None:
-    target = Home(tmp_path / "enc")
-    await initialise_home(target, TRUST_DOMAIN, ["localhost"], key_type="p384", passphrase=b"s3cret", actor="t")
-    for path in (target.root_key, target.issuing_key):
-        assert b"ENCRYPTED PRIVATE KEY" in path.read_bytes()
-    assert b"ENCRYPTED" not in target.server_key.read_bytes()  # the broker must start unattended
-    settings = load_settings(target)
-    with pytest.raises(CaLocked, match="set IOTAUTH_CA_PASSPHRASE"):
-        CertificateAuthority.load(target, settings, None)
-    with pytest.raises(CaLocked, match="wrong IOTAUTH_CA_PASSPHRASE"):
-        CertificateAuthority.load(target, settings, b"guess")
-    ca = CertificateAuthority.load(target, settings, b"s3cret")
-    assert isinstance(ca.issuing_key, ec.EllipticCurvePrivateKey)
-    assert ca.issuing_key.curve.name == "secp384r1"
-
-
 def test_bad_server_name_is_rejected(tmp_path: Path) -> None:
     import asyncio
 
     with pytest.raises(PkiError, match="neither an IP address nor a DNS host name"):
         asyncio.run(initialise_home(Home(tmp_path / "h"), TRUST_DOMAIN, ["bad name!"], passphrase=None, actor="t"))
+
+
+def test_a_new_hierarchy_is_values_that_chain_together() -> None:
+    hierarchy = create_hierarchy(TRUST_DOMAIN, "p384", ["broker.test", "10.0.0.1"])
+    ca = hierarchy.ca
+    assert isinstance(ca.issuing_key, ec.EllipticCurvePrivateKey) and ca.issuing_key.curve.name == "secp384r1"
+    assert ca.root_cert.public_key() == hierarchy.root_key.public_key()
+    ca.issuing_cert.verify_directly_issued_by(ca.root_cert)
+    hierarchy.server_cert.verify_directly_issued_by(ca.issuing_cert)
+    hierarchy.ocsp_cert.verify_directly_issued_by(ca.issuing_cert)
+    san = hierarchy.server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["broker.test"]
+    with pytest.raises(PkiError, match="p256 or p384"):
+        create_hierarchy(TRUST_DOMAIN, "rsa", ["localhost"])

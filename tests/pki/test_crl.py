@@ -10,8 +10,8 @@ from pathlib import Path
 from cryptography import x509
 
 from iotauth.authority import Authority
+from iotauth.certs import pem
 from iotauth.config import Home
-from iotauth.pki.ca import pem
 from iotauth.pki.keys import PrivateKey
 from iotauth.registry import Registry, RevocationReason
 
@@ -88,7 +88,8 @@ async def test_openssl_refuses_a_revoked_certificate_with_the_published_crl(
 
 def test_crl_of_100k_entries_is_built_in_one_pass(authority: Authority) -> None:
     """The builder gets the whole list at once; a per-entry loop would be quadratic."""
-    from iotauth.pki.ca import now_utc, revoked_entry
+    from iotauth.certs import now_utc
+    from iotauth.pki.ca import revoked_entry
 
     now = now_utc()
     entries = [revoked_entry(n + 1, now, x509.ReasonFlags.superseded) for n in range(100_000)]

@@ -8,9 +8,11 @@ from datetime import timedelta
 import pytest
 from cryptography import x509
 
+from iotauth.castore import load_ca
+from iotauth.certs import now_utc
 from iotauth.config import Home, load_settings
-from iotauth.pki import CertificateAuthority, ClientCertificateVerifier, Rejection
-from iotauth.pki.ca import now_utc
+from iotauth.errors import Rejection
+from iotauth.pki import CertificateAuthority, ClientCertificateVerifier
 from iotauth.pki.keys import PrivateKey, generate_private_key
 from tests.fixtures.pki import TRUST_DOMAIN, forge_certificate
 
@@ -19,7 +21,7 @@ CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
 @pytest.fixture
 def ca(home: Home) -> CertificateAuthority:
-    return CertificateAuthority.load(home, load_settings(home), None)
+    return load_ca(home, load_settings(home), None)
 
 
 @pytest.fixture

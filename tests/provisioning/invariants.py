@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from iotauth.pki.ca import fingerprint
+from iotauth.certs import fingerprint
 from iotauth.registry import CertificateRecord, CertificateStatus, Registry
 from tests.fixtures.devices import EmulatedDevice
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from iotauth.config import Home
-from iotauth.pki.ca import fingerprint
+from iotauth.certs import fingerprint
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.provisioning.station import Station, Step
 from iotauth.registry import CertificateStatus, DeviceStatus, Registry

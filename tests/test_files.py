@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from iotauth.errors import PkiError
-from iotauth.pki.files import write_public, write_secret
+from iotauth.files import write_public, write_secret
 
 
 def test_secret_is_created_0600_and_never_overwritten(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Writing PKI files without ever exposing or clobbering them.
+"""Writing keys and published files without ever exposing or clobbering them.
 
 Private keys are created with mode 0600 from the first byte (``O_CREAT`` with
 the mode, never chmod after the fact) and with ``O_EXCL``, so an existing key

@@ -7,11 +7,14 @@
 
 Design notes live in the module docstrings: :mod:`iotauth.broker.gate` (why
 iotauth terminates TLS itself), :mod:`iotauth.broker.server` (what is changed in
-amqtt), :mod:`iotauth.broker.guard` (revocation, expiry, fail closed) and
+amqtt), :mod:`iotauth.broker.guard` (how admission, live revocation and expiry
+fit together), :mod:`iotauth.broker.admission` (the decision and its caches),
+:mod:`iotauth.broker.feed` (the change feed, fail closed) and
 :mod:`iotauth.broker.audit` (what is written to the audit log, and when).
 """
 
-from iotauth.broker.guard import Admission, Binding, Denial, Guard, GuardOptions
+from iotauth.broker.binding import Admission, Binding, Denial, GuardOptions
+from iotauth.broker.guard import Guard
 from iotauth.broker.plugin import IotAuthPlugin
 from iotauth.broker.server import IotAuthBroker, Started, broker_config, serve
 

@@ -26,7 +26,9 @@ Three kinds of write, with three policies:
   offending topic.
 
 Attacker-controlled strings (client ids, topics) are truncated before they are
-stored; the audit log escapes them as JSON.
+stored; the audit log escapes them as JSON. Records are buffered and written
+by the registry's shared :class:`~iotauth.registry.journal.EventJournal`; the
+rate limit and the aggregation above are the broker's own.
 """
 
 from __future__ import annotations
@@ -37,28 +39,18 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from iotauth.errors import RegistryError
+from iotauth.errors import JournalWriteFailed, RegistryError
+from iotauth.registry.events import EventKind, topic_denied
+from iotauth.registry.journal import EventJournal, EventWriter
 
-T = TypeVar("T")
 log = logging.getLogger("iotauth.broker.audit")
 
-ACCEPTED = "broker.connect.accepted"
-DENIED = "broker.connect.denied"
-KICKED = "broker.session.kicked"
-SUPPRESSED = "broker.audit.suppressed"
-TOPIC_DENIED = "broker.{action}.denied"
 MAX_QUEUE = 10_000
 MAX_TEXT = 256
-
-
-class EventWriter(Protocol):
-    """What the audit needs from the registry: its serialised, group-committed write."""
-
-    async def write(self, op: Callable[[Any], Awaitable[T]]) -> T: ...
 
 
 def clip(value: str | None, limit: int = MAX_TEXT) -> str | None:
@@ -67,7 +59,8 @@ def clip(value: str | None, limit: int = MAX_TEXT) -> str | None:
     return value if len(value) <= limit else value[:limit] + "..."
 
 
-def default_actor() -> str:
+def broker_actor() -> str:
+    """Who writes the broker's events: this broker host (operators are named by ``authority.operator_actor``)."""
     return f"broker@{socket.gethostname()}"[:128]
 
 
@@ -119,11 +112,11 @@ class BrokerAudit:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._writer = writer
-        self.actor = actor or default_actor()
+        self.actor = actor or broker_actor()
+        self._journal = EventJournal(writer, self.actor, "the broker's audit journal")
         self._clock = clock
         self._bucket = _Bucket(deny_rate, deny_burst, deny_burst, clock())
         self._flush_interval = flush_interval
-        self._queue: list[tuple[str, str | None, dict[str, Any]]] = []
         self._suppressed: Counter[str] = Counter()
         self._topics: dict[tuple[str, str, str], _TopicDenials] = {}
         self._wake = asyncio.Event()
@@ -138,7 +131,7 @@ class BrokerAudit:
     @property
     def healthy(self) -> bool:
         """False while audit writes fail or the queue is backed up: the broker then admits no one."""
-        return not self._failing and len(self._queue) < MAX_QUEUE // 2
+        return not self._failing and self._journal.backlog < MAX_QUEUE // 2
 
     def start(self) -> None:
         if self._task is None:
@@ -161,11 +154,11 @@ class BrokerAudit:
         """
         self.stats.accepted += 1
         if not self.durable_accept:
-            self._enqueue(ACCEPTED, device_id, data)
+            self._enqueue(EventKind.BROKER_CONNECT_ACCEPTED, device_id, data)
             return
 
         async def op(tx: Any) -> None:
-            tx.event(ACCEPTED, self.actor, device_id, data)
+            tx.event(EventKind.BROKER_CONNECT_ACCEPTED, self.actor, device_id, data)
 
         try:
             await asyncio.wait_for(self._writer.write(op), timeout)
@@ -182,18 +175,18 @@ class BrokerAudit:
         Returns whether it was recorded individually (callers log only those, for the same reason).
         """
         self.stats.denied += 1
-        if not self._bucket.take(self._clock()) or len(self._queue) >= MAX_QUEUE:
+        if not self._bucket.take(self._clock()) or self._journal.backlog >= MAX_QUEUE:
             self._suppressed[reason] += 1
             self.stats.suppressed[reason] += 1
             return False
-        self._enqueue(DENIED, device_id, {"reason": reason, **data})
+        self._enqueue(EventKind.BROKER_CONNECT_DENIED, device_id, {"reason": reason, **data})
         return True
 
     def kicked(self, device_id: str, data: dict[str, Any]) -> None:
         self.stats.kicked += 1
-        self._enqueue(KICKED, device_id, data)
+        self._enqueue(EventKind.BROKER_SESSION_KICKED, device_id, data)
 
-    def event(self, kind: str, device_id: str | None, data: dict[str, Any]) -> None:
+    def event(self, kind: EventKind, device_id: str | None, data: dict[str, Any]) -> None:
         """Queue any other broker event (reloads, outages, start and stop)."""
         self._enqueue(kind, device_id, data)
 
@@ -206,13 +199,13 @@ class BrokerAudit:
             entry = self._topics[key] = _TopicDenials(first_topic=clip(topic))
         entry.count += 1
 
-    def _enqueue(self, kind: str, device_id: str | None, data: dict[str, Any]) -> None:
-        if len(self._queue) >= MAX_QUEUE:
+    def _enqueue(self, kind: EventKind, device_id: str | None, data: dict[str, Any]) -> None:
+        if self._journal.backlog >= MAX_QUEUE:
             self.stats.lost += 1
             log.error("audit queue full; dropping %s event", kind)
             return
-        self._queue.append((kind, device_id, data))
-        if len(self._queue) >= 256:
+        self._journal.record(kind, device_id, data)
+        if self._journal.backlog >= 256:
             self._wake.set()
 
     async def _run(self) -> None:
@@ -226,33 +219,27 @@ class BrokerAudit:
 
     async def flush(self) -> None:
         """Write everything queued and aggregated so far in one transaction."""
-        pending, self._queue = self._queue, []
         now = self._clock()
         if self._topics and (self._closing or now - self._topics_flushed >= self._topic_interval):
             for (device_id, action, reason), entry in self._topics.items():
-                pending.append(
-                    (TOPIC_DENIED.format(action=action), device_id,
-                     {"reason": reason, "count": entry.count, "first_topic": entry.first_topic})
+                self._journal.record(
+                    topic_denied(action), device_id,
+                    {"reason": reason, "count": entry.count, "first_topic": entry.first_topic},
                 )
             self._topics = {}
             self._topics_flushed = now
         if self._suppressed:
-            pending.append((SUPPRESSED, None, {"connect_denied": dict(self._suppressed)}))
+            self._journal.record(EventKind.BROKER_AUDIT_SUPPRESSED, None, {"connect_denied": dict(self._suppressed)})
             self._suppressed = Counter()
-        if not pending:
+        if not self._journal.backlog:
             return
-
-        async def op(tx: Any) -> None:
-            for kind, device_id, data in pending:
-                tx.event(kind, self.actor, device_id, data)
-
         try:
-            await asyncio.wait_for(self._writer.write(op), 30.0)
-        except Exception as exc:  # the registry is unwritable: say so loudly; the guard stops admitting
-            self.stats.lost += len(pending)
+            await self._journal.flush(timeout=30.0)
+        except JournalWriteFailed as exc:  # the registry is unwritable: say so loudly; the guard stops admitting
+            self.stats.lost += exc.lost
             if not self._failing:
                 log.error("could not write %d audit events (refusing new connections until it works): %s",
-                          len(pending), exc)
+                          exc.lost, exc.__cause__ or exc)
             self._failing = True
             return
         if self._failing:

@@ -50,18 +50,17 @@ from amqtt.adapters import (
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection
 
-from iotauth.broker.guard import ADMISSION, Binding, Denial, Guard
+from iotauth.broker.binding import ADMISSION, Binding, Denial
+from iotauth.broker.guard import Guard
 from iotauth.broker.mqtt import (
     UNACCEPTABLE_PROTOCOL,
     Connect,
-    MalformedPacket,
-    UnsupportedProtocol,
     connack,
     encode_connect,
     fixed_header,
     parse_connect,
 )
-from iotauth.errors import ConfigError
+from iotauth.errors import ConfigError, MalformedPacket, UnsupportedProtocol
 
 log = logging.getLogger("iotauth.broker.gate")
 

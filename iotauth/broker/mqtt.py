@@ -26,6 +26,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from iotauth.errors import MalformedPacket, UnsupportedProtocol
+
 CONNECT_TYPE = 0x10
 PROTOCOL_NAME = "MQTT"
 PROTOCOL_LEVEL = 4
@@ -38,14 +40,6 @@ SERVER_UNAVAILABLE = 0x03
 NOT_AUTHORISED = 0x05
 
 _USERNAME, _PASSWORD, _WILL_RETAIN, _WILL, _CLEAN, _RESERVED = 0x80, 0x40, 0x20, 0x04, 0x02, 0x01
-
-
-class MalformedPacket(ValueError):
-    """The bytes are not a well-formed MQTT 3.1.1 CONNECT; the connection is closed without CONNACK."""
-
-
-class UnsupportedProtocol(MalformedPacket):
-    """A well-formed CONNECT of another protocol level (answered with CONNACK 0x01)."""
 
 
 @dataclass(frozen=True)

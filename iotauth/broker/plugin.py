@@ -46,11 +46,12 @@ from amqtt.session import Session
 from cryptography import x509
 
 from iotauth.broker.audit import BrokerAudit
+from iotauth.broker.binding import ADMISSION, Binding, GuardOptions
 from iotauth.broker.gate import GateOptions, server_context
-from iotauth.broker.guard import ADMISSION, Binding, Guard, GuardOptions, stop_task
+from iotauth.broker.guard import Guard, stop_task
+from iotauth.castore import client_verifier
 from iotauth.config import Home, load_settings, registry_location
-from iotauth.errors import ConfigError, PkiError
-from iotauth.pki.verify import ClientCertificateVerifier
+from iotauth.errors import ConfigError
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
 
@@ -68,13 +69,6 @@ def binding_of(session: Session | None) -> Binding | None:
 def load_policies(home: Home) -> PolicySet:
     """Parse and check every profile's topic rules from ``iotauth.toml`` (ConfigError if any is bad)."""
     return PolicySet.from_profiles(load_settings(home).profiles.values())
-
-
-def _certificate(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise PkiError(f"cannot read certificate {path}: {exc}") from exc
 
 
 class _CrlSerials:
@@ -185,9 +179,7 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # a
         home.require_initialised()
         settings = load_settings(home)
         policies = PolicySet.from_profiles(settings.profiles.values())
-        verifier = ClientCertificateVerifier(
-            [_certificate(home.root_cert)], [_certificate(home.issuing_cert)], settings.trust_domain
-        )
+        verifier = client_verifier(home, settings)
         context = server_context(home.server_cert, home.server_key, home.chain_file)
         owns = registry is None
         if registry is None:

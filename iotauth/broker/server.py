@@ -44,13 +44,14 @@ from amqtt.errors import BrokerError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, Session
 
+from iotauth.broker.binding import ADMISSION, Binding
 from iotauth.broker.gate import TlsGate, WebSocketGate
-from iotauth.broker.guard import ADMISSION, Binding, Guard
+from iotauth.broker.guard import Guard
 from iotauth.broker.plugin import BINDING_KEY, IotAuthPlugin, Runtime, binding_of
 from iotauth.config import parse_bind
 from iotauth.errors import ConfigError
 from iotauth.policy import Action as PolicyAction
-from iotauth.registry import Registry
+from iotauth.registry import EventKind, Registry
 
 log = logging.getLogger("iotauth.broker")
 FILTERS_KEY = "iotauth.filters"
@@ -127,7 +128,7 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         except BaseException:
             await self.shutdown()
             raise
-        runtime.guard.audit.event("broker.started", None, {"listeners": {
+        runtime.guard.audit.event(EventKind.BROKER_STARTED, None, {"listeners": {
             name: f"{host}:{port}" for name, (host, port) in self.addresses.items()}})
 
     async def _open_gate(self, kind: type[TlsGate] | type[WebSocketGate], bind: str, default_port: int,
@@ -146,7 +147,7 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
             await gate.close()
         self._gates = []
         if self.runtime is not None:
-            self.runtime.guard.audit.event("broker.stopped", None, {})
+            self.runtime.guard.audit.event(EventKind.BROKER_STOPPED, None, {})
         await super().shutdown()  # closes the plugins, and with them the guard and the registry
         self.runtime = None
 

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 
 from iotauth.authority import Authority
 from iotauth.broker.audit import BrokerAudit
-from iotauth.broker.guard import Binding, Denial, Guard, GuardOptions
+from iotauth.broker.binding import Binding, Denial, GuardOptions
+from iotauth.broker.guard import Guard
 from iotauth.broker.mqtt import Connect, Will
 from iotauth.config import Home, load_settings
 from iotauth.pki.keys import generate_private_key
@@ -133,12 +134,12 @@ async def test_unhealthy_registry_refuses_and_then_drops_sessions(home: Home, re
     try:
         live = await guard.admit(der, Connect("outage-live", True, 30), "p:1", "mqtts", lambda: closed.append("live"))
         assert isinstance(live, Binding)
-        guard._unhealthy(OSError("disk gone"))  # what the feed loop does when a poll fails
+        guard.feed.unhealthy(OSError("disk gone"))  # what the feed loop does when a poll fails
         refused = await guard.admit(other, Connect("outage-new", True, 30), "p:2", "mqtts", lambda: None)
         assert isinstance(refused, Denial) and (refused.reason, refused.return_code) == ("registry-unavailable", 3)
-        guard._unhealthy(OSError("still gone"))  # grace (0 s) is over: fail closed
+        guard.feed.unhealthy(OSError("still gone"))  # grace (0 s) is over: fail closed
         assert closed == ["live"] and live.revoked == "registry-unavailable"
-        guard._healthy()
+        guard.feed.recovered()
         back = await guard.admit(other, Connect("outage-new", True, 30), "p:2", "mqtts", lambda: None)
         assert isinstance(back, Binding)
     finally:

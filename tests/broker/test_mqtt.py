@@ -13,14 +13,13 @@ from hypothesis import strategies as st
 
 from iotauth.broker.mqtt import (
     Connect,
-    MalformedPacket,
-    UnsupportedProtocol,
     Will,
     connack,
     encode_connect,
     fixed_header,
     parse_connect,
 )
+from iotauth.errors import MalformedPacket, UnsupportedProtocol
 
 
 def s(text: str | bytes) -> bytes:

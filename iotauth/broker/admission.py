@@ -1,0 +1,362 @@
+"""Admission: one connection's certificate, the registry and the policy in; a binding or a denial out.
+
+The decision uses the certificate presented on *this* TLS connection (chain,
+usage and identity, cached by the verifier), the MQTT client id, the registry
+(certificate and device both active) and the profile's compiled policy.
+
+* **Credential cache.** Usable credentials are cached by fingerprint
+  (:class:`CredentialCache`), and the change feed keeps the cache coherent:
+  every registry event that names a device drops that device's entries before
+  anything else sees the event, and an entry is only stored if no event about
+  the device was applied while its lookup was in flight. So a cached answer is
+  never older than the feed position -- the same freshness every live session
+  already has -- and a revoked credential is refused or kicked within one poll.
+* **Connect/revoke race.** An admission remembers the feed position from
+  before its registry lookup. A revocation that lands between the lookup and
+  the moment the connection is registered is caught by comparing event ids
+  (:class:`RecentRevocations`); one that lands later finds the registered binding.
+* **Fail closed.** While the feed cannot be read or the audit log cannot be
+  written, connects are refused with CONNACK 0x03, unless ``fail_open``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from datetime import datetime
+from typing import Any, Protocol
+
+from iotauth.broker.audit import BrokerAudit
+from iotauth.broker.binding import Admission, Binding, Bindings, Denial, GuardOptions
+from iotauth.broker.mqtt import NOT_AUTHORISED, SERVER_UNAVAILABLE, Connect
+from iotauth.certs import cert_time
+from iotauth.config import DEFAULT_PROFILE
+from iotauth.errors import IotAuthError, PolicyDenied, Rejection
+from iotauth.pki.verify import CertificateIdentity, ClientCertificateVerifier
+from iotauth.policy import PolicySet, SessionPolicy
+from iotauth.registry import CertificateStatus, Credential, DeviceStatus
+
+log = logging.getLogger("iotauth.broker")
+
+CREDENTIAL_CACHE = 200_000
+RECENT_TTL = 300.0  # far longer than any admission can take (its awaits are all bounded)
+
+
+class CredentialSource(Protocol):
+    """The registry read admission makes (``iotauth.registry.Registry`` provides it)."""
+
+    async def find_credential(self, cert_fingerprint: str) -> Credential | None: ...
+
+
+class FeedPosition(Protocol):
+    """How far the change feed has been applied, and whether it can be read at all."""
+
+    @property
+    def cursor(self) -> int: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+
+class CredentialCache:
+    """Usable credentials by fingerprint -> (device, profile), invalidated by the change feed per device."""
+
+    def __init__(self, size: int = CREDENTIAL_CACHE) -> None:
+        self._size = size
+        self._profiles: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._by_device: dict[str, set[str]] = {}
+        self._touched: dict[str, tuple[int, float]] = {}
+
+    def profile(self, fingerprint: str) -> str | None:
+        """The cached profile of a usable certificate (and mark it recently used), or None."""
+        cached = self._profiles.get(fingerprint)
+        if cached is None:
+            return None
+        self._profiles.move_to_end(fingerprint)
+        return cached[1]
+
+    def last_profile(self, fingerprint: str) -> str | None:
+        """The profile last seen for this certificate, without touching the cache (fail-open)."""
+        cached = self._profiles.get(fingerprint)
+        return cached[1] if cached is not None else None
+
+    def store(self, device_id: str, fingerprint: str, profile: str, cursor: int) -> None:
+        """Remember a lookup made at feed position ``cursor``, unless the device changed since."""
+        touched = self._touched.get(device_id)
+        if touched is not None and touched[0] > cursor:
+            return  # the device changed while we were reading it: do not keep what we read
+        self._profiles[fingerprint] = (device_id, profile)
+        self._profiles.move_to_end(fingerprint)
+        self._by_device.setdefault(device_id, set()).add(fingerprint)
+        if len(self._profiles) > self._size:
+            fp, (evicted, _) = self._profiles.popitem(last=False)
+            self._by_device.get(evicted, set()).discard(fp)
+
+    def invalidate(self, device_id: str, event_id: int, now: float) -> None:
+        """Event ``event_id`` changed the device: drop its entries and refuse lookups made before it."""
+        self._touched[device_id] = (event_id, now)
+        for fp in self._by_device.pop(device_id, ()):
+            self._profiles.pop(fp, None)
+
+    def drop(self, fingerprint: str) -> None:
+        self._profiles.pop(fingerprint, None)
+
+    def clear(self) -> None:
+        self._profiles.clear()
+        self._by_device.clear()
+
+    def forget_before(self, horizon: float) -> None:
+        """Forget change markers older than ``horizon`` (monotonic seconds): no lookup is that old."""
+        _expire(self._touched, horizon)
+
+
+class RecentRevocations:
+    """Revocations the feed applied lately, by device and by certificate, with their event ids."""
+
+    def __init__(self) -> None:
+        self._devices: dict[str, tuple[int, float]] = {}
+        self._certificates: dict[str, tuple[int, float]] = {}
+
+    def device(self, device_id: str, event_id: int, now: float) -> None:
+        self._devices[device_id] = (event_id, now)
+
+    def certificate(self, fingerprint: str, event_id: int, now: float) -> None:
+        self._certificates[fingerprint] = (event_id, now)
+
+    def since(self, identity: CertificateIdentity, cursor: int) -> bool:
+        """Whether the identity's device or certificate was revoked by an event after ``cursor``."""
+        device = self._devices.get(identity.device_id)
+        cert = self._certificates.get(identity.fingerprint)
+        return (device is not None and device[0] > cursor) or (cert is not None and cert[0] > cursor)
+
+    def forget_before(self, horizon: float) -> None:
+        _expire(self._devices, horizon)
+        _expire(self._certificates, horizon)
+
+
+def _expire(table: dict[str, tuple[int, float]], horizon: float) -> None:
+    for key in [k for k, (_, seen) in table.items() if seen < horizon]:
+        del table[key]
+
+
+class CompiledPolicies:
+    """The profiles' topic rules, compiled once per identity and shared until the next reload.
+
+    Compiled policies are immutable, so sessions of one identity share one.
+    ``generation`` counts reloads, so a binding compiled earlier can tell it is stale.
+    """
+
+    def __init__(self, policies: PolicySet) -> None:
+        self.generation = 1
+        self._policies = policies
+        self._compiled: dict[tuple[str, str], SessionPolicy] = {}
+
+    @property
+    def policies(self) -> PolicySet:
+        return self._policies
+
+    @policies.setter
+    def policies(self, value: PolicySet) -> None:
+        self._policies = value
+        self._compiled = {}
+
+    def reload(self, policies: PolicySet) -> None:
+        self.policies = policies
+        self.generation += 1
+
+    def bind(self, profile: str, device_id: str) -> SessionPolicy:
+        key = (profile, device_id)
+        policy = self._compiled.get(key)
+        if policy is None:
+            policy = self._compiled[key] = self._policies.bind(profile, device_id)
+            if len(self._compiled) > CREDENTIAL_CACHE:
+                self._compiled.pop(next(iter(self._compiled)))
+        return policy
+
+
+class AdmissionControl:
+    """Decide on connections (see the module docstring) and record every denial.
+
+    Args:
+        registry: where credentials are looked up.
+        verifier: chain, usage and identity checks of client certificates.
+        compiled: the current policies.
+        audit: the broker's audit writer (accepts, denials).
+        bindings: where admitted connections are registered.
+        feed: the change feed's position and health.
+        credentials, recent: the caches the feed keeps coherent.
+        revoked_serials: serials on the published CRL file (used only when failing open).
+        clock: the wall clock (pinned in tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: CredentialSource,
+        verifier: ClientCertificateVerifier,
+        compiled: CompiledPolicies,
+        audit: BrokerAudit,
+        bindings: Bindings,
+        feed: FeedPosition,
+        credentials: CredentialCache,
+        recent: RecentRevocations,
+        options: GuardOptions,
+        revoked_serials: Callable[[], Collection[str]] | None,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.registry = registry
+        self.verifier = verifier
+        self.compiled = compiled
+        self.audit = audit
+        self.bindings = bindings
+        self.feed = feed
+        self.credentials = credentials
+        self.recent = recent
+        self.options = options
+        self._revoked_serials = revoked_serials
+        self._clock = clock
+
+    async def admit(
+        self, der: bytes, connect: Connect, peer: str, listener: str, close: Callable[[], None]
+    ) -> Binding | Denial:
+        """Decide on one connection from its certificate (DER, from *its* TLS session) and its CONNECT."""
+        decision = await self._decide(der, connect, peer, listener, close)
+        if isinstance(decision, Denial):
+            self._record_denial(decision, connect.client_id, peer, listener)
+        return decision
+
+    def deny_handshake(self, reason: str, detail: str, peer: str, listener: str) -> None:
+        """Record a connection refused during the TLS handshake (no certificate to name it by)."""
+        self._record_denial(Denial(reason, detail), None, peer, listener)
+
+    async def _decide(
+        self, der: bytes, connect: Connect, peer: str, listener: str, close: Callable[[], None]
+    ) -> Binding | Denial:
+        try:
+            identity = self.verifier.verify_der(der, self._clock())
+        except Rejection as exc:
+            return Denial(f"certificate-{exc.code}", str(exc), fingerprint=hashlib.sha256(der).hexdigest())
+        deny = _denier(identity)
+        if connect.client_id != identity.device_id:
+            return deny("client-id-mismatch",
+                        f"client id {connect.client_id[:80]!r} is not the certificate's device id")
+        if not self.options.fail_open:
+            if not self.feed.healthy:
+                return deny("registry-unavailable", "registry change feed is not readable", SERVER_UNAVAILABLE)
+            if not self.audit.healthy:
+                return deny("audit-unavailable", "the audit log cannot be written", SERVER_UNAVAILABLE)
+        cursor = self.feed.cursor
+        found = await self._lookup(identity)
+        if isinstance(found, Denial):
+            return found
+        profile = found
+        try:
+            policy = self.compiled.bind(profile, identity.device_id)
+        except (PolicyDenied, IotAuthError) as exc:
+            return deny("unknown-profile", str(exc))
+        if connect.will is not None and not policy.allows_publish(connect.will.topic):
+            return deny("will-topic-denied", f"will topic {connect.will.topic[:120]!r} is outside the policy")
+        admission = Admission(
+            identity.device_id, profile, identity.fingerprint, identity.serial, identity.not_after, peer, listener,
+            connect.clean_session,
+        )
+        binding = Binding(admission, policy, self.compiled.generation, close)
+        if self.recent.since(identity, cursor):
+            return deny("revoked-during-connect", "revoked while the connection was being checked")
+        self.bindings.register(binding)
+        try:
+            await self.audit.accepted(identity.device_id, _accept_record(admission, connect),
+                                      self.options.registry_timeout)
+        except IotAuthError as exc:
+            if not self.options.fail_open:
+                self.bindings.release(binding)
+                return deny("audit-unavailable", str(exc), SERVER_UNAVAILABLE)
+            log.error("fail-open: admitting %s without an accept record: %s", identity.device_id, exc)
+        if binding.revoked is not None:
+            self.bindings.release(binding)
+            return deny("revoked-during-connect", binding.revoked)
+        log.debug("accepted %s (profile %s, certificate %s) from %s",
+                  identity.device_id, profile, identity.serial, peer)
+        return binding
+
+    async def _lookup(self, identity: CertificateIdentity) -> str | Denial:
+        """The device's profile if the registry says certificate and device are both active (cached)."""
+        if self.feed.healthy:
+            cached = self.credentials.profile(identity.fingerprint)
+            if cached is not None:
+                return cached
+        deny = _denier(identity)
+        cursor = self.feed.cursor
+        try:
+            async with asyncio.timeout(self.options.registry_timeout):
+                credential = await self.registry.find_credential(identity.fingerprint)
+        except Exception as exc:  # any failure to read is an outage: fail closed unless told otherwise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("registry lookup failed: %s", exc or type(exc).__name__)
+            if self.options.fail_open:
+                return self._fail_open_profile(identity)
+            return deny("registry-unavailable", f"registry lookup failed: {exc or type(exc).__name__}",
+                        SERVER_UNAVAILABLE)
+        if credential is None:
+            return deny("certificate-unknown", "certificate is not in the registry")
+        if credential.certificate.device_id != identity.device_id:
+            return deny("registry-mismatch", f"registry has this certificate for {credential.certificate.device_id!r}")
+        if credential.certificate.status is not CertificateStatus.ACTIVE:
+            return deny(f"certificate-{credential.certificate.status.value}", "certificate is not active")
+        if credential.device.status is not DeviceStatus.ACTIVE:
+            return deny(f"device-{credential.device.status.value}", "device is not active")
+        self.credentials.store(identity.device_id, identity.fingerprint, credential.device.profile, cursor)
+        return credential.device.profile
+
+    def _fail_open_profile(self, identity: CertificateIdentity) -> str | Denial:
+        deny = _denier(identity)
+        if self.recent.since(identity, -1):
+            return deny("revoked", "revoked (seen on the change feed)")
+        if self._revoked_serials is not None and identity.serial in self._revoked_serials():
+            return deny("certificate-on-crl", "certificate is listed on the published CRL")
+        log.warning("fail-open: admitting %s without the registry", identity.device_id)
+        return self.credentials.last_profile(identity.fingerprint) or DEFAULT_PROFILE
+
+    def _record_denial(self, denial: Denial, client_id: str | None, peer: str, listener: str) -> None:
+        recorded = self.audit.denied(
+            denial.reason,
+            denial.device_id,
+            {
+                "detail": denial.detail[:300],
+                "fingerprint": denial.fingerprint,
+                "client_id": client_id[:128] if client_id is not None else None,
+                "peer": peer,
+                "listener": listener,
+            },
+        )
+        if recorded:  # floods are counted in the audit log, not spelled out in the log file
+            log.info("denied %s from %s: %s (%s)", ascii(client_id)[:80] if client_id is not None else "-", peer,
+                     denial.reason, denial.detail)
+
+
+def _denier(identity: CertificateIdentity) -> Callable[..., Denial]:
+    def deny(reason: str, detail: str = "", code: int = NOT_AUTHORISED) -> Denial:
+        return Denial(reason, detail, code, identity.device_id, identity.fingerprint)
+
+    return deny
+
+
+_not_after_text = functools.lru_cache(maxsize=4096)(cert_time)
+
+
+def _accept_record(admission: Admission, connect: Connect) -> dict[str, Any]:
+    return {
+        "fingerprint": admission.fingerprint,
+        "serial": admission.serial,
+        "client_id": connect.client_id,
+        "peer": admission.peer,
+        "listener": admission.listener,
+        "profile": admission.profile,
+        "clean_session": connect.clean_session,
+        "not_after": _not_after_text(admission.not_after),
+    }

@@ -45,7 +45,8 @@ from iotauth.authority import open_authority
 from iotauth.bootstrap import initialise_home
 from iotauth.config import Home
 from iotauth.provisioning.ids import IdTemplate, TemplateIds
-from iotauth.provisioning.station import ProvisionResult, Station, StationConfig
+from iotauth.provisioning.results import ProvisionResult
+from iotauth.provisioning.station import Station, StationConfig
 from iotauth.registry import open_registry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,7 +49,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from iotauth.provisioning.codec import MAX_PAYLOAD, SEQ_UNSOLICITED, Deframer, Frame, FrameError, ProtocolError
+from iotauth.errors import FrameError, ProtocolError
+from iotauth.provisioning.codec import MAX_PAYLOAD, SEQ_UNSOLICITED, Deframer, Frame
 from iotauth.provisioning.messages import (
     ERROR_FOR_PROTOCOL_CODE,
     REQUESTS,
@@ -89,10 +90,10 @@ from iotauth.provisioning.objects import (
     DeviceConfig,
     decode_cert_bundle,
     generate_key,
-    key_type_of,
     sha256,
     sign_proof,
     spki_der,
+    wire_key_type,
 )
 
 PROTOCOL_VERSION = 1
@@ -318,7 +319,7 @@ class Device:
             if msg.offset:
                 raise Refused(ErrorCode.BAD_STATE, "no key yet: start at offset 0")
             key = self._new_key(msg.key_type)
-        elif key_type_of(key.public_key()) is not msg.key_type:
+        elif wire_key_type(key.public_key()) is not msg.key_type:
             raise Refused(ErrorCode.BAD_STATE, "a key of another type is stored; set REPLACE")
         csr = self._csr(key)
         if msg.offset >= len(csr):
@@ -404,7 +405,7 @@ class Device:
             key = serialization.load_der_private_key(obj, password=None)
         except (ValueError, TypeError):
             raise Refused(ErrorCode.BAD_PAYLOAD, "KEY object is not a PKCS#8 DER private key") from None
-        kind = key_type_of(key.public_key())
+        kind = wire_key_type(key.public_key())
         if kind is None or not self.options.key_types & kind.flag:
             raise Refused(ErrorCode.UNSUPPORTED, "key type not supported")
         return key

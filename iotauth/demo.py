@@ -36,7 +36,8 @@ from iotauth.files import write_public, write_secret
 from iotauth.pki.keys import generate_private_key, private_key_pem
 from iotauth.provisioning.line import LineRequest, run_line
 from iotauth.provisioning.report import append_report
-from iotauth.provisioning.station import Progress, ProvisionResult, StationConfig
+from iotauth.provisioning.station import StationConfig
+from iotauth.provisioning.results import Progress, ProvisionResult
 from iotauth.registry import Registry, open_registry
 
 TRUST_DOMAIN = "demo.iotauth.local"

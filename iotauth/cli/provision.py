@@ -32,7 +32,8 @@ from iotauth.errors import ConfigError
 from iotauth.provisioning.line import LineOutcome, LineRequest, run_line
 from iotauth.provisioning.report import append_report, report_format
 from iotauth.provisioning.session import RetryPolicy
-from iotauth.provisioning.station import STEP_COUNT, Progress, ProvisionResult, StationConfig
+from iotauth.provisioning.station import StationConfig
+from iotauth.provisioning.results import STEP_COUNT, Progress, ProvisionResult
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}", re.ASCII)
 _STATE_STYLE = {"running": "cyan", "done": "cyan", "failed": "red", "provisioned": "green",

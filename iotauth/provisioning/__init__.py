@@ -3,8 +3,11 @@
 Layers, bottom up: :mod:`~iotauth.provisioning.codec` (sans-I/O framing),
 :mod:`~iotauth.provisioning.messages` and :mod:`~iotauth.provisioning.objects`
 (what the frames carry), :mod:`~iotauth.provisioning.transport` (pyserial on
-the event loop), :mod:`~iotauth.provisioning.session` (seq, retries) and
-:mod:`~iotauth.provisioning.station` (the ten steps, the journal).
+the event loop), :mod:`~iotauth.provisioning.session` (seq, retries),
+:mod:`~iotauth.provisioning.board` (the conversation with one board),
+:mod:`~iotauth.provisioning.planner` (what to do with a board, pure),
+:mod:`~iotauth.provisioning.run` (one board's ten steps) and
+:mod:`~iotauth.provisioning.station` (many ports, the journal).
 
 The codec layers are imported eagerly; the station (which pulls in the
 registry and the CA) is imported on first use, so the device emulator, which
@@ -15,21 +18,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from iotauth.provisioning.codec import Deframer, Frame, FrameError, ProtocolError, decode, encode
+from iotauth.errors import DeviceRefused, FrameError, ProtocolError
+from iotauth.provisioning.codec import Deframer, Frame, decode, encode
 
 if TYPE_CHECKING:
     from iotauth.provisioning.ids import IdTemplate, MappedIds, PooledIds, TemplateIds, load_id_source
     from iotauth.provisioning.line import LineOutcome, LineRequest, run_line
     from iotauth.provisioning.report import append_report
-    from iotauth.provisioning.session import DeviceRefused, RetryPolicy, set_testing
-    from iotauth.provisioning.station import (
-        Progress,
-        ProvisionResult,
-        Station,
-        StationConfig,
-        Step,
-        expand_ports,
-    )
+    from iotauth.provisioning.results import Progress, ProvisionResult, Step
+    from iotauth.provisioning.session import RetryPolicy, set_testing
+    from iotauth.provisioning.station import Station, StationConfig, expand_ports
 
 __all__ = [
     "Deframer",
@@ -68,14 +66,13 @@ _LAZY = {
     "LineRequest": "line",
     "run_line": "line",
     "append_report": "report",
-    "DeviceRefused": "session",
     "RetryPolicy": "session",
     "set_testing": "session",
-    "Progress": "station",
-    "ProvisionResult": "station",
+    "Progress": "results",
+    "ProvisionResult": "results",
     "Station": "station",
     "StationConfig": "station",
-    "Step": "station",
+    "Step": "results",
     "expand_ports": "station",
 }
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from cobs import cobs
 
-from iotauth.errors import ProvisioningError
+from iotauth.errors import FrameError, ProtocolError
 
 VERSION = 1
 MAX_PAYLOAD = 1024
@@ -42,34 +42,6 @@ MAX_RAW = HEADER.size + MAX_PAYLOAD + CRC.size
 MAX_ENCODED = MAX_RAW + (MAX_RAW + 253) // 254
 DELIMITER = 0
 SEQ_UNSOLICITED = 0
-
-
-class ProtocolError(ProvisioningError):
-    """Bytes or a message that break the wire protocol.
-
-    Args:
-        code: a stable short name (``bad-crc``, ``oversize``, ``bad-payload``...).
-        message: what was wrong, for logs.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class FrameError(ProtocolError):
-    """A frame that cannot be decoded.
-
-    Attributes:
-        consumed: how many bytes of the buffer belong to the bad frame.
-        unterminated: the bad bytes did not end at a delimiter, so the rest of
-            the frame (up to the next 0x00) is still to come and must be skipped.
-    """
-
-    def __init__(self, code: str, message: str, consumed: int, *, unterminated: bool = False) -> None:
-        super().__init__(code, message)
-        self.consumed = consumed
-        self.unterminated = unterminated
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from typing import Any
 
 from iotauth.authority import Authority
 from iotauth.provisioning.ids import IdSource, IdTemplate, TemplateIds, load_id_source
-from iotauth.provisioning.station import Progress, ProvisionResult, Station, StationConfig, expand_ports
+from iotauth.provisioning.results import Progress, ProvisionResult
+from iotauth.provisioning.station import Station, StationConfig, expand_ports
 from iotauth.registry import CertificateRecord
 
 

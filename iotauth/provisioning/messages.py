@@ -9,6 +9,10 @@ and raw bytes.
 
 Requests go host to device (``0x01``-``0x3F``); the answer to request ``t``
 has type ``t | 0x80``; ``ERROR`` (``0x7F``) may answer any request.
+
+This module is one piece on purpose: it is the catalogue of the protocol, one
+message after another in the order of PROTOCOL.md, so a firmware developer can
+read the two side by side; splitting it would only scatter the catalogue.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import ClassVar, Self, TypeVar
 
-from iotauth.provisioning.codec import VERSION, Frame, ProtocolError, encode
+from iotauth.errors import ProtocolError
+from iotauth.provisioning.codec import VERSION, Frame, encode
 
 M = TypeVar("M", bound="Message")
 HASH_SIZE = 32

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
-from iotauth.provisioning.codec import ProtocolError
+from iotauth.errors import ProtocolError
 from iotauth.provisioning.messages import KeyType, SigAlg
 
 MAX_KEY_OBJECT = 512
@@ -140,7 +140,8 @@ def spki_der(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def key_type_of(public_key: PublicKeyTypes) -> KeyType | None:
+def wire_key_type(public_key: PublicKeyTypes) -> KeyType | None:
+    """The protocol's :class:`KeyType` for ``public_key``, or None if devices cannot hold that kind of key."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return {"secp256r1": KeyType.P256, "secp384r1": KeyType.P384}.get(public_key.curve.name)
     if isinstance(public_key, ed25519.Ed25519PublicKey):
@@ -186,7 +187,7 @@ def verify_proof(public_key: PublicKeyTypes, algorithm: SigAlg, signature: bytes
             public_key.verify(signature, message)
             return True
         if isinstance(public_key, ec.EllipticCurvePublicKey):
-            kind = key_type_of(public_key)
+            kind = wire_key_type(public_key)
             if kind is None or algorithm is not expected.get(kind):
                 return False
             digest = hashes.SHA384() if algorithm is SigAlg.ECDSA_SHA384 else hashes.SHA256()

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import TypeVar
 
-from iotauth.errors import ProvisioningError
-from iotauth.provisioning.codec import MAX_ENCODED, SEQ_UNSOLICITED, Deframer, Frame, FrameError, ProtocolError
+from iotauth.errors import DeviceRefused, FrameError, ProtocolError, ProvisioningError
+from iotauth.provisioning.codec import MAX_ENCODED, SEQ_UNSOLICITED, Deframer, Frame
 from iotauth.provisioning.messages import Error, ErrorCode, Message, MsgType, parse_message, response_type
 from iotauth.provisioning.transport import Link
 
@@ -82,16 +82,6 @@ def printable(text: str, limit: int = 64) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
 
 
-class DeviceRefused(ProvisioningError):
-    """The device answered with ERROR; ``error`` is its reply."""
-
-    def __init__(self, request: MsgType, error: Error) -> None:
-        text = printable(error.text, 120)
-        super().__init__(f"device refused {request.name}: {error.code_name}" + (f" ({text})" if text else ""))
-        self.request = request
-        self.error = error
-
-
 class Session:
     """A request/reply conversation with one device."""
 
@@ -131,7 +121,8 @@ class Session:
                     problem = f"device could not read the request ({reply.code_name})"
                     continue  # damaged on the way: retransmit the same bytes
                 if not reply.retryable:
-                    raise DeviceRefused(message.TYPE, reply)
+                    raise DeviceRefused(message.TYPE.name, reply.code, reply.code_name, reply.arg,
+                                         printable(reply.text, 120))
                 problem = f"device busy ({reply.code_name})"
                 await asyncio.sleep(self.policy.pause(attempt))
                 seq = self._next_seq()

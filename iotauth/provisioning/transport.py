@@ -22,13 +22,9 @@ from typing import Protocol
 
 import serial
 
-from iotauth.errors import ProvisioningError
+from iotauth.errors import LinkClosed, ProvisioningError
 
 READ_SIZE = 4096
-
-
-class LinkClosed(ProvisioningError):
-    """The device went away (unplugged, powered off, port closed)."""
 
 
 class Link(Protocol):

@@ -17,7 +17,8 @@ from cobs import cobs
 from cryptography.hazmat.primitives import serialization
 
 from firmware_tools.make_vectors import message_to_json
-from iotauth.provisioning.codec import MAX_ENCODED, Deframer, Frame, FrameError, ProtocolError, decode, encode
+from iotauth.errors import FrameError, ProtocolError
+from iotauth.provisioning.codec import MAX_ENCODED, Deframer, Frame, decode, encode
 from iotauth.provisioning.messages import MESSAGES, MsgType, SigAlg, parse_message
 from iotauth.provisioning.objects import DeviceConfig, decode_cert_bundle, prove_message, verify_proof
 

@@ -33,7 +33,8 @@ from iotauth.provisioning.messages import (
     Signature,
 )
 from iotauth.provisioning.objects import generate_key, sign_proof
-from iotauth.provisioning.station import Station, Step
+from iotauth.provisioning.results import Step
+from iotauth.provisioning.station import Station
 from iotauth.registry import CertificateStatus, Registry
 from tests.fixtures.devices import EmulatorFactory, ScriptedDevice
 from tests.provisioning.invariants import all_certificates, assert_invariants

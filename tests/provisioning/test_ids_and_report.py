@@ -13,7 +13,8 @@ import pytest
 from iotauth.errors import ConfigError, InvalidIdentity, ProvisioningError
 from iotauth.provisioning.ids import IdTemplate, MappedIds, PooledIds, load_id_source
 from iotauth.provisioning.report import REPORT_FIELDS, append_report
-from iotauth.provisioning.station import ProvisionResult, Step, expand_ports
+from iotauth.provisioning.results import ProvisionResult, Step
+from iotauth.provisioning.station import expand_ports
 from iotauth.registry import Registry
 
 

@@ -11,10 +11,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from iotauth.config import Home
 from iotauth.certs import fingerprint
+from iotauth.config import Home
 from iotauth.pki.verify import ClientCertificateVerifier
-from iotauth.provisioning.station import Station, Step
+from iotauth.provisioning.results import Step
+from iotauth.provisioning.station import Station
 from iotauth.registry import CertificateStatus, DeviceStatus, Registry
 from tests.fixtures.devices import EmulatorFactory
 from tests.fixtures.pki import TRUST_DOMAIN

@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives import hashes
 
 from iotauth.authority import open_authority
 from iotauth.bootstrap import initialise_home
+from iotauth.certs import now_utc
 from iotauth.config import Home
 from iotauth.pki.ca import revoked_entry
-from iotauth.certs import now_utc
 from iotauth.pki.keys import generate_private_key
 from iotauth.registry import RevocationReason, open_registry
 

@@ -17,23 +17,23 @@ import argparse
 import asyncio
 import sys
 
-from iotauth.authority import operator_actor, open_authority
+from iotauth.authority import open_authority, operator_actor
 from iotauth.config import Home, registry_location
-from iotauth.errors import CaLocked, IotAuthError
+from iotauth.errors import IotAuthError
 from iotauth.registry import RevocationReason, open_registry
 
 
 async def revoke(home: Home, device_id: str, reason: RevocationReason) -> int:
     async with await open_registry(registry_location(home)) as registry:
-        revoked = await registry.revoke(device_id, reason, actor=f"example:{operator_actor()}")
-        print(f"revoked {device_id}: {len(revoked)} certificate(s) {[c.serial for c in revoked]}")
-        try:
-            authority = await open_authority(home, registry)
-        except CaLocked as exc:
-            print(f"CRL not refreshed: {exc}", file=sys.stderr)
-            return 0
-        published = await authority.publish_crl(home)
-        print(f"CRL #{published.number} ({published.entries} entries) -> {home.crl_pem}")
+        # signing_optional: revoking never needs the CA key; only the CRL does.
+        authority = await open_authority(home, registry, signing_optional=True)
+        done = await authority.revoke_device(device_id, reason, actor=f"example:{operator_actor()}", publish_to=home)
+    print(f"revoked {device_id}: {len(done.certificates)} certificate(s) {[c.serial for c in done.certificates]}")
+    if done.crl is not None and done.crl.published is not None:
+        published = done.crl.published
+        print(f"CRL #{published.number} ({published.entries} entries) -> {done.crl.path}")
+    elif done.crl is not None:
+        print(f"CRL not refreshed: {done.crl.error}", file=sys.stderr)
     return 0
 
 

@@ -33,9 +33,13 @@ class CliContext:
         async with registry:
             return await work(registry)
 
-    async def with_authority(self, work: Callable[[Authority], Awaitable[T]]) -> T:
+    async def with_authority(
+        self, work: Callable[[Authority], Awaitable[T]], *, signing_optional: bool = False
+    ) -> T:
+        """Run ``work`` with the home's Authority; ``signing_optional``: also when the CA key is locked."""
+
         async def run(registry: Registry) -> T:
-            return await work(await open_authority(self.home, registry))
+            return await work(await open_authority(self.home, registry, signing_optional=signing_optional))
 
         return await self.with_registry(run)
 

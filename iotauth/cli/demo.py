@@ -15,8 +15,7 @@ import click
 from rich.console import Group
 from rich.live import Live
 
-from iotauth.cli.provision import LiveView
-from iotauth.cli.render import emit_json, err, out, table
+from iotauth.cli.render import LiveView, emit_json, err, out, table
 from iotauth.config import Home
 from iotauth.errors import ConfigError
 

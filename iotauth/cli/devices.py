@@ -6,9 +6,8 @@ from typing import Any
 
 import click
 
-from iotauth.authority import operator_actor
+from iotauth.authority import Authority, CrlRefresh, StatusChange, operator_actor
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.pki import publish_crl_quietly
 from iotauth.cli.render import emit_json, fields, out, status, success, table, warn
 from iotauth.registry import DeviceStatus, Registry, RevocationReason
 
@@ -94,51 +93,61 @@ def show_device(ctx: CliContext, device_id: str, event_limit: int, as_json: bool
 @pass_cli
 def revoke(ctx: CliContext, device_id: str, reason: str, as_json: bool) -> None:
     """Revoke DEVICE_ID permanently: every certificate, live sessions dropped, CRL refreshed."""
-    revoked = run(ctx.with_registry(lambda reg: reg.revoke(device_id, RevocationReason(reason), actor=operator_actor())))
-    crl_note = publish_crl_quietly(ctx)
+    done = run(ctx.with_authority(
+        lambda authority: authority.revoke_device(
+            device_id, RevocationReason(reason), actor=operator_actor(), publish_to=ctx.home
+        ),
+        signing_optional=True,
+    ))
+    serials = [c.serial for c in done.certificates]
     if as_json:
-        emit_json(
-            {"device_id": device_id, "reason": reason, "revoked_serials": [c.serial for c in revoked], "crl": crl_note}
-        )
+        emit_json({"device_id": device_id, "reason": reason, "revoked_serials": serials, "crl": _crl_note(done.crl)})
         return
-    if revoked:
-        success(
-            f"revoked {device_id} ({reason}): {len(revoked)} certificate(s) " + ", ".join(c.serial for c in revoked)
-        )
+    if serials:
+        success(f"revoked {device_id} ({reason}): {len(serials)} certificate(s) " + ", ".join(serials))
     else:
         success(f"{device_id} was already revoked; nothing changed")
-    _crl_message(crl_note)
+    _report_crl(done.crl)
 
 
-def _crl_message(note: str | None) -> None:
-    if note and note.startswith("CRL not refreshed"):
-        warn(note)
+def _crl_note(refresh: CrlRefresh | None) -> str | None:
+    if refresh is None:
+        return None
+    if refresh.published is None:
+        return f"CRL not refreshed ({refresh.error}); run 'iotauth crl' with the CA passphrase"
+    return f"CRL #{refresh.published.number} published to {refresh.path}"
+
+
+def _report_crl(refresh: CrlRefresh | None) -> None:
+    note = _crl_note(refresh)
+    if refresh is not None and refresh.published is None:
+        warn(str(note))
     elif note:
         out.print(note, highlight=False)
 
 
-def _status_command(name: str, verb: str, doc: str) -> click.Command:
+def _status_command(name: str, doc: str) -> click.Command:
     @click.command(name, help=doc)
     @click.argument("device_id")
     @click.option("--json", "as_json", is_flag=True)
     @pass_cli
     def command(ctx: CliContext, device_id: str, as_json: bool) -> None:
-        async def work(reg: Registry) -> Any:
-            method = reg.suspend if verb == "suspend" else reg.resume
-            return await method(device_id, actor=operator_actor())
+        async def work(authority: Authority) -> StatusChange:
+            if name == "suspend":
+                return await authority.suspend_device(device_id, actor=operator_actor(), publish_to=ctx.home)
+            return await authority.resume_device(device_id, actor=operator_actor(), publish_to=ctx.home)
 
-        device = run(ctx.with_registry(work))
-        crl_note = publish_crl_quietly(ctx)
+        done = run(ctx.with_authority(work, signing_optional=True))
         if as_json:
-            emit_json({**device.as_dict(), "crl": crl_note})
+            emit_json({**done.device.as_dict(), "crl": _crl_note(done.crl)})
             return
-        success(f"{device_id} is now {device.status.value}")
-        _crl_message(crl_note)
+        success(f"{device_id} is now {done.device.status.value}")
+        _report_crl(done.crl)
 
     return command
 
 
-suspend = _status_command("suspend", "suspend", "Suspend DEVICE_ID: live sessions are dropped and connects refused.")
-resume = _status_command("resume", "resume", "Resume a suspended DEVICE_ID.")
+suspend = _status_command("suspend", "Suspend DEVICE_ID: live sessions are dropped and connects refused.")
+resume = _status_command("resume", "Resume a suspended DEVICE_ID.")
 
 COMMANDS = (devices, revoke, suspend, resume)

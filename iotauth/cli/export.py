@@ -6,14 +6,12 @@ from pathlib import Path
 
 import click
 
-from iotauth.authority import Authority, open_authority
+from iotauth.authority import Authority
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, out, success, warn
 from iotauth.config import parse_bind
-from iotauth.errors import CaLocked
 from iotauth.export import mosquitto
 from iotauth.policy import PolicySet
-from iotauth.registry import Registry
 
 
 @click.group()
@@ -48,13 +46,10 @@ def export_mosquitto(
     settings = ctx.settings()
     policies = PolicySet.from_profiles(settings.profiles.values())
 
-    async def work(registry: Registry) -> mosquitto.ExportedFiles:
-        authority: Authority | None
-        try:
-            authority = await open_authority(ctx.home, registry)
-        except CaLocked as exc:
-            warn(f"using the last published CRL ({exc})")
-            authority = None
+    async def work(authority: Authority) -> mosquitto.ExportedFiles:
+        if authority.signing_unavailable is not None:
+            warn(f"using the last published CRL ({authority.signing_unavailable})")
+        registry = authority.registry
         files = await mosquitto.export(ctx.home, registry, authority, policies, directory, host, port, run_as)
         if reload_pid is not None:
             mosquitto.reload_broker(reload_pid)
@@ -93,7 +88,7 @@ def export_mosquitto(
             success(f"Mosquitto configuration written to {files.directory}")
             fields("files", data)
 
-    run(ctx.with_registry(work))
+    run(ctx.with_authority(work, signing_optional=True))
 
 
 COMMANDS = (export,)

@@ -13,7 +13,7 @@ from iotauth.cli import audit, broker, demo, devices, export, pki, provision, se
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
-from iotauth.errors import IotAuthError
+from iotauth.errors import IotAuthError, ProfileMismatch, RegistryMissing
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -49,13 +49,22 @@ for command in (
     cli.add_command(command)
 
 
+def message_for(exc: IotAuthError) -> str:
+    """The one line the CLI prints for a domain error; where a flag fixes it, the line names the flag."""
+    if isinstance(exc, ProfileMismatch):
+        return f"{exc}; issue with --profile {exc.profile}"
+    if isinstance(exc, RegistryMissing):
+        return f"{exc}; run 'iotauth init' or check --home"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: domain errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
         # Without standalone mode click returns (not raises) the code of ctx.exit() / Exit.
         returned = cli.main(args=argv, prog_name="iotauth", standalone_mode=False)
     except IotAuthError as exc:
-        error(str(exc))
+        error(message_for(exc))
         return 1
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)

@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives import serialization
 
 from iotauth.authority import Authority, ca_passphrase, operator_actor
 from iotauth.bootstrap import initialise_home
+from iotauth.certs import pem
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, success, warn
-from iotauth.errors import CsrRejected, IotAuthError
-from iotauth.certs import pem
+from iotauth.errors import CsrRejected
 from iotauth.files import write_public
 
 
@@ -154,20 +154,6 @@ def crl(ctx: CliContext, out: Path | None, der: bool, as_json: bool) -> None:
         sys.stdout.buffer.write(body)
     else:
         success(f"CRL #{published.number} with {published.entries} entries written to {out}")
-
-
-def publish_crl_quietly(ctx: CliContext) -> str | None:
-    """Refresh the home's CRL after a status change; return a warning instead of failing.
-
-    The registry change has already happened and is what iotauth's broker
-    enforces; the CRL file is for other relying parties, and may need the CA
-    passphrase that an operator revoking a device does not have at hand.
-    """
-    try:
-        published = run(ctx.with_authority(lambda authority: authority.publish_crl(ctx.home)))
-    except IotAuthError as exc:
-        return f"CRL not refreshed ({exc}); run 'iotauth crl' with the CA passphrase"
-    return f"CRL #{published.number} published to {ctx.home.crl_pem}"
 
 
 COMMANDS = (init, issue, crl)

@@ -10,84 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
 import socket
-import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from iotauth.authority import Authority, operator_actor
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import emit_json, err, success, table, warn
-from iotauth.errors import ConfigError
+from iotauth.cli.render import LiveView, emit_json, err, success, table, warn
 from iotauth.provisioning.line import LineOutcome, LineRequest, run_line
 from iotauth.provisioning.report import append_report, report_format
+from iotauth.provisioning.results import ProvisionResult
 from iotauth.provisioning.session import RetryPolicy
 from iotauth.provisioning.station import StationConfig
-from iotauth.provisioning.results import STEP_COUNT, Progress, ProvisionResult
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}", re.ASCII)
-_STATE_STYLE = {"running": "cyan", "done": "cyan", "failed": "red", "provisioned": "green",
-                "already-provisioned": "green"}
-
-
-def _name(value: str, what: str) -> str:
-    if _NAME.fullmatch(value) is None:
-        raise ConfigError(f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 . _ @ : -")
-    return value
-
-
-class LiveView:
-    """One line per port: hardware id, device id, step, progress, elapsed time, state."""
-
-    def __init__(self) -> None:
-        self._rows: dict[str, dict[str, Any]] = {}
-
-    def update(self, progress: Progress) -> None:
-        row = self._rows.setdefault(progress.port, {"started": time.monotonic(), "finished": None})
-        if row["finished"] is not None:  # a new board on a watched port
-            row.update(started=time.monotonic(), finished=None)
-        row.update(step=progress.step, state=progress.state, hardware_id=progress.hardware_id,
-                   device_id=progress.device_id, detail=progress.detail)
-        if progress.state == "failed":
-            row["finished"] = time.monotonic()
-
-    def finish(self, result: ProvisionResult) -> None:
-        row = self._rows.setdefault(result.port, {"started": time.monotonic()})
-        row.update(state=result.result, finished=time.monotonic(), step=result.step,
-                   hardware_id=result.hardware_id, device_id=result.device_id, detail=result.error or "")
-
-    def render(self) -> Table:
-        grid = Table(title="provisioning", header_style="bold", expand=False)
-        for column in ("port", "hardware id", "device id", "step", "", "elapsed", "state"):
-            grid.add_column(column, overflow="fold")
-        for port, row in sorted(self._rows.items()):
-            step = row.get("step")
-            number = int(step) if step is not None else 0
-            done = number if row.get("state") in ("done", "provisioned", "already-provisioned") else number - 1
-            if row.get("state") in ("provisioned", "already-provisioned"):
-                done = STEP_COUNT
-            end = row.get("finished") or time.monotonic()
-            state = str(row.get("state", "waiting"))
-            grid.add_row(
-                escape(port),
-                escape(row.get("hardware_id") or ""),
-                escape(row.get("device_id") or ""),
-                f"{number}/{STEP_COUNT} {step.label}" if step is not None else "",
-                ProgressBar(total=STEP_COUNT, completed=max(done, 0), width=20),
-                f"{end - row['started']:.1f}s",
-                Text(state, style=_STATE_STYLE.get(state, "")),
-            )
-        return grid
 
 
 def _line(result: ProvisionResult) -> None:
@@ -148,8 +87,8 @@ def provision(cli: CliContext, ports: tuple[str, ...], profile: str, id_template
     if report_path is not None:
         report_format(report_path)
     config = StationConfig(
-        station=_name(station_name or socket.gethostname().split(".")[0] or "station", "station name"),
-        operator=_name(operator or operator_actor(), "operator name"),
+        station=station_name or socket.gethostname().split(".")[0] or "station",
+        operator=operator or operator_actor(),
         profile=profile,
         host_keygen=host_keygen,
         force=force,
@@ -159,7 +98,6 @@ def provision(cli: CliContext, ports: tuple[str, ...], profile: str, id_template
     )
     request = LineRequest(tuple(ports), config, id_template, ids_file, watch)
     view = LiveView()
-
     interactive = err.is_terminal and not as_json
 
     async def on_result(result: ProvisionResult) -> None:

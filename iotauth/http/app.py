@@ -25,12 +25,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from iotauth.errors import Conflict, InvalidIdentity, IotAuthError, NotFound
+from iotauth.authority import Authority
+from iotauth.errors import BadRequest, Conflict, InvalidIdentity, IotAuthError, NotFound
 from iotauth.http.access import AccessPolicy
 from iotauth.http.crl import CrlSource
 from iotauth.pki.ocsp import CertificateStatusAnswer, OcspResponder
 from iotauth.registry import CertificateStatus, DeviceStatus, Registry, RevocationReason
-from iotauth.registry.service import CRL_REASONS
+from iotauth.registry.models import CRL_REASONS
 
 log = logging.getLogger("iotauth.http")
 MAX_BODY = 64 * 1024
@@ -38,17 +39,17 @@ MAX_BODY = 64 * 1024
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class BadRequest(IotAuthError):
-    """The request body or parameters are malformed (HTTP 400)."""
-
-
 @dataclass
 class ServiceState:
-    registry: Registry
+    authority: Authority
     access: AccessPolicy
     crl: CrlSource
     ocsp: OcspResponder
     extra_routes: list[BaseRoute] = field(default_factory=list)
+
+    @property
+    def registry(self) -> Registry:
+        return self.authority.registry
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -74,21 +75,28 @@ async def read_json(request: Request) -> Mapping[str, Any]:
     return data
 
 
-def guard(handler: Handler) -> Handler:
-    """Turn domain errors into JSON answers with the right status; never a stack trace."""
+def error_status(exc: IotAuthError) -> int:
+    """The HTTP status a domain error answers with."""
+    if isinstance(exc, BadRequest | InvalidIdentity):
+        return 400
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    return 503
+
+
+def answer_errors(handler: Handler) -> Handler:
+    """The service's one error boundary: domain errors become JSON answers with their status, never a trace."""
 
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
-        except (BadRequest, InvalidIdentity) as exc:
-            return error(400, str(exc))
-        except NotFound as exc:
-            return error(404, str(exc))
-        except Conflict as exc:
-            return error(409, str(exc))
         except IotAuthError as exc:
-            log.warning("request failed: %s", exc)
-            return error(503, str(exc))
+            status = error_status(exc)
+            if status == 503:
+                log.warning("request failed: %s", exc)
+            return error(status, str(exc))
 
     return wrapped
 
@@ -166,7 +174,7 @@ def admin(handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
             return error(403, "admin API: a valid 'Authorization: Bearer <token>' over TLS is required")
         return await handler(request, actor)
 
-    return guard(wrapped)
+    return answer_errors(wrapped)
 
 
 async def list_devices(request: Request, actor: str) -> Response:
@@ -195,24 +203,24 @@ async def revoke_device(request: Request, actor: str) -> Response:
     except ValueError as exc:
         choices = ", ".join(r.value for r in RevocationReason)
         raise BadRequest(f"unknown reason {reason_text!r}; use one of {choices}") from exc
-    revoked = await state_of(request).registry.revoke(request.path_params["device_id"], reason, actor=actor)
+    done = await state_of(request).authority.revoke_device(request.path_params["device_id"], reason, actor=actor)
     return JSONResponse(
         {
             "device_id": request.path_params["device_id"],
             "reason": reason.value,
-            "revoked_serials": [c.serial for c in revoked],
+            "revoked_serials": [c.serial for c in done.certificates],
         }
     )
 
 
 async def suspend_device(request: Request, actor: str) -> Response:
-    device = await state_of(request).registry.suspend(request.path_params["device_id"], actor=actor)
-    return JSONResponse(device.as_dict())
+    done = await state_of(request).authority.suspend_device(request.path_params["device_id"], actor=actor)
+    return JSONResponse(done.device.as_dict())
 
 
 async def resume_device(request: Request, actor: str) -> Response:
-    device = await state_of(request).registry.resume(request.path_params["device_id"], actor=actor)
-    return JSONResponse(device.as_dict())
+    done = await state_of(request).authority.resume_device(request.path_params["device_id"], actor=actor)
+    return JSONResponse(done.device.as_dict())
 
 
 async def health(request: Request) -> Response:
@@ -222,11 +230,11 @@ async def health(request: Request) -> Response:
 
 def create_app(state: ServiceState) -> Starlette:
     routes: list[BaseRoute] = [
-        Route("/healthz", guard(health)),
-        Route("/crl.der", guard(crl_der)),
-        Route("/crl.pem", guard(crl_pem)),
-        Route("/ocsp", guard(ocsp_post), methods=["POST"]),
-        Route("/ocsp/{encoded:path}", guard(ocsp_get), methods=["GET"]),
+        Route("/healthz", answer_errors(health)),
+        Route("/crl.der", answer_errors(crl_der)),
+        Route("/crl.pem", answer_errors(crl_pem)),
+        Route("/ocsp", answer_errors(ocsp_post), methods=["POST"]),
+        Route("/ocsp/{encoded:path}", answer_errors(ocsp_get), methods=["GET"]),
         Route("/admin/devices", admin(list_devices)),
         Route("/admin/devices/{device_id}", admin(show_device)),
         Route("/admin/devices/{device_id}/revoke", admin(revoke_device), methods=["POST"]),

@@ -24,8 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from iotauth.errors import CertificateRejected, InvalidIdentity, NotFound, PolicyDenied
-from iotauth.http.app import BadRequest, Handler, guard, read_json, state_of
+from iotauth.errors import BadRequest, CertificateRejected, InvalidIdentity, NotFound, PolicyDenied
+from iotauth.http.app import Handler, answer_errors, read_json, state_of
 from iotauth.identity import validate_device_id
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.policy import Action, PolicySet, SessionPolicy
@@ -183,7 +183,7 @@ def broker_only(handler: Handler) -> Handler:
             )
         return await handler(request)
 
-    return guard(wrapped)
+    return answer_errors(wrapped)
 
 
 def _emqx_acl(policy: SessionPolicy | None) -> list[dict[str, str]]:

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 
 from iotauth.authority import Authority
+from iotauth.castore import read_published_crl
 from iotauth.config import Home
 from iotauth.errors import PkiError
-from iotauth.registry import Registry
-
-RELEVANT = ("certificate.", "device.")
+from iotauth.registry.events import CRL_KIND_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -31,16 +30,12 @@ class CrlDocument:
 
 
 class CrlSource:
-    def __init__(self, registry: Registry, authority: Authority | None, home: Home) -> None:
-        self._registry = registry
+    def __init__(self, authority: Authority, home: Home) -> None:
+        self._registry = authority.registry
         self._authority = authority
         self._home = home
         self._current: CrlDocument | None = None
         self._lock = asyncio.Lock()
-
-    @property
-    def signs_itself(self) -> bool:
-        return self._authority is not None
 
     async def current(self) -> CrlDocument:
         head = await self._registry.last_event_id()
@@ -55,19 +50,19 @@ class CrlSource:
             return self._current
 
     async def _changed_since(self, cached: CrlDocument, head: int) -> bool:
-        if await self._registry.has_events(after_id=cached.built_at_event, kind_prefixes=RELEVANT):
+        if await self._registry.has_events(after_id=cached.built_at_event, kind_prefixes=CRL_KIND_PREFIXES):
             return True
         self._current = CrlDocument(cached.der, cached.pem, head)
         return False
 
     async def _build(self, head: int) -> CrlDocument:
-        if self._authority is None:
-            try:
-                return CrlDocument(self._home.crl_der.read_bytes(), self._home.crl_pem.read_bytes(), head)
-            except OSError as exc:
+        if self._authority.signing_unavailable is not None:
+            last = read_published_crl(self._home)
+            if last is None:
                 raise PkiError(
                     "no CRL has been published yet; run 'iotauth crl' (or start serve with the CA passphrase)"
-                ) from exc
+                )
+            return CrlDocument(last.der, last.pem, head)
         published = await self._authority.build_crl()
         crl = published.crl
         return CrlDocument(

@@ -20,9 +20,9 @@ import httpx
 
 from iotauth.identity import validate_device_id
 from iotauth.registry import AuditEvent, Registry
+from iotauth.registry.events import EMQX_KICKS
 
 log = logging.getLogger("iotauth.http.push")
-KICK_EVENTS = frozenset({"device.revoked", "device.suspended", "certificate.revoked"})
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def devices_to_kick(events: list[AuditEvent]) -> list[str]:
     """Device ids touched by kick-worthy events, once each, in order."""
     seen: dict[str, None] = {}
     for event in events:
-        if event.kind in KICK_EVENTS and event.device_id:
+        if event.kind in EMQX_KICKS and event.device_id:
             seen.setdefault(event.device_id, None)
     return list(seen)
 

@@ -10,20 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from cryptography import x509
 from starlette.applications import Starlette
 
-from iotauth.authority import Authority, open_authority
+from iotauth.authority import open_authority
+from iotauth.castore import client_verifier, load_ocsp_responder
 from iotauth.config import Home, Settings, load_settings, parse_bind, registry_location
-from iotauth.errors import CaLocked, ConfigError
+from iotauth.errors import ConfigError
 from iotauth.http.access import AccessPolicy
 from iotauth.http.app import ServiceState, create_app
 from iotauth.http.brokers import BrokerFrontEnd, broker_routes
 from iotauth.http.crl import CrlSource
 from iotauth.http.push import EmqxKicker, push_revocations
-from iotauth.pki.keys import load_private_key
-from iotauth.pki.ocsp import OcspResponder
-from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
 
@@ -39,16 +36,6 @@ class ServeOptions:
     admin_tokens: tuple[str, ...] = ()
 
 
-def load_responder(home: Home) -> OcspResponder:
-    try:
-        cert = x509.load_pem_x509_certificate(home.ocsp_cert.read_bytes())
-        key = load_private_key(home.ocsp_key.read_bytes(), None, f"OCSP responder key {home.ocsp_key}")
-        issuing = x509.load_pem_x509_certificate(home.issuing_cert.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read the OCSP responder files in {home.ca_dir}: {exc.strerror}") from exc
-    return OcspResponder(issuing, cert, key)
-
-
 async def build_app(home: Home, registry: Registry, settings: Settings, options: ServeOptions) -> Starlette:
     """The complete application for ``home``: every route, wired to ``registry``."""
     app = create_app(await build_state(home, registry, settings, options))
@@ -57,12 +44,10 @@ async def build_app(home: Home, registry: Registry, settings: Settings, options:
 
 
 async def build_state(home: Home, registry: Registry, settings: Settings, options: ServeOptions) -> ServiceState:
-    authority: Authority | None
-    try:
-        authority = await open_authority(home, registry)
-    except CaLocked as exc:
-        log.warning("CRL signing disabled (%s); serving the CRL last published by 'iotauth crl'", exc)
-        authority = None
+    authority = await open_authority(home, registry, signing_optional=True)
+    if authority.signing_unavailable is not None:
+        log.warning("CRL signing disabled (%s); serving the CRL last published by 'iotauth crl'",
+                    authority.signing_unavailable)
     access = AccessPolicy.build(
         settings.serve.admin_token_sha256, options.admin_tokens, settings.serve.broker_networks, options.tls
     )
@@ -71,21 +56,19 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
     elif not options.tls:
         log.warning("plain HTTP: the admin API is disabled (tokens are never accepted without TLS)")
     return ServiceState(
-        registry=registry,
+        authority=authority,
         access=access,
-        crl=CrlSource(registry, authority, home),
-        ocsp=load_responder(home),
+        crl=CrlSource(authority, home),
+        ocsp=load_ocsp_responder(home),
         extra_routes=broker_routes(),
     )
 
 
 def broker_front_end(home: Home, registry: Registry, settings: Settings) -> BrokerFrontEnd:
-    root = x509.load_pem_x509_certificate(home.root_cert.read_bytes())
-    issuing = x509.load_pem_x509_certificate(home.issuing_cert.read_bytes())
     return BrokerFrontEnd(
         registry=registry,
         policies=PolicySet.from_profiles(settings.profiles.values()),
-        verifier=ClientCertificateVerifier([root], [issuing], settings.trust_domain),
+        verifier=client_verifier(home, settings),
     )
 
 

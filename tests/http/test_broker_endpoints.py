@@ -9,9 +9,9 @@ import pytest
 from cryptography import x509
 
 from iotauth.authority import Authority, Issued
+from iotauth.certs import pem
 from iotauth.config import Home, load_settings
 from iotauth.http.server import ServeOptions, build_app
-from iotauth.certs import pem
 from iotauth.pki.keys import PrivateKey
 from iotauth.registry import Registry, RevocationReason
 from tests.fixtures.service import RunningService

@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 
 from iotauth.authority import Authority
-from iotauth.config import Home
 from iotauth.certs import pem
+from iotauth.config import Home
 from iotauth.pki.keys import PrivateKey
 from iotauth.registry import Registry, RevocationReason
 from tests.fixtures.service import ADMIN_TOKEN, RunningService

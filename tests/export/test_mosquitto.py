@@ -16,14 +16,14 @@ import pytest
 from cryptography import x509
 
 from iotauth.authority import Authority, open_authority
+from iotauth.certs import pem
 from iotauth.config import Home, load_settings
 from iotauth.export.mosquitto import export, reload_broker, render_acl
-from iotauth.certs import pem
 from iotauth.pki.keys import PrivateKey, private_key_pem
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, RevocationReason
+from iotauth.testing import free_port
 from tests.fixtures import iotauth_executable
-from tests.fixtures.service import free_port
 
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

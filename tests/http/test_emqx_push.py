@@ -24,7 +24,8 @@ from iotauth.authority import Authority
 from iotauth.config import Home
 from iotauth.pki.keys import PrivateKey
 from iotauth.registry import Registry, RevocationReason
-from tests.fixtures.service import RunningService, free_port
+from iotauth.testing import free_port
+from tests.fixtures.service import RunningService
 
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 

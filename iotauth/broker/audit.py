@@ -14,12 +14,12 @@ Three kinds of write, with three policies:
   the guard refuses new connects (CONNACK 0x03) exactly as for an unreadable
   registry. Deployments that want the record on disk *before* CONNACK set
   ``durable_accept`` (``--durable-accept-audit``) and pay the commit per connect.
-* **Denied CONNECT and kicks: queued the same way, never awaited.** An
+* **Refused CONNECTs and limit breaches: aggregated, never dropped.** An
   unauthenticated client must not be able to make the broker wait on disk for
-  it. Denials are rate-limited (a token bucket); beyond the limit they are
-  *counted* per reason and written as one ``broker.audit.suppressed`` event
-  per flush, so no denial goes uncounted even during a flood. Kicks are never
-  rate-limited.
+  it, nor thin out the trail by flooding: :class:`~iotauth.broker.ledger.DenialLedger`
+  writes the first refusal per (fingerprint, reason, source) in full and then
+  counts repeats, written with first/last times at a growing interval.
+* **Kicks: queued the same way, never awaited, never aggregated.**
 * **Denied PUBLISH / SUBSCRIBE / RECEIVE: aggregated in memory.** The per-packet
   path only bumps a counter (no I/O); every ``topic_interval`` (1 s) one event
   per (device, action, reason) is written with the count and the first
@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from iotauth.broker.ledger import DenialLedger
 from iotauth.errors import RegistryError
 
 T = TypeVar("T")
@@ -49,7 +50,8 @@ log = logging.getLogger("iotauth.broker.audit")
 ACCEPTED = "broker.connect.accepted"
 DENIED = "broker.connect.denied"
 KICKED = "broker.session.kicked"
-SUPPRESSED = "broker.audit.suppressed"
+LIMIT = "broker.limit.exceeded"
+VIOLATION = "broker.protocol.violation"
 TOPIC_DENIED = "broker.{action}.denied"
 MAX_QUEUE = 10_000
 MAX_TEXT = 256
@@ -72,22 +74,6 @@ def default_actor() -> str:
 
 
 @dataclass
-class _Bucket:
-    rate: float
-    burst: float
-    tokens: float
-    stamp: float
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-@dataclass
 class _TopicDenials:
     count: int = 0
     first_topic: str | None = None
@@ -98,7 +84,7 @@ class AuditStats:
     accepted: int = 0
     denied: int = 0
     kicked: int = 0
-    suppressed: Counter[str] = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)
     topic_denied: int = 0
     lost: int = 0
 
@@ -111,8 +97,6 @@ class BrokerAudit:
         writer: EventWriter,
         *,
         actor: str | None = None,
-        deny_rate: float = 20.0,
-        deny_burst: float = 200.0,
         flush_interval: float = 0.05,
         durable_accept: bool = False,
         topic_interval: float = 1.0,
@@ -121,10 +105,9 @@ class BrokerAudit:
         self._writer = writer
         self.actor = actor or default_actor()
         self._clock = clock
-        self._bucket = _Bucket(deny_rate, deny_burst, deny_burst, clock())
+        self.ledger = DenialLedger(clock=clock)
         self._flush_interval = flush_interval
         self._queue: list[tuple[str, str | None, dict[str, Any]]] = []
-        self._suppressed: Counter[str] = Counter()
         self._topics: dict[tuple[str, str, str], _TopicDenials] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -177,17 +160,15 @@ class BrokerAudit:
             raise RegistryError(f"audit write failed: {exc}") from exc
 
     def denied(self, reason: str, device_id: str | None, data: dict[str, Any]) -> bool:
-        """Queue a denied-connect record; if denials arrive faster than the rate limit, only count it.
-
-        Returns whether it was recorded individually (callers log only those, for the same reason).
-        """
+        """Record a refused connect (aggregated, see the module docstring); ``True`` the first time for its key."""
         self.stats.denied += 1
-        if not self._bucket.take(self._clock()) or len(self._queue) >= MAX_QUEUE:
-            self._suppressed[reason] += 1
-            self.stats.suppressed[reason] += 1
-            return False
-        self._enqueue(DENIED, device_id, {"reason": reason, **data})
-        return True
+        self.stats.refusals[reason] += 1
+        return self.ledger.record(DENIED, reason, device_id, data)
+
+    def limit_exceeded(self, kind: str, reason: str, device_id: str, data: dict[str, Any]) -> bool:
+        """Record a session closed for a limit or a protocol violation (aggregated like refusals)."""
+        self.stats.refusals[reason] += 1
+        return self.ledger.record(kind, reason, device_id, data)
 
     def kicked(self, device_id: str, data: dict[str, Any]) -> None:
         self.stats.kicked += 1
@@ -236,9 +217,7 @@ class BrokerAudit:
                 )
             self._topics = {}
             self._topics_flushed = now
-        if self._suppressed:
-            pending.append((SUPPRESSED, None, {"connect_denied": dict(self._suppressed)}))
-            self._suppressed = Counter()
+        pending.extend(self.ledger.due(everything=self._closing))
         if not pending:
             return
 

@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from iotauth.broker.audit import BrokerAudit
-from iotauth.broker.mqtt import NOT_AUTHORISED, SERVER_UNAVAILABLE, Connect
+from iotauth.broker.audit import LIMIT, VIOLATION, BrokerAudit
+from iotauth.broker.mqtt import IDENTIFIER_REJECTED, NOT_AUTHORISED, SERVER_UNAVAILABLE, Connect
 from iotauth.config import DEFAULT_PROFILE
 from iotauth.errors import IotAuthError, PolicyDenied
 from iotauth.pki.ca import now_utc
@@ -147,6 +147,16 @@ class Denial:
     fingerprint: str | None = None
 
 
+@dataclass(frozen=True)
+class Precheck:
+    """What the certificate of a connection established, before its CONNECT (see :meth:`Guard.precheck`)."""
+
+    identity: CertificateIdentity
+    profile: str
+    policy: SessionPolicy
+    cursor: int
+
+
 class Binding:
     """One admitted connection's authorization state, shared by the gate, the broker and the guard.
 
@@ -179,9 +189,7 @@ class Binding:
         if self.revoked is not None:
             return False
         self.revoked = reason
-        self.cancel_timer()
-        if self.session is not None:
-            self.session.will_flag = False  # a kicked client gets no last word
+        self.cancel_timer()  # the host sees ``revoked`` and publishes no will: a kicked client gets no last word
         with contextlib.suppress(Exception):
             self._close()
         return True
@@ -294,26 +302,26 @@ class Guard:
 
     # -- admission -------------------------------------------------------------------------
 
-    async def admit(
-        self, der: bytes, connect: Connect, peer: str, listener: str, close: Callable[[], None]
-    ) -> Binding | Denial:
-        """Decide on one connection from its certificate (DER, from *its* TLS session) and its CONNECT."""
-        decision = await self._decide(der, connect, peer, listener, close)
+    async def precheck(self, der: bytes, peer: str, listener: str) -> Precheck | Denial:
+        """Decide what the certificate alone decides, as soon as the TLS handshake ends.
+
+        Chain, identity, registry status and profile. A refused certificate is
+        audited here and its connection closed at once, without waiting for a
+        CONNECT. The feed position read *before* the registry lookup travels
+        with the result, so :meth:`admit` can see a revocation that lands in
+        between.
+        """
+        decision = await self._precheck(der)
         if isinstance(decision, Denial):
-            self._record_denial(decision, connect.client_id, peer, listener)
+            self._record_denial(decision, None, peer, listener)
         return decision
 
-    async def _decide(
-        self, der: bytes, connect: Connect, peer: str, listener: str, close: Callable[[], None]
-    ) -> Binding | Denial:
+    async def _precheck(self, der: bytes) -> Precheck | Denial:
         try:
             identity = self._verify(der)
         except Rejection as exc:
             return Denial(f"certificate-{exc.code}", str(exc), fingerprint=hashlib.sha256(der).hexdigest())
         deny = _denier(identity)
-        if connect.client_id != identity.device_id:
-            return deny("client-id-mismatch",
-                        f"client id {connect.client_id[:80]!r} is not the certificate's device id")
         if not self.options.fail_open:
             if not self.healthy:
                 return deny("registry-unavailable", "registry change feed is not readable", SERVER_UNAVAILABLE)
@@ -323,19 +331,42 @@ class Guard:
         found = await self._lookup(identity)
         if isinstance(found, Denial):
             return found
-        profile = found
         try:
-            policy = self._compile(profile, identity.device_id)
+            policy = self._compile(found, identity.device_id)
         except (PolicyDenied, IotAuthError) as exc:
             return deny("unknown-profile", str(exc))
+        return Precheck(identity, found, policy, cursor)
+
+    async def admit(
+        self, pre: Precheck, connect: Connect, peer: str, listener: str, close: Callable[[], None]
+    ) -> Binding | Denial:
+        """Decide on the CONNECT of a connection whose certificate passed :meth:`precheck`, and register it."""
+        decision = await self._admit(pre, connect, peer, listener, close)
+        if isinstance(decision, Denial):
+            self._record_denial(decision, connect.client_id, peer, listener)
+        return decision
+
+    async def _admit(
+        self, pre: Precheck, connect: Connect, peer: str, listener: str, close: Callable[[], None]
+    ) -> Binding | Denial:
+        identity, policy = pre.identity, pre.policy
+        deny = _denier(identity)
+        if not connect.client_id:
+            return deny("client-id-empty", "a zero-length client id cannot name a certificate's device",
+                        IDENTIFIER_REJECTED)
+        if connect.client_id != identity.device_id:
+            return deny("client-id-mismatch",
+                        f"client id {connect.client_id[:80]!r} is not the certificate's device id")
         if connect.will is not None and not policy.allows_publish(connect.will.topic):
             return deny("will-topic-denied", f"will topic {connect.will.topic[:120]!r} is outside the policy")
+        if policy is not self._compiled.get((pre.profile, identity.device_id)):
+            policy = self._compile(pre.profile, identity.device_id)  # a reload happened meanwhile
         admission = Admission(
-            identity.device_id, profile, identity.fingerprint, identity.serial, identity.not_after, peer, listener,
-            connect.clean_session,
+            identity.device_id, pre.profile, identity.fingerprint, identity.serial, identity.not_after, peer,
+            listener, connect.clean_session,
         )
         binding = Binding(admission, policy, self.generation, close)
-        if self._revoked_after(identity, cursor):
+        if self._revoked_after(identity, pre.cursor):
             return deny("revoked-during-connect", "revoked while the connection was being checked")
         self._connections.setdefault(identity.device_id, set()).add(binding)
         binding.connected = True
@@ -351,7 +382,7 @@ class Guard:
             self.release(binding)
             return deny("revoked-during-connect", binding.revoked)
         log.debug("accepted %s (profile %s, certificate %s) from %s",
-                  identity.device_id, profile, identity.serial, peer)
+                  identity.device_id, pre.profile, identity.serial, peer)
         return binding
 
     def _verify(self, der: bytes) -> CertificateIdentity:
@@ -455,8 +486,23 @@ class Guard:
                      denial.reason, denial.detail)
 
     def deny_handshake(self, reason: str, detail: str, peer: str, listener: str) -> None:
-        """Record a connection refused during the TLS handshake (no certificate to name it by)."""
+        """Record a connection refused before a certificate named it (summarised per source under a flood)."""
         self._record_denial(Denial(reason, detail), None, peer, listener)
+
+    def deny_connect(self, reason: str, detail: str, fingerprint: str | None, peer: str, listener: str, *,
+                     device_id: str | None = None) -> None:
+        """Record a connection refused after its handshake (a bad first packet, a deadline) by its certificate."""
+        self._record_denial(Denial(reason, detail, device_id=device_id, fingerprint=fingerprint), None, peer,
+                            listener)
+
+    def limit_exceeded(self, binding: Binding, limit: str, detail: str) -> None:
+        """Record that a session was closed for breaking a limit (``max_...``) or the protocol."""
+        admission = binding.admission
+        kind = VIOLATION if limit == "protocol-violation" else LIMIT
+        self.audit.limit_exceeded(kind, limit, admission.device_id, {
+            "limit": limit, "detail": detail[:300], "fingerprint": admission.fingerprint, "peer": admission.peer,
+            "listener": admission.listener,
+        })
 
     def attach(self, binding: Binding, session: Any, client_id: str | None, will_topic: str | None) -> bool:
         """Bind an admitted connection to the broker session amqtt built for it (the auth plugin's call).

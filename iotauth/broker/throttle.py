@@ -1,0 +1,252 @@
+"""Admission control before authentication: who may make the broker hold a connection it cannot yet name.
+
+An unauthenticated connection costs the broker a socket, a TLS state and a
+handshake's CPU. The hardening review held 1,100 idle sockets from one address
+and locked every device out, because one global pending limit served all
+sources first come, first served. :class:`Throttle` bounds what any one source
+can hold and keeps the rest for everyone else:
+
+* **Per source.** At most ``max_pending_per_address`` connections in the
+  handshake or waiting for CONNECT per address, ``max_pending_per_network``
+  per /24 (IPv4) or /64 (IPv6). Over that, a new connection is closed at once,
+  before any TLS work.
+* **A fair share of the total.** When ``max_pending`` are pending, a newcomer
+  from a source holding fewer than the biggest holder evicts that holder's
+  oldest pending connection; no source can monopolise the total.
+* **Failures cost, successes refund.** Each new connection takes a token from
+  its source's bucket (``failure_burst`` tokens, refilled at
+  ``failures_per_second``); an admitted connection gives it back. A flood of
+  connections that never authenticate runs dry, while a reconnect storm of
+  valid certificates from one NAT address is limited only by how fast the
+  broker can admit them.
+* **Deadlines that tighten under pressure.** The handshake and the first
+  CONNECT each have a deadline that shrinks from its configured value at half
+  load to ``min_timeout`` at full load (:meth:`IntakeLimits.timeout`), and
+  :meth:`Throttle.reap` applies the *current* deadline to connections already
+  waiting.
+
+Pure bookkeeping with an injectable clock: the gate calls it, and closes and
+audits what it says.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from iotauth.limits import IntakeLimits
+
+MAX_BUCKETS = 65_536
+
+
+class Phase(StrEnum):
+    HANDSHAKE = "handshake"
+    CONNECT = "connect"
+
+
+class Refusal(StrEnum):
+    """Why a connection was closed before authentication (audit reasons, summarised per source)."""
+
+    ADDRESS = "too-many-pending-address"
+    NETWORK = "too-many-pending-network"
+    TOTAL = "too-many-pending"
+    RATE = "connection-rate"
+    EVICTED = "evicted-fair-share"
+    HANDSHAKE_TIMEOUT = "tls-timeout"
+    CONNECT_TIMEOUT = "connect-timeout"
+
+
+@dataclass(eq=False)
+class Pending:
+    """One connection the broker cannot name yet."""
+
+    address: str
+    network: str
+    close: Callable[[Refusal], None]
+    phase: Phase = Phase.HANDSHAKE
+    since: float = 0.0
+    done: bool = False
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class ThrottleStats:
+    refused: dict[str, int] = field(default_factory=dict)
+    admitted: int = 0
+
+    def count(self, reason: Refusal) -> None:
+        self.refused[reason.value] = self.refused.get(reason.value, 0) + 1
+
+
+def network_of(address: str) -> str:
+    """The /24 (IPv4) or /64 (IPv6) an address belongs to; the address itself if it is not an IP."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ipaddress.IPv4Network((int(ip) & 0xFFFFFF00, 24)))
+    if ip.ipv4_mapped is not None:
+        return network_of(str(ip.ipv4_mapped))
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+class Throttle:
+    """See the module docstring."""
+
+    def __init__(self, limits: IntakeLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._by_address: dict[str, dict[Pending, None]] = {}
+        self._by_network: dict[str, int] = {}
+        self._holders: list[set[str]] = [set() for _ in range(limits.max_pending_per_address + 1)]
+        self._biggest = 0
+        self._phases: dict[Phase, OrderedDict[Pending, None]] = {p: OrderedDict() for p in Phase}
+        self._buckets: dict[str, _Bucket] = {}
+        self.pending = 0
+        self.stats = ThrottleStats()
+
+    # -- arrivals and departures -----------------------------------------------------------
+
+    def arrive(self, address: str, close: Callable[[Refusal], None]) -> Pending | Refusal:
+        """A new TCP connection from ``address``: track it, or say why it must be closed at once."""
+        limits = self.limits
+        held = len(self._by_address.get(address, ()))
+        if held >= limits.max_pending_per_address:
+            return self._refuse(Refusal.ADDRESS)
+        network = network_of(address)
+        if self._by_network.get(network, 0) >= limits.max_pending_per_network:
+            return self._refuse(Refusal.NETWORK)
+        if not self._take_token(address if ":" not in address else network):
+            return self._refuse(Refusal.RATE)
+        if self.pending >= limits.max_pending:
+            if self._biggest <= held + 1:
+                return self._refuse(Refusal.TOTAL)
+            self._evict_from_biggest()
+        pending = Pending(address, network, close, Phase.HANDSHAKE, self._clock())
+        self._add(pending)
+        return pending
+
+    def advance(self, pending: Pending) -> None:
+        """The handshake is done: the connection now waits for its CONNECT (a fresh deadline)."""
+        if pending.done or pending.phase is Phase.CONNECT:
+            return
+        del self._phases[Phase.HANDSHAKE][pending]
+        pending.phase, pending.since = Phase.CONNECT, self._clock()
+        self._phases[Phase.CONNECT][pending] = None
+
+    def leave(self, pending: Pending, *, admitted: bool) -> None:
+        """The connection is admitted (its token is refunded) or gone; stop tracking it."""
+        if pending.done:
+            return
+        self._remove(pending)
+        if admitted:
+            self.stats.admitted += 1
+            bucket = self._buckets.get(pending.address if ":" not in pending.address else pending.network)
+            if bucket is not None:
+                bucket.tokens = min(float(self.limits.failure_burst), bucket.tokens + 1.0)
+
+    def reap(self) -> int:
+        """Close every connection past its phase's *current* deadline; return how many."""
+        now = self._clock()
+        closed = 0
+        for phase, base, refusal in ((Phase.HANDSHAKE, self.limits.handshake_timeout, Refusal.HANDSHAKE_TIMEOUT),
+                                     (Phase.CONNECT, self.limits.connect_timeout, Refusal.CONNECT_TIMEOUT)):
+            queue = self._phases[phase]
+            while queue:
+                oldest = next(iter(queue))
+                if now - oldest.since < self.limits.timeout(base, self.pending):
+                    break
+                self._remove(oldest)
+                self.stats.count(refusal)
+                oldest.close(refusal)
+                closed += 1
+        if len(self._buckets) > MAX_BUCKETS // 2:
+            self._forget_full_buckets(now)
+        return closed
+
+    def held_by(self, address: str) -> int:
+        return len(self._by_address.get(address, ()))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _refuse(self, reason: Refusal) -> Refusal:
+        self.stats.count(reason)
+        return reason
+
+    def _add(self, pending: Pending) -> None:
+        group = self._by_address.setdefault(pending.address, {})
+        self._move(pending.address, len(group), len(group) + 1)
+        group[pending] = None
+        self._by_network[pending.network] = self._by_network.get(pending.network, 0) + 1
+        self._phases[pending.phase][pending] = None
+        self.pending += 1
+
+    def _remove(self, pending: Pending) -> None:
+        pending.done = True
+        group = self._by_address[pending.address]
+        del group[pending]
+        self._move(pending.address, len(group) + 1, len(group))
+        if not group:
+            del self._by_address[pending.address]
+        count = self._by_network[pending.network] - 1
+        if count:
+            self._by_network[pending.network] = count
+        else:
+            del self._by_network[pending.network]
+        self._phases[pending.phase].pop(pending, None)
+        self.pending -= 1
+
+    def _move(self, address: str, old: int, new: int) -> None:
+        """Keep ``_holders[n]`` = addresses holding ``n`` pending, and ``_biggest`` = the largest such ``n``."""
+        if old:
+            self._holders[old].discard(address)
+        if new:
+            self._holders[new].add(address)
+        if new > self._biggest:
+            self._biggest = new
+        while self._biggest and not self._holders[self._biggest]:
+            self._biggest -= 1
+
+    def _evict_from_biggest(self) -> None:
+        address = next(iter(self._holders[self._biggest]))
+        victim = next(iter(self._by_address[address]))
+        self._remove(victim)
+        self.stats.count(Refusal.EVICTED)
+        victim.close(Refusal.EVICTED)
+
+    def _take_token(self, key: str) -> bool:
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        limits = self.limits
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._forget_full_buckets(now)
+            bucket = self._buckets[key] = _Bucket(float(limits.failure_burst), now)
+        refill = (now - bucket.stamp) * limits.failures_per_second
+        bucket.tokens = min(float(limits.failure_burst), bucket.tokens + refill)
+        bucket.stamp = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+    def _forget_full_buckets(self, now: float) -> None:
+        """Buckets that have refilled carry no information: drop them (bounded memory under address churn)."""
+        limits = self.limits
+        full = [key for key, b in self._buckets.items()
+                if b.tokens + (now - b.stamp) * limits.failures_per_second >= limits.failure_burst]
+        for key in full:
+            del self._buckets[key]
+
+
+__all__ = ["Pending", "Phase", "Refusal", "Throttle", "network_of"]

@@ -296,6 +296,10 @@ class PendingConnection:
             self._connect_ready.set_result(connect)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.entry is not None and not self.entry.done and self._der is None:
+            # The client gave up before its certificate was known: counted per source, like any refusal.
+            self.gate.guard.deny_handshake("closed-before-handshake", str(exc or "connection closed")[:200],
+                                           self.tls.peer, self.listener)
         self._leave()
         if self._task is not None and not self._task.done():
             self._task.cancel()

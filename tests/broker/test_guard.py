@@ -140,7 +140,8 @@ async def test_unhealthy_registry_refuses_and_then_drops_sessions(home: Home, re
     await guard.start(NoHost())
     closed: list[str] = []
     try:
-        live = await through(guard, der, Connect("outage-live", True, 30), "p:1", "mqtts", lambda: closed.append("live"))
+        live = await through(guard, der, Connect("outage-live", True, 30), "p:1", "mqtts",
+                             lambda: closed.append("live"))
         assert isinstance(live, Binding)
         guard._unhealthy(OSError("disk gone"))  # what the feed loop does when a poll fails
         refused = await through(guard, other, Connect("outage-new", True, 30), "p:2", "mqtts", lambda: None)

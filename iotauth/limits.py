@@ -33,6 +33,8 @@ class IntakeLimits:
     max_pending: int = 4096
     max_pending_per_address: int = 64
     max_pending_per_network: int = 256
+    max_waiting_per_address: int = 1024
+    max_waiting: int = 16_384
     failures_per_second: float = 20.0
     failure_burst: int = 200
     handshake_timeout: float = 10.0

@@ -11,7 +11,7 @@ amqtt behind its wall (:mod:`iotauth.broker.amqtt_host`):
 1. Accept TCP. :class:`~iotauth.broker.throttle.Throttle` decides, before any
    TLS work, whether this source may hold one more unauthenticated
    connection (per address, per network, a fair share of the total, a
-   failure budget); if not, the socket is closed at once.
+   failure budget), must wait unread for its source's turn, or is closed at once.
 2. Run the TLS handshake (:mod:`iotauth.broker.tls`) with ``CERT_REQUIRED``,
    trusting only the *issuing* CA, so a leaf signed directly by the root
    fails here. Failures are audited with OpenSSL's reason.
@@ -60,7 +60,7 @@ from iotauth.broker.mqtt import (
     fixed_header,
     parse_connect,
 )
-from iotauth.broker.throttle import Pending, Refusal, Throttle
+from iotauth.broker.throttle import Pending, Phase, Refusal, Throttle
 from iotauth.broker.tls import Flusher, Receiver, TlsLink, peer_address
 from iotauth.errors import ConfigError, MalformedPacket, UnsupportedProtocol
 from iotauth.limits import IntakeLimits
@@ -200,11 +200,13 @@ class Gate:
         transport = link.transport
         address = peer_address(transport.get_extra_info("peername") if transport is not None else None)
         pending = PendingConnection(self, link, listener)
-        entry = self.throttle.arrive(address, pending.evict)
+        entry = self.throttle.arrive(address, pending.evict, link.resume_reading)
         if isinstance(entry, Refusal):
             self.guard.deny_handshake(entry.value, "closed by admission control", link.peer, listener)
             return None
         pending.entry = entry
+        if entry.phase is Phase.QUEUED:
+            link.pause_reading()  # no TLS work until this source has a free slot
         if websocket:
             pending.link = WebSocketLink(link, pending)
             return pending.link

@@ -228,7 +228,7 @@ class TlsLink(asyncio.Protocol):
             self.transport.close()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and self.transport.is_reading():
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:

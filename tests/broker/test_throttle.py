@@ -17,14 +17,17 @@ class Clock:
 
 
 def make(**limits: object) -> tuple[Throttle, Clock, list[tuple[str, Refusal]]]:
+    limits = {"max_waiting_per_address": 1, "max_waiting": 1, **limits}  # tiny queues unless a test wants more
     clock = Clock()
     closed: list[tuple[str, Refusal]] = []
     throttle = Throttle(IntakeLimits(**limits), clock)  # type: ignore[arg-type]
     return throttle, clock, closed
 
 
-def arrive(throttle: Throttle, address: str, closed: list[tuple[str, Refusal]]) -> Pending | Refusal:
-    return throttle.arrive(address, lambda reason, a=address: closed.append((a, reason)))
+def arrive(throttle: Throttle, address: str, closed: list[tuple[str, Refusal]],
+           started: list[str] | None = None) -> Pending | Refusal:
+    return throttle.arrive(address, lambda reason, a=address: closed.append((a, reason)),
+                           lambda a=address: started.append(a) if started is not None else None)
 
 
 def test_networks() -> None:
@@ -34,24 +37,62 @@ def test_networks() -> None:
     assert network_of("not-an-ip") == "not-an-ip"
 
 
-def test_one_address_holds_at_most_its_cap() -> None:
-    throttle, _, closed = make(max_pending_per_address=3)
-    held = [arrive(throttle, "10.0.0.1", closed) for _ in range(3)]
-    assert all(isinstance(p, Pending) for p in held)
-    assert arrive(throttle, "10.0.0.1", closed) is Refusal.ADDRESS
+def test_one_address_holds_at_most_its_cap_then_waits_then_is_refused() -> None:
+    throttle, _, closed = make(max_pending_per_address=3, max_waiting_per_address=2, max_waiting=10)
+    started: list[str] = []
+    held = [arrive(throttle, "10.0.0.1", closed, started) for _ in range(3)]
+    assert all(isinstance(p, Pending) and p.phase is Phase.HANDSHAKE for p in held)
+    waiting = [arrive(throttle, "10.0.0.1", closed, started) for _ in range(2)]
+    assert all(isinstance(p, Pending) and p.phase is Phase.QUEUED for p in waiting)
+    assert arrive(throttle, "10.0.0.1", closed, started) is Refusal.ADDRESS  # its queue is full too
     assert isinstance(arrive(throttle, "10.0.0.2", closed), Pending)  # another address is unaffected
-    throttle.leave(held[0], admitted=False)  # ... and a slot frees when one leaves
-    assert isinstance(arrive(throttle, "10.0.0.1", closed), Pending)
+    assert (throttle.pending, throttle.queued) == (4, 2)
+    throttle.leave(held[0], admitted=True)  # a slot frees: the oldest waiting connection starts, in order
+    assert started == ["10.0.0.1"] and waiting[0].phase is Phase.HANDSHAKE and waiting[1].phase is Phase.QUEUED
+    assert (throttle.pending, throttle.queued) == (4, 1)
+    throttle.leave(waiting[1], admitted=False)  # a waiting client that gives up just leaves the queue
+    assert (throttle.pending, throttle.queued) == (4, 0)
 
 
-def test_one_network_holds_at_most_its_cap() -> None:
-    throttle, _, closed = make(max_pending_per_address=2, max_pending_per_network=3)
-    assert [isinstance(arrive(throttle, f"10.0.0.{n}", closed), Pending) for n in (1, 1, 2)] == [True] * 3
-    assert arrive(throttle, "10.0.0.3", closed) is Refusal.NETWORK
-    assert isinstance(arrive(throttle, "10.0.1.3", closed), Pending)
+def test_one_network_holds_at_most_its_cap_and_its_addresses_take_turns() -> None:
+    throttle, _, closed = make(max_pending_per_address=2, max_pending_per_network=3, max_waiting_per_address=4,
+                               max_waiting=10)
+    started: list[str] = []
+    active = [arrive(throttle, f"10.0.0.{n}", closed, started) for n in (1, 1, 2)]
+    assert all(isinstance(p, Pending) and p.phase is Phase.HANDSHAKE for p in active)
+    queued = arrive(throttle, "10.0.0.3", closed, started)
+    assert isinstance(queued, Pending) and queued.phase is Phase.QUEUED
+    assert isinstance(arrive(throttle, "10.0.1.3", closed), Pending)  # another network is unaffected
+    throttle.leave(active[0], admitted=False)  # 10.0.0.1 freed a network slot: 10.0.0.3's turn
+    assert started == ["10.0.0.3"] and queued.phase is Phase.HANDSHAKE
 
 
-def test_failures_run_the_bucket_dry_and_successes_refund_it() -> None:
+def test_waiting_connections_have_a_deadline() -> None:
+    throttle, clock, closed = make(max_pending_per_address=1, max_waiting_per_address=5, max_waiting=5,
+                                   handshake_timeout=5.0)
+    arrive(throttle, "10.0.0.1", closed)
+    waiting = arrive(throttle, "10.0.0.1", closed)
+    assert isinstance(waiting, Pending) and waiting.phase is Phase.QUEUED
+    clock.now += 6.0
+    assert throttle.reap() == 2
+    assert sorted(r for _, r in closed) == sorted([Refusal.HANDSHAKE_TIMEOUT, Refusal.QUEUE_TIMEOUT])
+    assert (throttle.pending, throttle.queued) == (0, 0)
+
+
+def test_a_storm_from_one_address_waits_its_turn_instead_of_being_refused() -> None:
+    throttle, _, closed = make(max_pending_per_address=64, max_waiting_per_address=5000, max_waiting=5000)
+    started: list[str] = []
+    storm = [arrive(throttle, "100.64.0.1", closed, started) for _ in range(3000)]
+    assert all(isinstance(p, Pending) for p in storm) and closed == []
+    for pending in storm:  # each, once started, authenticates and leaves; the next one starts
+        assert isinstance(pending, Pending)
+        if pending.phase is Phase.QUEUED:
+            assert False, "started out of order"
+        throttle.leave(pending, admitted=True)
+    assert throttle.stats.admitted == 3000 and len(started) == 3000 - 64 and not throttle.stats.refused
+
+
+def test_failures_run_the_bucket_dry() -> None:
     throttle, clock, closed = make(failure_burst=5, failures_per_second=1.0)
     for _ in range(5):
         pending = arrive(throttle, "10.0.0.1", closed)
@@ -64,7 +105,7 @@ def test_failures_run_the_bucket_dry_and_successes_refund_it() -> None:
 
 def test_a_storm_of_valid_devices_behind_one_address_is_never_rate_limited() -> None:
     throttle, _, closed = make(failure_burst=5, failures_per_second=0.001, max_pending_per_address=64)
-    for _ in range(10_000):  # each one authenticates: its token comes back
+    for _ in range(10_000):  # each one authenticates: it costs nothing
         pending = arrive(throttle, "100.64.0.1", closed)
         assert isinstance(pending, Pending)
         throttle.leave(pending, admitted=True)

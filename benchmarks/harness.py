@@ -68,7 +68,8 @@ class Creds:
     key: Path
 
 
-async def make_home(root: Path, devices: list[tuple[str, str]], extra_config: str = "") -> tuple[Home, dict[str, Creds]]:
+async def make_home(root: Path, devices: list[tuple[str, str]],
+                    extra_config: str = "") -> tuple[Home, dict[str, Creds]]:
     home = Home(root / "home")
     await initialise_home(home, "bench.test", ["localhost", HOST], passphrase=None, actor="bench")
     if extra_config:
@@ -85,7 +86,7 @@ async def issue_creds(home: Home, registry: Registry, devices: list[tuple[str, s
     Issued concurrently in chunks, so the registry group-commits them (20,000 devices take seconds, not minutes).
     """
     authority = await open_authority(home, registry)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - set-up, not measured
 
     async def one(device_id: str, profile: str) -> tuple[str, Creds]:
         key = generate_private_key("p256")
@@ -356,7 +357,7 @@ class LightDevice(asyncio.Protocol):
 
 
 async def open_device(port: int, context: ssl.SSLContext, client_id: str, *, source: str | None = None,
-                      keep_alive: int = 60, timeout: float = 30.0) -> tuple[LightDevice, int]:
+                      keep_alive: int = 60, timeout: float = 30.0) -> tuple[LightDevice, int]:  # noqa: ASYNC109
     """Connect one device; returns it with its CONNACK code (-1: closed before CONNACK or refused at TCP)."""
     loop = asyncio.get_running_loop()
     try:

@@ -141,7 +141,8 @@ class Throttle:
                    or self._by_network.get(network, 0) >= limits.max_pending_per_network)
         if crowded:
             queue = self._queues.get(address)
-            if (queue is not None and len(queue) >= limits.max_waiting_per_address) or self.queued >= limits.max_waiting:
+            full = queue is not None and len(queue) >= limits.max_waiting_per_address
+            if full or self.queued >= limits.max_waiting:
                 return self._refuse(Refusal.ADDRESS if held >= limits.max_pending_per_address else Refusal.NETWORK)
         if not self._has_budget(address if ":" not in address else network):
             return self._refuse(Refusal.RATE)

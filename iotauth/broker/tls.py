@@ -62,15 +62,16 @@ class Flusher:
 class TlsLink(asyncio.Protocol):
     """One TCP connection with TLS done in memory. See the module docstring."""
 
-    __slots__ = ("_handshaken", "_incoming", "_links", "_on_handshake", "_on_open", "_outgoing", "_paused",
-                 "_pending_bytes", "_ssl", "_wbuf", "closed", "flusher", "peer", "receiver", "transport")
+    __slots__ = ("_context", "_handshaken", "_incoming", "_links", "_on_handshake", "_on_open", "_outgoing",
+                 "_paused", "_pending_bytes", "_ssl", "_wbuf", "closed", "flusher", "peer", "receiver", "transport")
 
     def __init__(self, context: ssl.SSLContext, flusher: Flusher, links: set[TlsLink],
                  on_open: Callable[[TlsLink], Receiver | None],
                  on_handshake: Callable[[TlsLink, bytes | None, BaseException | None], None]) -> None:
+        self._context = context
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._ssl: ssl.SSLObject | None = None  # made when the client says something: waiting costs no TLS state
         self.flusher = flusher
         self._links = links
         self._on_open = on_open
@@ -128,6 +129,8 @@ class TlsLink(asyncio.Protocol):
     # -- TLS -------------------------------------------------------------------------------
 
     def _handshake(self) -> None:
+        if self._ssl is None:
+            self._ssl = self._context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         try:
             self._ssl.do_handshake()
         except ssl.SSLWantReadError:
@@ -147,6 +150,7 @@ class TlsLink(asyncio.Protocol):
     def _read(self) -> None:
         chunks: list[bytes] = []
         failure: BaseException | None = None
+        assert self._ssl is not None
         read = self._ssl.read
         while True:
             try:
@@ -191,6 +195,8 @@ class TlsLink(asyncio.Protocol):
         data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
         self._wbuf.clear()
         self._pending_bytes = 0
+        if self._ssl is None:
+            return
         try:
             self._ssl.write(data)
         except (ssl.SSLError, OSError) as exc:
@@ -211,7 +217,7 @@ class TlsLink(asyncio.Protocol):
             return
         self.flush()
         self.closed = True
-        if self._handshaken:
+        if self._handshaken and self._ssl is not None:
             with contextlib.suppress(ssl.SSLError, OSError):  # SSLWantReadError: ours is written, theirs not awaited
                 self._ssl.unwrap()
             self._send_outgoing()

@@ -88,8 +88,7 @@ class TlsLink(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is not a subclass)
         self.peer = format_peer(transport.get_extra_info("peername"))
         self.receiver = self._on_open(self)
         if self.receiver is None:

@@ -2,8 +2,9 @@
 
     python examples/amqtt_broker.py examples/amqtt_config.yaml [--bind HOST:PORT]
 
-Uses :class:`iotauth.broker.IotAuthBroker` (amqtt's Broker, hardened), never
-``amqtt.broker.Broker``: under a stock broker the plugin fails closed.
+Uses :class:`iotauth.broker.IotAuthBroker` (amqtt's Broker behind iotauth's gate), never
+``amqtt.broker.Broker``: under a stock broker the plugin fails closed. ``iotauth broker`` itself
+runs iotauth's own engine; this is for configurations that need amqtt's plugins.
 Prints the listening addresses as one JSON line, runs until Ctrl-C.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from iotauth.broker.server import serve
+from iotauth.broker.amqtt_host import serve
 from iotauth.errors import IotAuthError
 
 PLUGIN = "iotauth.broker.IotAuthPlugin"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -19,6 +19,7 @@ from typing import Any
 
 from iotauth.errors import ConfigError, InvalidIdentity
 from iotauth.identity import validate_profile_name, validate_trust_domain
+from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
 
 HOME_ENV = "IOTAUTH_HOME"
 REGISTRY_ENV = "IOTAUTH_REGISTRY"
@@ -158,6 +159,7 @@ class Profile:
     rsa_min_bits: int = 2048
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
+    limits: SessionLimits = field(default_factory=SessionLimits)
 
 
 DEFAULT_DEVICE_PROFILE = Profile(
@@ -202,6 +204,7 @@ class Settings:
     broker_port: int = 8883
     serve: ServeSettings = ServeSettings()
     emqx: EmqxSettings = EmqxSettings()
+    intake_limits: IntakeLimits = field(default_factory=IntakeLimits)
 
     def profile(self, name: str) -> Profile:
         """Return the named profile or raise a :class:`ConfigError` listing the known ones."""
@@ -237,9 +240,11 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     broker = reader.table("broker")
     serve = reader.table("serve")
     emqx = reader.table("emqx")
-    profiles = {DEFAULT_PROFILE: DEFAULT_DEVICE_PROFILE}
+    intake, session_limits = parse_limits(broker.table("limits").raw, f"{source}: [broker.limits]")
+    profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits)}
     for name, table in reader.table("profiles").raw.items():
-        profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source))
+        profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source),
+                                        session_limits)
     return Settings(
         trust_domain=trust_domain,
         profiles=MappingProxyType(profiles),
@@ -268,10 +273,11 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
             api_key=emqx.get("api_key", str, None) or None,
             api_secret_env=emqx.get("api_secret_env", str, EmqxSettings.api_secret_env),
         ),
+        intake_limits=intake,
     )
 
 
-def _parse_profile(name: str, table: _Reader) -> Profile:
+def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> Profile:
     try:
         validate_profile_name(name)
     except InvalidIdentity as exc:
@@ -293,6 +299,7 @@ def _parse_profile(name: str, table: _Reader) -> Profile:
         subscribe=tuple(
             _strings(table.get("subscribe", list, list(base.subscribe)), f"profiles.{name}.subscribe", table)
         ),
+        limits=override(default_limits, table.table("limits").raw, f"{table.source}: [profiles.{name}.limits]"),
     )
 
 
@@ -357,6 +364,28 @@ id_template = "sensor-{{hardware_id}}"
 host = "localhost"
 port = 8883
 
+[broker.limits]
+# Before authentication: what anyone on the network can make 'iotauth broker' hold.
+max_pending = 4096               # connections in the TLS handshake or waiting for CONNECT, in total
+max_pending_per_address = 64     # ... per source address
+max_pending_per_network = 256    # ... per /24 (IPv4) or /64 (IPv6)
+max_waiting_per_address = 1024   # beyond those, connections wait unread (no TLS work) for their source's turn
+max_waiting = 16384
+failures_per_second = 20.0       # new connections per address that never authenticate (refunded on success)
+failure_burst = 200
+handshake_timeout = 10.0         # seconds; both deadlines shrink to min_timeout as the pending total fills up
+connect_timeout = 10.0
+min_timeout = 1.0
+max_connect_bytes = 65536
+# After authentication, per session (override any of these in [profiles.NAME.limits]).
+max_packet_size = 262144         # bytes, fixed header included
+max_subscriptions = 100
+max_filters_per_subscribe = 16
+max_inflight = 32                # unacknowledged QoS 1/2 messages in each direction
+max_queued = 1000                # QoS 1/2 messages kept for a persistent session while it is offline
+max_queued_bytes = 4194304
+max_retained = 100               # retained messages a device may own
+
 [serve]
 # 'iotauth serve' (HTTP: EMQX / mosquitto-go-auth authorizer, CRL, OCSP, admin API).
 bind = "127.0.0.1:8443"
@@ -386,4 +415,7 @@ validity_days = 90
 key_types = ["p256", "p384"]
 publish = ["devices/+/commands/#"]
 subscribe = ["devices/+/telemetry/#", "devices/+/state"]
+
+[profiles.ingest.limits]
+max_subscriptions = 1000
 '''

@@ -156,12 +156,43 @@ class PolicyDenied(IotAuthError):
         self.name = name
 
 
-class MalformedPacket(IotAuthError, ValueError):
-    """The bytes are not a well-formed MQTT 3.1.1 CONNECT; the connection is closed without CONNACK."""
+class MqttViolation(IotAuthError):
+    """A client broke the MQTT protocol or a broker limit; its connection is closed."""
+
+
+class MalformedPacket(MqttViolation, ValueError):
+    """The bytes are not a well-formed MQTT 3.1.1 packet (MQTT 3.1.1 §4.8: close the connection)."""
 
 
 class UnsupportedProtocol(MalformedPacket):
-    """A well-formed CONNECT of another protocol level (answered with CONNACK 0x01)."""
+    """A well-formed CONNECT of another protocol level (answered with CONNACK 0x01, or MQTT 5's 0x84)."""
+
+    def __init__(self, level: int, message: str) -> None:
+        super().__init__(message)
+        self.level = level
+
+
+class LimitExceeded(MqttViolation):
+    """A client went past one of the broker's resource limits.
+
+    Args:
+        limit: the limit's configuration key (``max_subscriptions``, ...), named in the audit log.
+        value: what the client asked for.
+        maximum: the configured limit.
+    """
+
+    def __init__(self, limit: str, value: int, maximum: int, detail: str = "") -> None:
+        super().__init__(f"{limit}: {value} > {maximum}" + (f" ({detail})" if detail else ""))
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum
+
+
+class PacketTooLarge(LimitExceeded):
+    """A packet's length (from its fixed header) is above ``max_packet_size``; its body is never buffered."""
+
+    def __init__(self, size: int, maximum: int) -> None:
+        super().__init__("max_packet_size", size, maximum, "packet refused from its fixed header")
 
 
 class ConnectRefused(IotAuthError):

@@ -1,8 +1,13 @@
 """Admission: one connection's certificate, the registry and the policy in; a binding or a denial out.
 
-The decision uses the certificate presented on *this* TLS connection (chain,
-usage and identity, cached by the verifier), the MQTT client id, the registry
-(certificate and device both active) and the profile's compiled policy.
+Two steps. :meth:`AdmissionControl.precheck` runs as soon as the TLS handshake
+ends and decides from the certificate presented on *this* TLS connection
+alone (chain, usage and identity, cached by the verifier; the registry:
+certificate and device both active; the profile's compiled policy), so a
+refused certificate never waits for a CONNECT. :meth:`AdmissionControl.admit`
+then decides on the CONNECT: the client id must be the certificate's device
+id, the will must be inside the policy, and no revocation may have landed
+in between.
 
 * **Credential cache.** Usable credentials are cached by fingerprint
   (:class:`CredentialCache`), and the change feed keeps the cache coherent:
@@ -27,12 +32,13 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from iotauth.broker.audit import BrokerAudit
 from iotauth.broker.binding import Admission, Binding, Bindings, Denial, GuardOptions
-from iotauth.broker.mqtt import NOT_AUTHORISED, SERVER_UNAVAILABLE, Connect
+from iotauth.broker.mqtt import IDENTIFIER_REJECTED, NOT_AUTHORISED, SERVER_UNAVAILABLE, Connect
 from iotauth.certs import cert_time
 from iotauth.config import DEFAULT_PROFILE
 from iotauth.errors import IotAuthError, PolicyDenied, Rejection
@@ -178,6 +184,16 @@ class CompiledPolicies:
         return policy
 
 
+@dataclass(frozen=True)
+class Precheck:
+    """What the certificate of a connection established, before its CONNECT (see :meth:`AdmissionControl.precheck`)."""
+
+    identity: CertificateIdentity
+    profile: str
+    policy: SessionPolicy
+    cursor: int
+
+
 class AdmissionControl:
     """Decide on connections (see the module docstring) and record every denial.
 
@@ -220,30 +236,44 @@ class AdmissionControl:
         self._revoked_serials = revoked_serials
         self._clock = clock
 
+    async def precheck(self, der: bytes, peer: str, listener: str) -> Precheck | Denial:
+        """Decide what the certificate alone decides: chain, identity, registry status and profile.
+
+        Called as soon as the TLS handshake ends, so a refused certificate is
+        audited and its connection closed without waiting for a CONNECT. The
+        feed position read *before* the registry lookup travels with the result,
+        so :meth:`admit` can see a revocation that lands in between.
+        """
+        decision = await self._precheck(der)
+        if isinstance(decision, Denial):
+            self._record_denial(decision, None, peer, listener)
+        return decision
+
     async def admit(
-        self, der: bytes, connect: Connect, peer: str, listener: str, close: Callable[[], None]
+        self, pre: Precheck, connect: Connect, peer: str, listener: str, close: Callable[[], None]
     ) -> Binding | Denial:
-        """Decide on one connection from its certificate (DER, from *its* TLS session) and its CONNECT."""
-        decision = await self._decide(der, connect, peer, listener, close)
+        """Decide on the CONNECT of a connection whose certificate passed :meth:`precheck`, and register it."""
+        decision = await self._admit(pre, connect, peer, listener, close)
         if isinstance(decision, Denial):
             self._record_denial(decision, connect.client_id, peer, listener)
         return decision
 
     def deny_handshake(self, reason: str, detail: str, peer: str, listener: str) -> None:
-        """Record a connection refused during the TLS handshake (no certificate to name it by)."""
+        """Record a connection refused before a certificate named it."""
         self._record_denial(Denial(reason, detail), None, peer, listener)
 
-    async def _decide(
-        self, der: bytes, connect: Connect, peer: str, listener: str, close: Callable[[], None]
-    ) -> Binding | Denial:
+    def deny_connect(self, reason: str, detail: str, fingerprint: str | None, peer: str, listener: str, *,
+                     device_id: str | None = None) -> None:
+        """Record a connection refused after its handshake, by its certificate."""
+        self._record_denial(Denial(reason, detail, device_id=device_id, fingerprint=fingerprint), None, peer,
+                            listener)
+
+    async def _precheck(self, der: bytes) -> Precheck | Denial:
         try:
             identity = self.verifier.verify_der(der, self._clock())
         except Rejection as exc:
             return Denial(f"certificate-{exc.code}", str(exc), fingerprint=hashlib.sha256(der).hexdigest())
         deny = _denier(identity)
-        if connect.client_id != identity.device_id:
-            return deny("client-id-mismatch",
-                        f"client id {connect.client_id[:80]!r} is not the certificate's device id")
         if not self.options.fail_open:
             if not self.feed.healthy:
                 return deny("registry-unavailable", "registry change feed is not readable", SERVER_UNAVAILABLE)
@@ -253,9 +283,25 @@ class AdmissionControl:
         found = await self._lookup(identity)
         if isinstance(found, Denial):
             return found
-        profile = found
         try:
-            policy = self.compiled.bind(profile, identity.device_id)
+            policy = self.compiled.bind(found, identity.device_id)
+        except (PolicyDenied, IotAuthError) as exc:
+            return deny("unknown-profile", str(exc))
+        return Precheck(identity, found, policy, cursor)
+
+    async def _admit(
+        self, pre: Precheck, connect: Connect, peer: str, listener: str, close: Callable[[], None]
+    ) -> Binding | Denial:
+        identity, profile = pre.identity, pre.profile
+        deny = _denier(identity)
+        if not connect.client_id:
+            return deny("client-id-empty", "a zero-length client id cannot name a certificate's device",
+                        IDENTIFIER_REJECTED)
+        if connect.client_id != identity.device_id:
+            return deny("client-id-mismatch",
+                        f"client id {connect.client_id[:80]!r} is not the certificate's device id")
+        try:
+            policy = self.compiled.bind(profile, identity.device_id)  # the same object unless a reload happened
         except (PolicyDenied, IotAuthError) as exc:
             return deny("unknown-profile", str(exc))
         if connect.will is not None and not policy.allows_publish(connect.will.topic):
@@ -265,7 +311,7 @@ class AdmissionControl:
             connect.clean_session,
         )
         binding = Binding(admission, policy, self.compiled.generation, close)
-        if self.recent.since(identity, cursor):
+        if self.recent.since(identity, pre.cursor):
             return deny("revoked-during-connect", "revoked while the connection was being checked")
         self.bindings.register(binding)
         try:

@@ -14,12 +14,12 @@ Three kinds of write, with three policies:
   the guard refuses new connects (CONNACK 0x03) exactly as for an unreadable
   registry. Deployments that want the record on disk *before* CONNACK set
   ``durable_accept`` (``--durable-accept-audit``) and pay the commit per connect.
-* **Denied CONNECT and kicks: queued the same way, never awaited.** An
+* **Refused CONNECTs and limit breaches: aggregated, never dropped.** An
   unauthenticated client must not be able to make the broker wait on disk for
-  it. Denials are rate-limited (a token bucket); beyond the limit they are
-  *counted* per reason and written as one ``broker.audit.suppressed`` event
-  per flush, so no denial goes uncounted even during a flood. Kicks are never
-  rate-limited.
+  it, nor thin out the trail by flooding: :class:`~iotauth.broker.ledger.DenialLedger`
+  writes the first refusal per (fingerprint, reason, source) in full and then
+  counts repeats, written with first/last times at a growing interval.
+* **Kicks: queued the same way, never awaited, never aggregated.**
 * **Denied PUBLISH / SUBSCRIBE / RECEIVE: aggregated in memory.** The per-packet
   path only bumps a counter (no I/O); every ``topic_interval`` (1 s) one event
   per (device, action, reason) is written with the count and the first
@@ -28,7 +28,7 @@ Three kinds of write, with three policies:
 Attacker-controlled strings (client ids, topics) are truncated before they are
 stored; the audit log escapes them as JSON. Records are buffered and written
 by the registry's shared :class:`~iotauth.registry.journal.EventJournal`; the
-rate limit and the aggregation above are the broker's own.
+aggregation above is the broker's own.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from iotauth.broker.ledger import DenialLedger
 from iotauth.errors import JournalWriteFailed, RegistryError
 from iotauth.registry.events import EventKind, topic_denied
 from iotauth.registry.journal import EventJournal, EventWriter
@@ -65,22 +66,6 @@ def broker_actor() -> str:
 
 
 @dataclass
-class _Bucket:
-    rate: float
-    burst: float
-    tokens: float
-    stamp: float
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-@dataclass
 class _TopicDenials:
     count: int = 0
     first_topic: str | None = None
@@ -91,7 +76,7 @@ class AuditStats:
     accepted: int = 0
     denied: int = 0
     kicked: int = 0
-    suppressed: Counter[str] = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)
     topic_denied: int = 0
     lost: int = 0
 
@@ -104,8 +89,6 @@ class BrokerAudit:
         writer: EventWriter,
         *,
         actor: str | None = None,
-        deny_rate: float = 20.0,
-        deny_burst: float = 200.0,
         flush_interval: float = 0.05,
         durable_accept: bool = False,
         topic_interval: float = 1.0,
@@ -115,9 +98,8 @@ class BrokerAudit:
         self.actor = actor or broker_actor()
         self._journal = EventJournal(writer, self.actor, "the broker's audit journal")
         self._clock = clock
-        self._bucket = _Bucket(deny_rate, deny_burst, deny_burst, clock())
+        self.ledger = DenialLedger(clock=clock)
         self._flush_interval = flush_interval
-        self._suppressed: Counter[str] = Counter()
         self._topics: dict[tuple[str, str, str], _TopicDenials] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -170,17 +152,15 @@ class BrokerAudit:
             raise RegistryError(f"audit write failed: {exc}") from exc
 
     def denied(self, reason: str, device_id: str | None, data: dict[str, Any]) -> bool:
-        """Queue a denied-connect record; if denials arrive faster than the rate limit, only count it.
-
-        Returns whether it was recorded individually (callers log only those, for the same reason).
-        """
+        """Record a refused connect (aggregated, see the module docstring); ``True`` the first time for its key."""
         self.stats.denied += 1
-        if not self._bucket.take(self._clock()) or self._journal.backlog >= MAX_QUEUE:
-            self._suppressed[reason] += 1
-            self.stats.suppressed[reason] += 1
-            return False
-        self._enqueue(EventKind.BROKER_CONNECT_DENIED, device_id, {"reason": reason, **data})
-        return True
+        self.stats.refusals[reason] += 1
+        return self.ledger.record(EventKind.BROKER_CONNECT_DENIED, reason, device_id, data)
+
+    def limit_exceeded(self, kind: EventKind, reason: str, device_id: str, data: dict[str, Any]) -> bool:
+        """Record a session closed for a limit or a protocol violation (aggregated like refusals)."""
+        self.stats.refusals[reason] += 1
+        return self.ledger.record(kind, reason, device_id, data)
 
     def kicked(self, device_id: str, data: dict[str, Any]) -> None:
         self.stats.kicked += 1
@@ -228,9 +208,8 @@ class BrokerAudit:
                 )
             self._topics = {}
             self._topics_flushed = now
-        if self._suppressed:
-            self._journal.record(EventKind.BROKER_AUDIT_SUPPRESSED, None, {"connect_denied": dict(self._suppressed)})
-            self._suppressed = Counter()
+        for kind, subject, data in self.ledger.due(everything=self._closing):
+            self._journal.record(kind, subject, data)
         if not self._journal.backlog:
             return
         try:

@@ -1,8 +1,8 @@
 """What the gate, the broker and the guard share about admitted connections.
 
 A :class:`Binding` is one admitted connection's authorization state; the gate
-creates it (through the guard's admission), the broker attaches it to the
-amqtt session, and the guard withdraws it. :class:`Bindings` is the table of
+creates it (through the guard's admission), the host attaches it to the
+session it opens, and the guard withdraws it. :class:`Bindings` is the table of
 live ones, and the one way to take a binding's rights away (:meth:`Bindings.kick`).
 The broker hosting the sessions is reached only through the small
 :class:`SessionHost` protocol, so nothing here imports amqtt.
@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Collection, Iterable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -107,9 +106,7 @@ class Binding:
         if self.revoked is not None:
             return False
         self.revoked = reason
-        self.cancel_timer()
-        if self.session is not None:
-            self.session.will_flag = False  # a kicked client gets no last word
+        self.cancel_timer()  # hosts see ``revoked`` and publish no will: a kicked client gets no last word
         with contextlib.suppress(Exception):
             self._close()
         return True
@@ -125,15 +122,6 @@ class Binding:
 
     def __repr__(self) -> str:
         return f"Binding({self.device_id!r}, {self.admission.fingerprint[:12]}, revoked={self.revoked!r})"
-
-
-ADMISSION: ContextVar[Binding | None] = ContextVar("iotauth_admission", default=None)
-"""Set by the gate for the task that hands an admitted connection to amqtt.
-
-amqtt runs plugin calls in tasks created from that task, which copy the
-context, so the auth plugin sees the binding of *this* connection and nothing
-else; a connection that did not come through the gate has none and is refused.
-"""
 
 
 class SessionHost(Protocol):

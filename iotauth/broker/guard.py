@@ -1,7 +1,7 @@
 """The broker's security state, free of amqtt: admission, live revocation, expiry and policy reload.
 
-The :class:`Guard` puts three parts together and is what the gate, the amqtt
-plugin and the broker talk to:
+The :class:`Guard` puts three parts together and is what the gate and the
+hosts behind it (iotauth's engine, or amqtt) talk to:
 
 * **Admission** (:mod:`iotauth.broker.admission`) decides whether a connection
   may become a session, from the certificate on *that* TLS connection, the
@@ -23,9 +23,8 @@ What stays here is what spans them:
   recompiles every live binding (connected or offline); the broker then drops
   subscriptions the new rules no longer cover.
 
-The broker side talks to the guard through the small
-:class:`~iotauth.broker.binding.SessionHost` protocol and the
-:data:`~iotauth.broker.binding.ADMISSION` context variable; nothing here imports amqtt.
+The hosts talk to the guard through the small
+:class:`~iotauth.broker.binding.SessionHost` protocol; nothing here imports amqtt.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from iotauth.broker.admission import (
     AdmissionControl,
     CompiledPolicies,
     CredentialCache,
+    Precheck,
     RecentRevocations,
 )
 from iotauth.broker.audit import BrokerAudit
@@ -162,21 +162,39 @@ class Guard:
 
     # -- admission -------------------------------------------------------------------------
 
+    async def precheck(self, der: bytes, peer: str, listener: str) -> Precheck | Denial:
+        """What the certificate alone decides, when the TLS handshake ends (see :mod:`iotauth.broker.admission`)."""
+        return await self._admission.precheck(der, peer, listener)
+
     async def admit(
-        self, der: bytes, connect: Connect, peer: str, listener: str, close: Callable[[], None]
+        self, pre: Precheck, connect: Connect, peer: str, listener: str, close: Callable[[], None]
     ) -> Binding | Denial:
-        """Decide on one connection from its certificate (DER, from *its* TLS session) and its CONNECT."""
-        return await self._admission.admit(der, connect, peer, listener, close)
+        """Decide on the CONNECT of a connection whose certificate passed :meth:`precheck`, and register it."""
+        return await self._admission.admit(pre, connect, peer, listener, close)
 
     def deny_handshake(self, reason: str, detail: str, peer: str, listener: str) -> None:
-        """Record a connection refused during the TLS handshake (no certificate to name it by)."""
+        """Record a connection refused before a certificate named it (summarised per source under a flood)."""
         self._admission.deny_handshake(reason, detail, peer, listener)
 
-    def attach(self, binding: Binding, session: Any, client_id: str | None, will_topic: str | None) -> bool:
-        """Bind an admitted connection to the broker session amqtt built for it (the auth plugin's call).
+    def deny_connect(self, reason: str, detail: str, fingerprint: str | None, peer: str, listener: str, *,
+                     device_id: str | None = None) -> None:
+        """Record a connection refused after its handshake (a bad first packet, a deadline) by its certificate."""
+        self._admission.deny_connect(reason, detail, fingerprint, peer, listener, device_id=device_id)
 
-        Re-checks what amqtt parsed against what the gate decided, so even a
-        parser disagreement cannot attach the binding to another client's session.
+    def limit_exceeded(self, binding: Binding, limit: str, detail: str) -> None:
+        """Record that a session was closed for breaking a limit (``max_...``) or the protocol."""
+        admission = binding.admission
+        kind = EventKind.BROKER_PROTOCOL_VIOLATION if limit == "protocol-violation" else EventKind.BROKER_LIMIT_EXCEEDED
+        self.audit.limit_exceeded(kind, limit, admission.device_id, {
+            "limit": limit, "detail": detail[:300], "fingerprint": admission.fingerprint, "peer": admission.peer,
+            "listener": admission.listener,
+        })
+
+    def attach(self, binding: Binding, session: Any, client_id: str | None, will_topic: str | None) -> bool:
+        """Bind an admitted connection to the session its host opened for it.
+
+        Re-checks what the host parsed against what the gate decided, so even a
+        parser disagreement (amqtt's) cannot attach the binding to another client's session.
         """
         if binding.revoked is not None or client_id != binding.device_id:
             return False

@@ -29,7 +29,7 @@ from iotauth.cli.render import warn
               help="Commit each accept record to the audit log before CONNACK (one commit per connect). "
               "Default: group-committed within 50 ms; no one is admitted while records cannot be written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the listening addresses as one JSON line on stdout.")
-@click.option("-v", "--verbose", count=True, help="-v: also log every accepted connect; -vv: also amqtt's own logs.")
+@click.option("-v", "--verbose", count=True, help="-v: also log every accepted connect.")
 @pass_cli
 def broker(
     ctx: CliContext,
@@ -48,7 +48,8 @@ def broker(
     their device id. SIGINT/SIGTERM stop it cleanly; SIGHUP (or editing
     iotauth.toml) reloads the topic policies for live sessions too.
     """
-    from iotauth.broker.server import Started, broker_config, serve
+    from iotauth.broker.runtime import BrokerOptions
+    from iotauth.broker.server import Started, serve
 
     ctx.home.require_initialised()
     settings = ctx.settings()
@@ -62,7 +63,7 @@ def broker(
         logging.getLogger(name).setLevel(logging.INFO if verbose > 1 else logging.ERROR)
     if fail_open:
         warn("--fail-open: while the registry is unreadable, revoked and suspended devices may connect")
-    config = broker_config(
+    options = BrokerOptions(
         home=str(ctx.home.root),
         registry=ctx.registry_url,
         bind=bind or f":{settings.broker_port}",
@@ -79,7 +80,7 @@ def broker(
             sys.stdout.write(json.dumps({"listening": listening}) + "\n")
             sys.stdout.flush()
 
-    run(serve(config, on_started=started))
+    run(serve(options, on_started=started))
 
 
 COMMANDS: tuple[click.Command, ...] = (broker,)

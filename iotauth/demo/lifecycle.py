@@ -17,7 +17,8 @@ from typing import Any
 
 from iotauth.authority import Authority, open_authority
 from iotauth.bootstrap import initialise_home
-from iotauth.broker.server import IotAuthBroker, broker_config
+from iotauth.broker.runtime import BrokerOptions
+from iotauth.broker.server import Broker
 from iotauth.config import Home
 from iotauth.demo.home import issue_operator_identity, operator_folder, use_broker_port
 from iotauth.errors import ConnectRefused, DemoFailed, IotAuthError
@@ -110,7 +111,7 @@ class Demo:
         self.clients: list[MqttClient] = []
         self.registry: Registry | None = None
         self.authority: Authority | None = None
-        self.broker: IotAuthBroker | None = None
+        self.broker: Broker | None = None
         self.port = 0
 
     @contextlib.asynccontextmanager
@@ -167,7 +168,7 @@ class Demo:
 
     async def start_broker(self) -> None:
         async with self.step("start the mTLS broker") as note:
-            self.broker = IotAuthBroker(broker_config(home=str(self.home.root), bind=f"127.0.0.1:{self.port}"))
+            self.broker = Broker(BrokerOptions(home=str(self.home.root), bind=f"127.0.0.1:{self.port}"))
             await self.broker.start()
             note.append(f"127.0.0.1:{self.port}, client certificates required")
             self.run.facts["broker"] = f"127.0.0.1:{self.port}"

@@ -50,7 +50,9 @@ class EventKind(StrEnum):
     BROKER_PUBLISH_DENIED = "broker.publish.denied"
     BROKER_SUBSCRIBE_DENIED = "broker.subscribe.denied"
     BROKER_RECEIVE_DENIED = "broker.receive.denied"
-    BROKER_AUDIT_SUPPRESSED = "broker.audit.suppressed"
+    BROKER_AUDIT_SUPPRESSED = "broker.audit.suppressed"  # no longer written (refusals are aggregated); older logs
+    BROKER_LIMIT_EXCEEDED = "broker.limit.exceeded"
+    BROKER_PROTOCOL_VIOLATION = "broker.protocol.violation"
     BROKER_REGISTRY_RECOVERED = "broker.registry.recovered"
     BROKER_POLICY_RELOADED = "broker.policy.reloaded"
     BROKER_POLICY_RELOAD_FAILED = "broker.policy.reload_failed"

@@ -240,12 +240,6 @@ def test_client_id_mismatch(broker: BrokerProcess, pki: Pki) -> None:
     assert record["reason"] == "client-id-mismatch" and record["device_id"] == "rej-mismatch"
 
 
-def test_empty_client_id_is_a_mismatch(broker: BrokerProcess, pki: Pki) -> None:
-    creds = pki.issue("rej-emptyid")
-    assert refused(broker, creds, client_id="").code == 5
-    assert denial(broker, fingerprint=creds.fingerprint)["reason"] == "client-id-mismatch"
-
-
 @pytest.mark.parametrize("hostile", ["evil/dev", "dev+", "dev#", "+", "#"])
 def test_identity_with_separator_or_wildcard(broker: BrokerProcess, pki: Pki, hostile: str) -> None:
     creds = pki.forge(f"rej-hostile-{hostile}", common_name=hostile,

@@ -67,6 +67,15 @@ def make_guard(home: Home, registry: Any, **options: Any) -> Guard:
     )
 
 
+async def through(guard: Guard, der: bytes, connect: Connect, peer: str, listener: str,
+                  close: Callable[[], None]) -> Binding | Denial:
+    """What the gate does: the certificate is checked when the handshake ends, then the CONNECT is admitted."""
+    pre = await guard.precheck(der, peer, listener)
+    if isinstance(pre, Denial):
+        return pre
+    return await guard.admit(pre, connect, peer, listener, close)
+
+
 async def issue(authority: Authority, device_id: str) -> bytes:
     issued = await authority.issue(make_csr(generate_private_key("p256")), device_id, actor="test")
     return issued.certificate.public_bytes(serialization.Encoding.DER)
@@ -84,7 +93,7 @@ async def test_revocation_landing_during_the_lookup_is_not_missed(home: Home, re
             await guard.apply(await registry.events(after_id=guard.cursor))
 
         hooked.after_lookup = revoke_and_apply  # the lookup saw "active"; the revocation lands right after
-        decision = await guard.admit(der, Connect("racer", True, 30), "peer:1", "mqtts", lambda: None)
+        decision = await through(guard, der, Connect("racer", True, 30), "peer:1", "mqtts", lambda: None)
         assert isinstance(decision, Denial) and decision.reason == "revoked-during-connect"
         assert guard.connections("racer") == []
     finally:
@@ -98,7 +107,7 @@ async def test_revocation_after_admission_kicks_before_the_session_exists(home: 
     await guard.start(NoHost())
     closed: list[bool] = []
     try:
-        binding = await guard.admit(der, Connect("late-kick", True, 30), "peer:1", "mqtts",
+        binding = await through(guard, der, Connect("late-kick", True, 30), "peer:1", "mqtts",
                                     lambda: closed.append(True))
         assert isinstance(binding, Binding)
         await registry.revoke("late-kick", RevocationReason.UNSPECIFIED, actor="test")
@@ -116,7 +125,7 @@ async def test_attach_refuses_what_amqtt_parsed_differently(home: Home, registry
     guard = make_guard(home, registry)
     await guard.start(NoHost())
     try:
-        binding = await guard.admit(der, Connect("parsed", True, 30), "p:1", "mqtts", lambda: None)
+        binding = await through(guard, der, Connect("parsed", True, 30), "p:1", "mqtts", lambda: None)
         assert isinstance(binding, Binding)
         assert not guard.attach(binding, object(), "someone-else", None)
         assert not guard.attach(binding, object(), "parsed", "devices/someone-else/commands/x")
@@ -132,15 +141,16 @@ async def test_unhealthy_registry_refuses_and_then_drops_sessions(home: Home, re
     await guard.start(NoHost())
     closed: list[str] = []
     try:
-        live = await guard.admit(der, Connect("outage-live", True, 30), "p:1", "mqtts", lambda: closed.append("live"))
+        live = await through(guard, der, Connect("outage-live", True, 30), "p:1", "mqtts",
+                             lambda: closed.append("live"))
         assert isinstance(live, Binding)
         guard.feed.unhealthy(OSError("disk gone"))  # what the feed loop does when a poll fails
-        refused = await guard.admit(other, Connect("outage-new", True, 30), "p:2", "mqtts", lambda: None)
+        refused = await through(guard, other, Connect("outage-new", True, 30), "p:2", "mqtts", lambda: None)
         assert isinstance(refused, Denial) and (refused.reason, refused.return_code) == ("registry-unavailable", 3)
         guard.feed.unhealthy(OSError("still gone"))  # grace (0 s) is over: fail closed
         assert closed == ["live"] and live.revoked == "registry-unavailable"
         guard.feed.recovered()
-        back = await guard.admit(other, Connect("outage-new", True, 30), "p:2", "mqtts", lambda: None)
+        back = await through(guard, other, Connect("outage-new", True, 30), "p:2", "mqtts", lambda: None)
         assert isinstance(back, Binding)
     finally:
         await guard.close()
@@ -152,29 +162,43 @@ async def test_will_outside_policy_and_unknown_profile(home: Home, registry: Reg
     await guard.start(NoHost())
     try:
         bad_will = Connect("willful", True, 30, Will("devices/other/commands/x", b"", 0, False))
-        decision = await guard.admit(der, bad_will, "p:1", "mqtts", lambda: None)
+        decision = await through(guard, der, bad_will, "p:1", "mqtts", lambda: None)
         assert isinstance(decision, Denial) and decision.reason == "will-topic-denied"
         guard.policies = PolicySet.from_profiles([])  # the device's profile vanished from the config
-        decision = await guard.admit(der, Connect("willful", True, 30), "p:1", "mqtts", lambda: None)
+        decision = await through(guard, der, Connect("willful", True, 30), "p:1", "mqtts", lambda: None)
         assert isinstance(decision, Denial) and decision.reason == "unknown-profile"
     finally:
         await guard.close()
 
 
-async def test_denial_floods_are_counted_not_lost(registry: Registry) -> None:
-    audit = BrokerAudit(registry, deny_rate=0.0, deny_burst=3, flush_interval=60, topic_interval=0)
+async def test_denial_floods_are_aggregated_not_lost(registry: Registry) -> None:
+    audit = BrokerAudit(registry, flush_interval=60, topic_interval=0)
     for n in range(500):
         audit.denied("tls-no-client-certificate", None, {"peer": f"10.0.0.1:{n}"})
+        if n == 250:  # a stolen, revoked certificate hidden in the flood
+            audit.denied("certificate-revoked", "stolen", {"peer": "10.0.0.1:9999", "fingerprint": "ab" * 32})
+    for n in range(200):
+        audit.denied("tls-no-client-certificate", None, {"peer": f"10.0.0.2:{n}"})
     for n in range(1000):
         audit.topic_denied("dev1", "publish", "no publish rule matches the topic", f"devices/dev2/x/{n}")
     await audit.flush()
     events = await registry.events(after_id=0)
-    denied = [e for e in events if e.kind == "broker.connect.denied"]
-    suppressed = [e for e in events if e.kind == "broker.audit.suppressed"]
+    denied = {(e.data["reason"], e.data["peer"].split(":")[0]): e for e in events if e.kind == "broker.connect.denied"}
+    assert set(denied) == {("tls-no-client-certificate", "10.0.0.1"), ("certificate-revoked", "10.0.0.1"),
+                           ("tls-no-client-certificate", "10.0.0.2")}
+    assert denied["tls-no-client-certificate", "10.0.0.1"].data["count"] == 500
+    assert denied["tls-no-client-certificate", "10.0.0.2"].data["count"] == 200
+    stolen = denied["certificate-revoked", "10.0.0.1"]
+    assert (stolen.device_id, stolen.data["fingerprint"], stolen.data["count"]) == ("stolen", "ab" * 32, 1)
     publish = [e for e in events if e.kind == "broker.publish.denied"]
-    assert len(denied) == 3
-    assert suppressed[0].data == {"connect_denied": {"tls-no-client-certificate": 497}}
     assert publish[0].data["count"] == 1000 and publish[0].data["first_topic"] == "devices/dev2/x/0"
+    for n in range(100):  # the flood goes on: counted now, written at the next interval (or at close)
+        audit.denied("tls-no-client-certificate", None, {"peer": f"10.0.0.1:{n}"})
+    await audit.flush()
+    assert len([e for e in await registry.events(after_id=0) if e.kind == "broker.connect.denied"]) == 3
+    await audit.close()
+    last = [e for e in await registry.events(after_id=0) if e.kind == "broker.connect.denied"][-1]
+    assert (last.data["count"], last.data["total"]) == (100, 600)
     assert (await registry.verify_audit()).ok
 
 
@@ -190,7 +214,7 @@ async def test_policy_checks_never_touch_the_registry(home: Home, registry: Regi
     guard = make_guard(home, Counting(registry))
     await guard.start(NoHost())
     try:
-        binding = await guard.admit(der, Connect("hot-path", True, 30), "p:1", "mqtts", lambda: None)
+        binding = await through(guard, der, Connect("hot-path", True, 30), "p:1", "mqtts", lambda: None)
         assert isinstance(binding, Binding) and len(calls) == 1
         for n in range(1000):
             binding.allows("publish", f"devices/hot-path/telemetry/{n}")

@@ -94,10 +94,33 @@ def test_malformed_first_packets_get_no_connack(broker: BrokerProcess, pki: Pki,
     assert any(e.data["reason"] == reason for e in denials)
 
 
-def test_mqtt5_connect_is_answered_with_unacceptable_protocol(broker: BrokerProcess, pki: Pki) -> None:
+def test_mqtt5_connect_is_answered_in_mqtt5s_own_form(broker: BrokerProcess, pki: Pki) -> None:
     creds = pki.issue("raw-mqtt5")
     body = struct.pack("!H", 4) + b"MQTT" + bytes([5, 0x02]) + struct.pack("!H", 30) + b"\x00" + struct.pack(
         "!H", len(creds.device_id)) + creds.device_id.encode()
     with tls_socket(broker, creds) as sock:
         sock.sendall(bytes([0x10, len(body)]) + body)
-        assert read_until_closed(sock)[:4] == b"\x20\x02\x00\x01"
+        # CONNACK, remaining length 3, no session, reason 0x84 "Unsupported Protocol Version", no properties
+        assert read_until_closed(sock) == b"\x20\x03\x00\x84\x00"
+
+
+def test_mqtt31_connect_is_answered_with_unacceptable_protocol(broker: BrokerProcess, pki: Pki) -> None:
+    creds = pki.issue("raw-mqtt31")
+    body = struct.pack("!H", 6) + b"MQIsdp" + bytes([3, 0x02]) + struct.pack("!H", 30) + struct.pack(
+        "!H", len(creds.device_id)) + creds.device_id.encode()
+    with tls_socket(broker, creds) as sock:
+        sock.sendall(bytes([0x10, len(body)]) + body)
+        assert read_until_closed(sock) == b"\x20\x02\x00\x01"
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_empty_client_id_is_identifier_rejected(broker: BrokerProcess, pki: Pki, clean: bool) -> None:
+    """MQTT-3.1.3-8: a zero-length client id with CleanSession=0 gets 0x02. With CleanSession=1 the server
+    may assign one, but the client id must be the certificate's device id, so it is refused the same way."""
+    creds = pki.issue(f"raw-empty-id-{int(clean)}")
+    with tls_socket(broker, creds) as sock:
+        sock.sendall(encode_connect(Connect("", clean, 30)))
+        assert read_until_closed(sock) == b"\x20\x02\x00\x02"
+    record = wait_for(lambda: [e for e in audit_events(broker.home, "broker.connect.denied")
+                               if e.data.get("fingerprint") == creds.fingerprint], message="audit")[-1]
+    assert record.data["reason"] == "client-id-empty" and record.device_id == creds.device_id

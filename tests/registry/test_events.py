@@ -28,6 +28,7 @@ STORED = {
     "broker.started", "broker.stopped", "broker.connect.accepted", "broker.connect.denied", "broker.session.kicked",
     "broker.publish.denied", "broker.subscribe.denied", "broker.receive.denied", "broker.audit.suppressed",
     "broker.registry.recovered", "broker.policy.reloaded", "broker.policy.reload_failed",
+    "broker.limit.exceeded", "broker.protocol.violation",
 }
 
 

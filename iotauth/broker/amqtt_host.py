@@ -509,10 +509,16 @@ async def serve(config: BrokerConfig | dict[str, Any], on_started: Callable[[Sta
     await run(IotAuthBroker(config), on_started, stop)
 
 
+async def serve_options(options: BrokerOptions, on_started: Callable[[Started], None] | None = None,
+                        stop: asyncio.Event | None = None) -> None:
+    """``iotauth broker --engine amqtt``: an :class:`IotAuthBroker` built from the native broker's options."""
+    await run(IotAuthBroker(broker_config(**asdict(options))), on_started, stop)
+
+
 def broker_config(**options: Any) -> dict[str, Any]:
     """An amqtt config: one external listener and the iotauth plugin (options as in :class:`IotAuthPlugin.Config`)."""
     return {"listeners": {"default": {"type": "external"}}, "plugins": {PLUGIN_PATH: options}}
 
 
 __all__ = ["ADMISSION", "BINDING_KEY", "AmqttHost", "IotAuthBroker", "IotAuthPlugin", "binding_of", "broker_config",
-           "serve"]
+           "serve", "serve_options"]

@@ -86,6 +86,10 @@ class RegistryMissing(RegistryError):
         self.path = path
 
 
+class RegistryReplaced(RegistryError):
+    """The database at the registry's location is another registry than the one opened (another instance id)."""
+
+
 class AuditChainBroken(RegistryError):
     """The hash-chained audit log does not verify."""
 
@@ -205,6 +209,10 @@ class ConnectRefused(IotAuthError):
     def __init__(self, code: int | None, detail: str) -> None:
         super().__init__(f"connection refused ({code}): {detail}")
         self.code = code
+
+
+class OutputNotWritten(IotAuthError):
+    """A file the operator asked for could not be written; the message says what is already done and how to recover."""
 
 
 class BadRequest(IotAuthError):

@@ -60,6 +60,8 @@ class Registry(EventFeed):
         """The id this registry was created with; a copy of the database (a backup) keeps it."""
         self._lost: str | None = None
         self._reopening = asyncio.Lock()
+        self.generation = 0
+        """How many times the database was reopened; caches of what was read before are stale when it moves."""
         self._issuance: Coalescer[IssuanceRequest, CertificateRecord] = Coalescer(self._record_batch)
 
     async def __aenter__(self) -> Registry:
@@ -99,6 +101,26 @@ class Registry(EventFeed):
             return self._lost or "the registry is closed"
         return await self._store.changed(self._connections)
 
+    async def ensure_identity(self) -> bool:
+        """Reopen the database if it was replaced by a copy of itself; return whether it was reopened.
+
+        For long-running users (``iotauth serve``, the broker): call it on every
+        poll. Changes are logged once, when they happen.
+
+        Raises:
+            RegistryError: the database is gone, empty, foreign or another
+                registry; every read and write fails until it is back.
+        """
+        change = await self.identity_changed()
+        if change is None:
+            return False
+        if self._lost is None:
+            log.error("%s: reopening it", change)
+        await self.reopen()
+        log.warning("registry %s reopened (instance %s); reads and writes go to it from now on",
+                    self.location, self.instance_id)
+        return True
+
     async def reopen(self) -> None:
         """Use the database now at :attr:`location` in place of the one open (which was replaced).
 
@@ -131,14 +153,19 @@ class Registry(EventFeed):
             old, self._connections = self._connections, fresh
             self._use(fresh.writer, fresh.reader, fresh.wait_change)
             self._lost = None
+            self.generation += 1
             if old is not None:
                 await _close_quietly(old)
 
     async def _give_up(self, reason: str) -> None:
+        if self._lost is None:
+            log.error("giving up registry %s, failing closed (every read and write is refused until the "
+                      "database is back): %s", self.location, reason)
         refusing = Unavailable(reason)
         await self._batcher.swap(refusing)
         self._use(refusing, refusing, None)
         self._lost = reason
+        self.generation += 1
         old, self._connections = self._connections, None
         if old is not None:
             await _close_quietly(old)

@@ -94,6 +94,10 @@ class AuditChainBroken(RegistryError):
     """The hash-chained audit log does not verify."""
 
 
+class AnchorError(IotAuthError):
+    """An audit anchor (the log's head kept outside the home) cannot be read, written or understood."""
+
+
 class ProvisioningError(IotAuthError):
     """A provisioning step failed on the device or on the link."""
 

@@ -252,12 +252,19 @@ class Registry(EventFeed):
         activate: bool = False,
         actor: str,
         details: dict[str, Any] | None = None,
+        reuse: bool = False,
     ) -> CertificateRecord:
         """Durably record a newly issued certificate (creating the device if new).
 
         Returns only after the record is committed to disk, so the caller may then
         hand the certificate out: every certificate in the field can be revoked.
         Concurrent calls are recorded together in one transaction and one commit.
+
+        Args:
+            reuse: if the device already has an unexpired, unrevoked certificate
+                for the same public key, record nothing and return that one (a
+                retried request must not leave two certificates in the field);
+                a Conflict names it if its status is not the one asked for.
         """
         request = IssuanceRequest(
             cert=cert,
@@ -267,6 +274,7 @@ class Registry(EventFeed):
             activate=activate,
             actor=actor,
             details=details or {},
+            reuse=reuse,
         )
         return await self._issuance.submit(request)
 

@@ -1,4 +1,4 @@
-"""Broker benchmark (issue 4): the cost of iotauth's mTLS gate, ACLs and live revocation, side by side.
+"""Broker benchmark: the cost of iotauth's mTLS gate, engine, ACLs and live revocation, side by side.
 
 Every broker runs as a subprocess of this script on loopback; its CPU time is
 read from the kernel (``/proc/<pid>/stat`` via psutil: user + system, all
@@ -11,11 +11,12 @@ counts. The three brokers are measured in interleaved rounds in one run:
      certificate, so the TLS work (handshake, client-certificate chain check by
      OpenSSL) is identical; amqtt then accepts anyone. Also reported: (a0) the
      same without a client certificate.
-(b)  ``iotauth``: ``iotauth broker`` exactly as operators run it: TLS with
-     CERT_REQUIRED, CONNECT parsed by the gate, certificate re-verified with
-     ``cryptography`` (chain cache by fingerprint, as in production), registry
-     lookup (SQLite, indexed), policy compiled, *durable* accept record in the
-     hash-chained audit log, change-feed polling every 50 ms, then amqtt.
+(b)  ``iotauth``: ``iotauth broker`` exactly as operators run it: admission
+     control, TLS with CERT_REQUIRED (in memory BIOs), certificate re-verified
+     with ``cryptography`` (chain cache by fingerprint, as in production),
+     registry lookup (SQLite, indexed), policy compiled, accept record in the
+     hash-chained audit log (group-committed), change-feed polling every 50 ms,
+     then iotauth's MQTT engine.
      Variants: ``b_durable`` (``--durable-accept-audit``: the accept record is
      committed before CONNACK) and ``b_first_connect`` (300 devices each
      connecting once: no verifier, credential or policy cache can help; the
@@ -29,8 +30,9 @@ close, ECDSA P-256 everywhere, ``concurrency`` connects in flight.
 Also measured:
 
 * PUBLISH throughput and broker CPU per message, one publisher and one
-  subscriber (QoS 0, 64-byte payloads, in windows): iotauth with its ACLs
-  (PUBLISH check + RECEIVE check per message) versus stock amqtt with no ACL;
+  wildcard subscriber (QoS 0, 64-byte payloads, in windows): iotauth with its
+  ACLs (PUBLISH check + RECEIVE check per message) versus stock amqtt with no
+  ACL and Mosquitto, with the ratios the broker-core issue sets goals for;
 * revocation-to-disconnect latency: a live session per device, the device
   revoked through the registry from *this* process (another process than the
   broker), latency = client sees EOF - the registry's event timestamp;
@@ -47,92 +49,34 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import random
 import shutil
-import signal
 import ssl
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-from cryptography import x509
+from harness import (
+    DISCONNECT,
+    HOST,
+    BrokerUnderTest,
+    Creds,
+    client_context,
+    issue_creds,
+    machine,
+    make_home,
+    start_amqtt,
+    start_iotauth,
+    start_mosquitto,
+)
 
-from iotauth.authority import open_authority
-from iotauth.bootstrap import initialise_home
 from iotauth.broker.mqtt import Connect, encode_connect
 from iotauth.config import Home, load_settings
-from iotauth.pki.keys import generate_private_key, private_key_pem
 from iotauth.policy import PolicySet
-from iotauth.registry import TIMESTAMP_FORMAT, Registry, RevocationReason, open_registry
-
-HOST = "127.0.0.1"
-DISCONNECT = b"\xe0\x00"
-AMQTT_SERVER = """
-import asyncio, sys, logging
-logging.basicConfig(level=logging.ERROR)
-from amqtt.broker import Broker
-port, cert, key, ca = sys.argv[1:5]
-async def main():
-    broker = Broker({
-        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}", "ssl": True,
-                                  "certfile": cert, "keyfile": key, "cafile": ca}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    })
-    await broker.start()
-    print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    await broker.shutdown()
-asyncio.run(main())
-"""
-
-
-# -- set-up --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Creds:
-    device_id: str
-    cert: Path
-    key: Path
-
-
-async def make_home(root: Path, devices: list[tuple[str, str]]) -> tuple[Home, dict[str, Creds]]:
-    home = Home(root / "home")
-    await initialise_home(home, "bench.test", ["localhost", HOST], passphrase=None, actor="bench")
-    async with await open_registry(home.registry_db) as registry:
-        creds = await issue_creds(home, registry, devices, root)
-    return home, creds
-
-
-async def issue_creds(home: Home, registry: Registry, devices: list[tuple[str, str]],
-                      directory: Path) -> dict[str, Creds]:
-    """Issue each (device id, profile) from a fresh key and write its PEM certificate and key into ``directory``."""
-    authority = await open_authority(home, registry)
-    creds = {}
-    for device_id, profile in devices:
-        key = generate_private_key("p256")
-        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, _sha256())
-        issued = await authority.issue(csr, device_id, profile, actor="bench")
-        cert_path, key_path = directory / f"{device_id}.crt", directory / f"{device_id}.key"
-        cert_path.write_bytes(issued.pem)
-        key_path.write_bytes(private_key_pem(key, None))
-        creds[device_id] = Creds(device_id, cert_path, key_path)
-    return creds
-
-
-def _sha256() -> Any:
-    from cryptography.hazmat.primitives import hashes
-
-    return hashes.SHA256()
+from iotauth.registry import TIMESTAMP_FORMAT, RevocationReason, open_registry
 
 
 async def fill_registry(home: Home, count: int) -> None:
@@ -155,97 +99,6 @@ async def fill_registry(home: Home, count: int) -> None:
             )
 
         await registry.write(op)
-
-
-def client_context(home: Home, creds: Creds | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(home.chain_file))
-    if creds is not None:
-        context.load_cert_chain(creds.cert, creds.key)
-    return context
-
-
-# -- brokers -------------------------------------------------------------------------------
-
-
-class BrokerUnderTest:
-    def __init__(self, name: str, command: list[str], ready: str, env: dict[str, str] | None = None,
-                 port: int = 0) -> None:
-        self.name = name
-        self.port = port
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, env=env)
-        if ready:
-            line = self.process.stdout.readline() if self.process.stdout else ""
-            if not line:
-                raise RuntimeError(f"{name} did not start")
-            if name.startswith("iotauth"):
-                self.port = int(json.loads(line)["listening"]["mqtts"].rsplit(":", 1)[1])
-        self.ps = psutil.Process(self.process.pid)
-
-    def cpu(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            if self.name == "amqtt" and self.process.stdin:
-                self.process.stdin.write("\n")
-                self.process.stdin.flush()
-            else:
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def start_amqtt(home: Home) -> BrokerUnderTest:
-    port = free_port()
-    return BrokerUnderTest("amqtt", [sys.executable, "-c", AMQTT_SERVER, str(port), str(home.server_cert),
-                                     str(home.server_key), str(home.chain_file)], "ready", port=port)
-
-
-def start_iotauth(home: Home, *extra: str) -> BrokerUnderTest:
-    executable = Path(sys.executable).parent / "iotauth"
-    env = {**os.environ, "IOTAUTH_HOME": str(home.root)}
-    env.pop("IOTAUTH_REGISTRY", None)
-    command = [str(executable if executable.exists() else "iotauth"), "broker", "--bind", f"{HOST}:0", "--json", *extra]
-    return BrokerUnderTest("iotauth" + ("-durable" if extra else ""), command, "json", env=env)
-
-
-def start_mosquitto(home: Home, directory: Path) -> BrokerUnderTest | None:
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if binary is None:
-        return None
-    port = free_port()
-    config = directory / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} {HOST}\n"
-        f"cafile {home.chain_file}\ncertfile {home.server_cert}\nkeyfile {home.server_key}\n"
-        "require_certificate true\nuse_identity_as_username true\n"
-        "allow_anonymous false\npersistence false\nlog_type error\nlog_dest stderr\n"
-        + ("user root\n" if os.geteuid() == 0 else "")
-    )
-    broker = BrokerUnderTest("mosquitto", [binary, "-c", str(config)], "")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            import socket
-
-            socket.create_connection((HOST, port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    broker.port = port
-    return broker
 
 
 # -- raw MQTT clients ----------------------------------------------------------------------
@@ -378,16 +231,16 @@ async def measure_connects(home: Home, creds: dict[str, Creds], brokers: dict[st
         },
         "connects_per_second_wall": {label: round(total / wall[label], 1) for label in wall},
         "ratio_b_over_a": round(per["b"] / per["a"], 3),
+        "goal_b_over_a": 1.0,
         "ratio_b_over_a0": round(per["b"] / per["a0"], 3),
         "ratio_b_durable_over_a": round(per["b_durable"] / per["a"], 3),
         "ratio_b_first_connect_over_a": round(cold["iotauth"] / cold["amqtt"], 3),
         "first_connect_devices": cold["devices"],
-        "goal_b_over_a": 1.10,
     }
     if "c" in per:
         result["cpu_ms_per_connect"]["c_mosquitto_require_certificate"] = round(per["c"], 3)
         result["ratio_b_over_c"] = round(per["b"] / per["c"], 3)
-        result["goal_b_over_c_long_term"] = 1.0
+        result["goal_b_over_c"] = 1.5
     return result
 
 
@@ -422,30 +275,35 @@ async def cold_connects(home: Home, iotauth: BrokerUnderTest, amqtt: BrokerUnder
 
 async def measure_throughput(home: Home, creds: dict[str, Creds], brokers: dict[str, BrokerUnderTest],
                              messages: int, runs_per_broker: int = 7) -> dict[str, Any]:
+    """64-byte QoS 0 over mTLS, one publisher and one wildcard subscriber; the three brokers interleaved."""
     dev, ingest = creds["bench-dev"], creds["bench-ingest"]
     topic, sub_filter = "devices/bench-dev/telemetry/t", "devices/+/telemetry/#"
-    targets = {"acl": brokers["iotauth"], "no_acl": brokers["amqtt"]}
+    targets = {"iotauth": brokers["iotauth"], "amqtt": brokers["amqtt"]}
+    if "mosquitto" in brokers:
+        targets["mosquitto"] = brokers["mosquitto"]
     for broker in targets.values():  # warm-up
         await publish_run(broker, home, dev, ingest, topic, sub_filter, min(messages, 2000))
-    runs: dict[str, list[dict[str, float]]] = {"acl": [], "no_acl": []}
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in targets}
     for _ in range(runs_per_broker):  # interleaved; medians, because single runs vary by +-15 % on a shared VM
         for label, broker in targets.items():
             runs[label].append(await publish_run(broker, home, dev, ingest, topic, sub_filter, messages))
     rate = {k: statistics.median(r["messages_per_second"] for r in v) for k, v in runs.items()}
-    cpu = {k: statistics.median(r["cpu_us_per_message"] for r in v) for k, v in runs.items()}
-    return {
+    # The kernel counts CPU in 10 ms ticks: a fast broker's single run is a few ticks, so average over all runs.
+    cpu = {k: statistics.fmean(r["cpu_us_per_message"] for r in v) for k, v in runs.items()}
+    result: dict[str, Any] = {
         "messages_per_run": messages,
         "runs_per_broker": runs_per_broker,
-        "iotauth_acl_messages_per_second_median": round(rate["acl"]),
-        "amqtt_no_acl_messages_per_second_median": round(rate["no_acl"]),
-        "throughput_ratio_acl_over_no_acl": round(rate["acl"] / rate["no_acl"], 3),
-        "iotauth_acl_cpu_us_per_message_median": round(cpu["acl"], 2),
-        "amqtt_no_acl_cpu_us_per_message_median": round(cpu["no_acl"], 2),
-        "cpu_ratio_no_acl_over_acl": round(cpu["no_acl"] / cpu["acl"], 3),
-        "acl_decisions_per_message": "2 (PUBLISH by the sender, RECEIVE for the subscriber)",
+        "messages_per_second_median": {k: round(v) for k, v in rate.items()},
+        "cpu_us_per_message_mean_of_runs": {k: round(v, 2) for k, v in cpu.items()},
+        "iotauth_checks": "PUBLISH policy check for the sender, RECEIVE check per subscriber; stock amqtt: none",
+        "ratio_cpu_iotauth_over_amqtt": round(cpu["iotauth"] / cpu["amqtt"], 3),
+        "goal_ratio_cpu_iotauth_over_amqtt": 0.5,
         "acl_decision_us_in_process": round(decision_time(1000, home, 100_000), 3),
-        "goal_ratio": 0.95,
     }
+    if cpu.get("mosquitto"):
+        result["ratio_cpu_iotauth_over_mosquitto"] = round(cpu["iotauth"] / cpu["mosquitto"], 2)
+        result["goal_ratio_cpu_iotauth_over_mosquitto"] = 10.0
+    return result
 
 
 async def measure_revocation(home: Home, broker: BrokerUnderTest, count: int) -> dict[str, Any]:
@@ -563,8 +421,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "broker_auth",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
-                   f"{ssl.OPENSSL_VERSION}",
+        "machine": machine(),
         "connect": connects,
         "publish_throughput": throughput,
         "revocation_to_disconnect": revocation,
@@ -578,12 +435,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--cold", type=int, default=300, help="devices that each connect once (cold caches)")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput run")
     parser.add_argument("--revocations", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.connects, args.rounds, args.messages, args.revocations, args.cold = 100, 2, 2000, 20, 50
+        args.connects, args.rounds, args.messages, args.revocations, args.cold = 100, 2, 5000, 20, 50
     print(json.dumps(asyncio.run(run(args)), indent=2))
 
 

@@ -11,8 +11,14 @@ MQTT stack.
 
 Telemetry goes to ``devices/<id>/telemetry/temperature``; commands arrive on
 ``devices/<id>/commands/<name>``. A ``ping`` command is answered with
-``pong`` on ``devices/<id>/state``; others are printed. Exits 1 with a clear
-message if the broker refuses the connection (for example after revocation).
+``pong`` on ``devices/<id>/state``; others are printed.
+
+Reconnecting follows the reference policy every device should follow
+(:mod:`firmware_tools.backoff`): exponential backoff with full jitter, longer
+after "server busy" (CONNACK 0x03, or closed before CONNACK), so a fleet that
+comes back after an outage spreads itself out. A refusal that retrying cannot
+fix (CONNACK 0x05, not authorised: the device was revoked or suspended) ends
+the program with exit code 1 and a clear message.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from firmware_tools.backoff import Backoff, Outcome, outcome_of
+
+V5_TO_V311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}  # paho reports 3.1.1 CONNACK codes as MQTT 5 reasons
+CONNACK_MEANING = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
+                   4: "bad user name or password", 5: "not authorised"}
+
 
 def load_identity(state: Path) -> dict[str, Any]:
     try:
@@ -43,6 +55,60 @@ def load_identity(state: Path) -> dict[str, Any]:
     return config
 
 
+class Session:
+    """One device's connection, kept up with the reference backoff."""
+
+    def __init__(self, client: mqtt.Client, host: str, port: int, backoff: Backoff, attempts: int) -> None:
+        self.client, self.host, self.port = client, host, port
+        self.backoff, self.attempts = backoff, attempts
+        self.answer: list[int | None] = []
+        self.answered = threading.Event()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+
+    def _on_connect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self.answer.append(V5_TO_V311.get(reason.value, reason.value))
+        self.answered.set()
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if not self.answered.is_set():  # closed before any CONNACK: admission control, or a busy server
+            self.answer.append(None)
+            self.answered.set()
+        elif reason.is_failure:
+            print(f"disconnected by the broker: {reason}", flush=True)
+
+    def up(self) -> str | None:
+        """Connect (again); ``None`` once connected, else why it gave up."""
+        for _ in range(self.attempts):
+            self.answer.clear()
+            self.answered.clear()
+            try:
+                self.client.connect(self.host, self.port, keepalive=30)
+                self.client.loop_start()
+                code = self.answer[0] if self.answered.wait(15) else None
+            except (OSError, ssl.SSLError) as exc:
+                outcome, detail = Outcome.NETWORK, f"cannot connect to {self.host}:{self.port}: {exc}"
+            else:
+                meaning = CONNACK_MEANING.get(code or 0, "unknown return code")
+                outcome, detail = outcome_of(code), f"the broker refused the connection: {meaning} (CONNACK {code})"
+                if code is None:
+                    detail = "the connection closed before CONNACK (server busy, or a TLS failure)"
+            if outcome is Outcome.CONNECTED:
+                self.backoff.delay(outcome)
+                return None
+            self.client.loop_stop()
+            if outcome is Outcome.REFUSED:
+                return detail  # revoked, suspended or unknown: retrying soon will not change that
+            delay = self.backoff.delay(outcome)
+            print(f"{detail}; retrying in {delay:.1f} s", flush=True)
+            time.sleep(delay)
+        return f"gave up after {self.attempts} attempts"
+
+    def down(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="iotauth example sensor (paho-mqtt over mTLS)")
     parser.add_argument("--state", type=Path, required=True, help="the device's flash directory")
@@ -51,30 +117,23 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=10, help="telemetry messages to send")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between messages")
     parser.add_argument("--linger", type=float, default=2.0, help="seconds to keep listening for commands at the end")
+    parser.add_argument("--attempts", type=int, default=10, help="connection attempts before giving up")
+    parser.add_argument("--backoff-base", type=float, default=1.0, help="first backoff ceiling in seconds")
     args = parser.parse_args()
 
     config = load_identity(args.state)
     device_id = config["device_id"]
     host, port = args.host or config["broker_host"], args.port or config["broker_port"]
-    connected = threading.Event()
-    refused: list[str] = []
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311,
+                         reconnect_on_failure=False)
     client.tls_set(
         ca_certs=str(args.state / "ca.pem"),
         certfile=str(args.state / "fullchain.pem"),
         keyfile=str(args.state / "key.pem"),
         tls_version=ssl.PROTOCOL_TLS_CLIENT,
     )
-
-    def on_connect(client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            refused.append(str(reason))
-            connected.set()
-            return
-        client.subscribe(f"devices/{device_id}/commands/#", qos=1)
-        print(f"connected to {host}:{port} as {device_id}", flush=True)
-        connected.set()
+    session = Session(client, host, port, Backoff(base=args.backoff_base), args.attempts)
 
     def on_message(client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         command = message.topic.rsplit("/", 1)[-1]
@@ -82,24 +141,18 @@ def main() -> int:
         if command == "ping":
             client.publish(f"devices/{device_id}/state", "pong", qos=1)
 
-    def on_disconnect(_client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            print(f"disconnected by the broker: {reason}", flush=True)
-
-    client.on_connect, client.on_message, client.on_disconnect = on_connect, on_message, on_disconnect
+    client.on_message = on_message
     try:
-        client.connect(host, port, keepalive=30)
-    except (OSError, ssl.SSLError) as exc:
-        print(f"error: cannot connect to {host}:{port}: {exc}", file=sys.stderr)
-        return 1
-    client.loop_start()
-    try:
-        if not connected.wait(15) or refused:
-            print(
-                f"error: the broker refused the connection: {refused[0] if refused else 'no answer'}", file=sys.stderr
-            )
-            return 1
-        for n in range(args.count):
+        for n in range(args.count + 1):
+            if not client.is_connected():
+                failure = session.up()
+                if failure is not None:
+                    print(f"error: {failure}", file=sys.stderr)
+                    return 1
+                client.subscribe(f"devices/{device_id}/commands/#", qos=1)
+                print(f"connected to {host}:{port} as {device_id}", flush=True)
+            if n == args.count:
+                break
             reading = {"seq": n, "celsius": round(21.0 + 2.0 * math.sin(n / 3), 2), "ts": time.time()}
             client.publish(f"devices/{device_id}/telemetry/temperature", json.dumps(reading), qos=1).wait_for_publish(
                 10
@@ -107,8 +160,7 @@ def main() -> int:
             time.sleep(args.interval)
         time.sleep(args.linger)
     finally:
-        client.disconnect()
-        client.loop_stop()
+        session.down()
     return 0
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from iotauth.castore import write_hierarchy
 from iotauth.certs import fingerprint
 from iotauth.config import Home, default_config_text, load_settings, registry_location
-from iotauth.errors import ConfigError, PkiError
+from iotauth.errors import ConfigError, PkiError, RegistryError
 from iotauth.identity import validate_trust_domain
 from iotauth.pki.ca import CertificateAuthority
-from iotauth.pki.hierarchy import create_hierarchy
+from iotauth.pki.hierarchy import Hierarchy, create_hierarchy
 from iotauth.registry import EventKind, open_registry
 
 
@@ -50,19 +50,20 @@ async def initialise_home(
         raise PkiError(f"a CA already exists in {home.root}; refusing to overwrite it (choose another --home)")
     domain = _trust_domain(home, trust_domain)
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = Path(tempfile.mkdtemp(prefix=".init-", dir=home.root))
-    try:
-        hierarchy = create_hierarchy(domain, key_type, list(server_names))
-        write_hierarchy(Home(staging), hierarchy, passphrase)
-        os.rename(staging / "ca", home.ca_dir)
-        os.rename(staging / "broker", home.server_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not home.config_file.exists():
-        home.config_file.write_text(default_config_text(domain), encoding="utf-8")
-    load_settings(home)
-    ca = hierarchy.ca
-    async with await open_registry(registry_location(home, registry), create=True) as reg:
+    location = registry_location(home, registry)
+    # The registry first: a registry that already has a history belongs to another CA and is never adopted.
+    async with await open_registry(location, create=True) as reg:
+        held = await reg.last_event_id()
+        if held:
+            raise RegistryError(
+                f"registry {reg.location} already holds {held} audit events (another home's registry?); "
+                "'iotauth init' will not adopt it: move it away or choose another --registry"
+            )
+        hierarchy = _write_ca(home, domain, key_type, server_names, passphrase)
+        if not home.config_file.exists():
+            home.config_file.write_text(default_config_text(domain), encoding="utf-8")
+        load_settings(home)
+        ca = hierarchy.ca
         await reg.record_event(
             EventKind.CA_INITIALISED,
             actor=actor,
@@ -73,9 +74,24 @@ async def initialise_home(
                 "key_type": key_type,
                 "server_names": list(server_names),
                 "encrypted": passphrase is not None,
+                "registry_instance": reg.instance_id,
             },
         )
     return _result(home, ca, server_names, passphrase is not None)
+
+
+def _write_ca(
+    home: Home, domain: str, key_type: str, server_names: Sequence[str], passphrase: bytes | None
+) -> Hierarchy:
+    staging = Path(tempfile.mkdtemp(prefix=".init-", dir=home.root))
+    try:
+        hierarchy = create_hierarchy(domain, key_type, list(server_names))
+        write_hierarchy(Home(staging), hierarchy, passphrase)
+        os.rename(staging / "ca", home.ca_dir)
+        os.rename(staging / "broker", home.server_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return hierarchy
 
 
 def _trust_domain(home: Home, requested: str | None) -> str:

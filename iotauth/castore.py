@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from iotauth.certs import pem
 from iotauth.config import Home, Settings
 from iotauth.errors import ConfigError, PkiError
-from iotauth.files import write_public, write_secret
+from iotauth.files import os_error_text, write_public, write_secret
 from iotauth.pki.ca import CertificateAuthority
 from iotauth.pki.hierarchy import Hierarchy
 from iotauth.pki.keys import load_private_key, private_key_pem
@@ -106,6 +106,9 @@ def read_published_crl(home: Home) -> CrlFiles | None:
 
 
 def publish_crl(home: Home, crl: x509.CertificateRevocationList) -> None:
-    """Atomically replace ``ca/crl.pem`` and ``ca/crl.der`` in ``home``."""
-    write_public(home.crl_pem, crl.public_bytes(serialization.Encoding.PEM))
-    write_public(home.crl_der, crl.public_bytes(serialization.Encoding.DER))
+    """Atomically replace ``ca/crl.pem`` and ``ca/crl.der`` in ``home`` (a write that fails is a PkiError)."""
+    for path, encoding in ((home.crl_pem, serialization.Encoding.PEM), (home.crl_der, serialization.Encoding.DER)):
+        try:
+            write_public(path, crl.public_bytes(encoding))
+        except OSError as exc:
+            raise PkiError(f"cannot publish the CRL to {path}: {os_error_text(exc)}") from exc

@@ -176,6 +176,8 @@ class ServeSettings:
     bind: str = "127.0.0.1:8443"
     admin_token_sha256: tuple[str, ...] = ()
     broker_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    trusted_proxies: tuple[str, ...] = ()
+    """Peers whose ``X-Forwarded-For`` names the client; none by default (the TCP peer is the client)."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
                     serve,
                 )
             ),
+            trusted_proxies=tuple(_strings(serve.get("trusted_proxies", list, []), "serve.trusted_proxies", serve)),
         ),
         emqx=EmqxSettings(
             base_url=emqx.get("base_url", str, None) or None,
@@ -391,8 +394,10 @@ max_retained = 100               # retained messages a device may own
 bind = "127.0.0.1:8443"
 # SHA-256 of admin API tokens ('iotauth serve token' makes one). No token, no admin API.
 admin_token_sha256 = []
-# Broker-facing endpoints answer only these networks.
+# Broker-facing endpoints answer only these networks ([] answers nobody).
 broker_networks = ["127.0.0.0/8", "::1/128"]
+# Behind a reverse proxy: the proxies' addresses. Only their X-Forwarded-For is believed.
+trusted_proxies = []
 
 [emqx]
 # Optional: kick revoked clients through the EMQX REST API (DELETE /api/v5/clients/{{clientid}}).

@@ -70,8 +70,8 @@ class OcspResponder:
         self._issuer = issuing_cert
         self._cert = responder_cert
         self._key = responder_key
-        self._issuer_key_hashes = {
-            algorithm.name: _issuer_key_hash(issuing_cert, algorithm)
+        self._issuer_hashes = {
+            algorithm.name: _issuer_hashes(issuing_cert, algorithm)
             # RFC 6960 clients (openssl included) identify certificates by SHA-1 hashes by default.
             for algorithm in (hashes.SHA1(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())  # noqa: S303
         }
@@ -81,7 +81,10 @@ class OcspResponder:
             request = ocsp.load_der_ocsp_request(request_der)
         except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError):
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        if request.issuer_key_hash != self._issuer_key_hashes.get(request.hash_algorithm.name):
+        # A CertID names the issuer by the hash of its name *and* of its key (RFC 6960 4.1.1): both must be
+        # the issuing CA's, or a serial of another issuer (same key, other name) would get our answer.
+        expected = self._issuer_hashes.get(request.hash_algorithm.name)
+        if expected is None or (request.issuer_name_hash, request.issuer_key_hash) != expected:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         answer = await lookup(format(request.serial_number, "x"))
         at = now or now_utc()
@@ -104,10 +107,16 @@ class OcspResponder:
         return response.public_bytes(serialization.Encoding.DER)
 
 
-def _issuer_key_hash(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
-    """The issuerKeyHash a client computes for certificates of ``issuer`` (let cryptography derive it)."""
+def _issuer_hashes(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
+    """The (issuerNameHash, issuerKeyHash) a client computes for certificates issued by ``issuer``.
+
+    The name hash covers the DER of the issuer's subject (the leaf's issuer
+    name); the key hash is left to cryptography (it hashes the key's BIT STRING).
+    """
+    digest = hashes.Hash(algorithm)
+    digest.update(issuer.subject.public_bytes())
     probe = ocsp.OCSPRequestBuilder().add_certificate(issuer, issuer, algorithm).build()
-    return probe.issuer_key_hash
+    return digest.finalize(), probe.issuer_key_hash
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

@@ -133,6 +133,10 @@ class ClientCertificateVerifier:
             verified = verifier.verify(cert, self._intermediates)
         except VerificationError as exc:
             raise Rejection("chain", f"certificate does not verify against the iotauth CA: {exc}") from exc
+        if len(verified.chain) < 2 or verified.chain[1] not in self._intermediates:
+            # A leaf signed directly by the root verifies as a chain, but device certificates come only from the
+            # issuing CA: the root key stays offline, so its signature on a leaf is never legitimate.
+            raise Rejection("chain", "device certificates must be issued by the issuing CA, not by the root")
         uris = [s.value for s in verified.subjects or () if isinstance(s, x509.UniformResourceIdentifier)]
         if len(uris) != 1:
             raise Rejection("identity", f"certificate must carry exactly one URI SAN, found {len(uris)}")

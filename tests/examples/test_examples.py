@@ -20,6 +20,7 @@ from iotauth.config import Home
 from iotauth.provisioning.report import append_report
 from iotauth.provisioning.station import Station
 from iotauth.registry import DeviceStatus, Registry, RevocationReason
+from iotauth.testing import free_port
 from tests.fixtures.broker import BrokerProcess, ConnectRefused, Pki, connect
 from tests.fixtures.devices import EmulatorFactory
 
@@ -84,9 +85,34 @@ async def test_sensor_uses_the_credentials_the_station_wrote(
         await registry.revoke(device_id, RevocationReason.KEY_COMPROMISE, actor="test")
         refused = run_example("sensor.py", "--state", str(board.state), "--port", str(broker.port), "--count", "1")
         assert refused.returncode == 1
-        assert refused.stderr.strip() == "error: the broker refused the connection: Not authorized"
+        assert refused.stderr.strip() == "error: the broker refused the connection: not authorised (CONNACK 5)"
     finally:
         broker.stop()
+
+
+async def test_sensor_backs_off_until_the_broker_is_up(
+    emulator: EmulatorFactory, station_factory: StationFactory, home: Home, tmp_path: Path
+) -> None:
+    """The reference client retries with jittered backoff (a test-sized base) and connects once a broker listens."""
+    board = emulator()
+    provisioned = await station_factory().provision(board.port)
+    assert provisioned.ok, provisioned.error
+    port = free_port()
+    sensor = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "sensor.py"), "--state", str(board.state), "--port", str(port),
+         "--count", "1", "--interval", "0", "--linger", "0", "--attempts", "40", "--backoff-base", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    await asyncio.sleep(1.5)  # nothing listens yet: the sensor is backing off
+    broker = BrokerProcess(home, port=port).start()
+    try:
+        out, errors = await asyncio.to_thread(sensor.communicate, timeout=60)
+    finally:
+        broker.stop()
+    assert sensor.returncode == 0, errors
+    retries = [line for line in out.splitlines() if "retrying in" in line]
+    assert retries and all(line.startswith("cannot connect to") for line in retries)
+    assert f"connected to localhost:{port} as {provisioned.device_id}" in out
 
 
 def test_sensor_without_credentials_is_a_clear_error(tmp_path: Path) -> None:

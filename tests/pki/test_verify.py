@@ -113,3 +113,18 @@ def test_garbage_der_is_rejected_not_raised(verifier: ClientCertificateVerifier)
     with pytest.raises(Rejection) as info:
         verifier.verify_der(b"\x30\x03\x02\x01\x00")
     assert info.value.code == "malformed"
+
+
+def test_a_leaf_signed_directly_by_the_root_is_refused(
+    home: Home, ca: CertificateAuthority, verifier: ClientCertificateVerifier
+) -> None:
+    """It chains to the trusted root, so path building accepts it; device certificates come only from the issuing CA."""
+    from iotauth.pki.keys import load_private_key
+
+    root_key = load_private_key(home.root_key.read_bytes(), None, "root key")
+    leaf = forge_certificate(generate_private_key().public_key(), root_key, ca.root_cert.subject,
+                             common_name="sensor-1", uris=[f"spiffe://{TRUST_DOMAIN}/device/sensor-1"],
+                             issuer_cert=ca.root_cert)
+    with pytest.raises(Rejection, match="issuing CA, not by the root") as info:
+        verifier.verify(leaf)
+    assert info.value.code == "chain"

@@ -128,6 +128,9 @@ class Engine:
         if dropped:
             log.info("%s resumed a session: dropped %d subscriptions its policy no longer allows",
                      session.client_id, dropped)
+        if session.dropped:  # the queue overflowed while it was away: say so once, with the count
+            self.warden.limit_exceeded(binding, "max_queued", f"{session.dropped} messages dropped while offline")
+            session.dropped = 0
         for packet_id, flight in list(session.inflight.items()):
             if flight.released:
                 connection.send(encode_ack(PacketType.PUBREL, packet_id))

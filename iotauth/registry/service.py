@@ -9,6 +9,7 @@ processes and hosts, not just within this one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -37,6 +38,7 @@ from iotauth.registry.models import (
 )
 
 T = TypeVar("T")
+_FOLLOWER_NAME = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}", re.ASCII)
 
 
 class Registry(EventFeed):
@@ -304,6 +306,31 @@ class Registry(EventFeed):
 
         return await self.write(op)
 
+    # -- followers' cursors ------------------------------------------------------------------
+
+    async def follower_cursor(self, name: str) -> int | None:
+        """The last event id the follower ``name`` (``push:emqx``) applied, or None before its first start."""
+        row = await self._reader.fetchone("SELECT value FROM meta WHERE key = ?", (_cursor_key(name),))
+        return int(row[0]) if row else None
+
+    async def save_follower_cursor(self, name: str, event_id: int) -> None:
+        """Record that ``name`` applied every event up to ``event_id``; a cursor never moves back.
+
+        Replicas following the same feed share the cursor: the furthest one wins,
+        and the others re-apply what they have not seen, which followers must
+        tolerate (their calls are idempotent).
+        """
+        key = _cursor_key(name)
+
+        async def op(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value "
+                "WHERE CAST(meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)",
+                (key, str(int(event_id))),
+            )
+
+        await self.write(op)
+
     # -- audit log -------------------------------------------------------------------------
 
     async def record_event(
@@ -340,3 +367,9 @@ async def _revoke_certificate(
         {"serial": cert.serial, "fingerprint": cert.fingerprint, "reason": reason.value},
     )
     return replace(cert, status=CertificateStatus.REVOKED, revoked_at=tx.now, revocation_reason=reason)
+
+
+def _cursor_key(name: str) -> str:
+    if _FOLLOWER_NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid follower name {name!r}")
+    return f"cursor:{name}"

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.x509 import ocsp
 from starlette.applications import Starlette
@@ -39,6 +39,15 @@ MAX_BODY = 64 * 1024
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class ComponentHealth(Protocol):
+    """A background part of the service that ``/healthz`` reports on (the revocation push)."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def as_dict(self) -> dict[str, object]: ...
+
+
 @dataclass
 class ServiceState:
     authority: Authority
@@ -46,6 +55,7 @@ class ServiceState:
     crl: CrlSource
     ocsp: OcspResponder
     extra_routes: list[BaseRoute] = field(default_factory=list)
+    push: list[ComponentHealth] = field(default_factory=list)
 
     @property
     def registry(self) -> Registry:
@@ -224,8 +234,13 @@ async def resume_device(request: Request, actor: str) -> Response:
 
 
 async def health(request: Request) -> Response:
-    await state_of(request).registry.last_event_id()
-    return JSONResponse({"ok": True})
+    """200 when the registry answers and every push is healthy; 503 (saying which is not) otherwise."""
+    state = state_of(request)
+    await state.registry.last_event_id()
+    if not state.push:
+        return JSONResponse({"ok": True})
+    healthy = all(p.healthy for p in state.push)
+    return JSONResponse({"ok": healthy, "push": [p.as_dict() for p in state.push]}, status_code=200 if healthy else 503)
 
 
 def create_app(state: ServiceState) -> Starlette:

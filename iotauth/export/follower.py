@@ -69,7 +69,8 @@ class PushTarget(Protocol):
         ...
 
     async def apply(self, device_id: str, events: Sequence[AuditEvent]) -> Mapping[str, object]:
-        """Bring the broker in line with ``device_id``'s current state; returns what the broker answered.
+        """Bring the broker in line with ``device_id``'s current state; returns what the broker answered
+        (nothing when there was nothing to do: then no ``push.delivered`` record is written).
 
         Raises:
             PushUnavailable: retry later. PushUnauthorized: credentials refused.
@@ -265,7 +266,7 @@ class PushFollower:
             return  # refused for good: audited; the devices' own calls may still work, but not in this order
         for device_id, own in _by_device(events).items():
             answers = await self._attempt(partial(self.target.apply, device_id, own), device_id)
-            if answers is None:
+            if not answers:  # refused for good (audited), or nothing to do for this device
                 continue
             self.health.delivered += 1
             data = {"events": [e.id for e in own], "answers": {**prepared, **answers}}

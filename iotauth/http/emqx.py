@@ -104,20 +104,21 @@ async def authenticate(request: Request, params: Params) -> dict[str, Any]:
     client_id = params.get("clientid")
     password = params.get("password")
     if password not in (None, ""):
-        return _deny(client_id, "a password was sent: devices authenticate with their certificate only")
+        return _deny("authn", client_id, "a password was sent: devices authenticate with their certificate only")
     der = decode_cert_pem(params.get("cert_pem"))
-    if der is None:
+    options = options_of(request)
+    if der is None and options.require_certificate:
         _warn_once("no-cert", "EMQX passed no certificate (empty or literal ${cert_pem}): see the README, EMQX section")
     verdict = await front_end(request).authenticate(
-        client_id, params.get("cert_common_name"), der, options_of(request).without_certificate
+        client_id, params.get("cert_common_name"), der, options.without_certificate
     )
     if not verdict.allowed:
-        return _deny(client_id, verdict.reason)
+        return _deny("authn", client_id, verdict.reason)
     answer: dict[str, Any] = {"result": "allow", "is_superuser": False}
     if verdict.expires_at is not None:
         expire_at = int(verdict.expires_at.timestamp())
         if expire_at <= int(time.time()):  # EMQX refuses a past expire_at; say why ourselves
-            return _deny(client_id, "certificate expired")
+            return _deny("authn", client_id, "certificate expired")
         answer["expire_at"] = expire_at
     acl = render_acl(verdict.policy)
     if acl.narrowed:
@@ -133,7 +134,7 @@ async def authorize(request: Request, params: Params) -> dict[str, Any]:
         raise BadRequest(f"action must be 'publish' or 'subscribe', got {str(action)[:20]!r}")
     common_name = params.get("cert_common_name")
     if common_name not in (None, "") and common_name != client_id:
-        return _deny(client_id, "client id does not match the certificate common name")
+        return _deny("authz", client_id, "client id does not match the certificate common name")
     verdict = await front_end(request).authorize(client_id, Action(action), params.get("topic"))
     return {"result": "allow" if verdict.allowed else "deny"}
 
@@ -254,8 +255,8 @@ async def _read_body(request: Request) -> bytes:
 # -- output ----------------------------------------------------------------------------------
 
 
-def _deny(client_id: object, reason: str) -> dict[str, Any]:
-    log.info("emqx authn %s: deny (%s)", str(client_id)[:64], reason)
+def _deny(what: str, client_id: object, reason: str) -> dict[str, Any]:
+    log.info("emqx %s %s: deny (%s)", what, str(client_id)[:64], reason)
     return dict(DENY)
 
 

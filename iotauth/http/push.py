@@ -58,7 +58,7 @@ import httpx
 
 from iotauth.errors import NotFound, PushRejected, PushUnauthorized, PushUnavailable
 from iotauth.identity import validate_device_id
-from iotauth.registry import AuditEvent, CertificateRecord, Device, DeviceStatus
+from iotauth.registry import AuditEvent, CertificateRecord, Device, DeviceStatus, EventKind
 from iotauth.registry.events import EMQX_KICKS, PUSH_RESTORES
 
 log = logging.getLogger("iotauth.http.push")
@@ -72,6 +72,10 @@ class DeviceState(Protocol):
     async def get_device(self, device_id: str) -> Device: ...
 
     async def certificates_of(self, device_id: str) -> list[CertificateRecord]: ...
+
+    async def events(
+        self, *, after_id: int = 0, since: str | None = None, device_id: str | None = None, limit: int | None = None
+    ) -> list[AuditEvent]: ...
 
 
 @dataclass
@@ -126,11 +130,17 @@ class EmqxTarget:
             return answers
         if any(e.kind in EMQX_KICKS for e in events):  # one certificate revoked: the device may use another
             answers["kick"] = await self._kick(device_id)
-        if self.ban and any(e.kind in PUSH_RESTORES for e in events):
+        if self.ban and any(e.kind in PUSH_RESTORES for e in events) and await self._was_suspended(device_id):
             answers["unban"] = await self._expect(
                 "DELETE", f"/api/v5/banned/clientid/{_path(device_id)}", (204, 404), "lift the ban of"
             )
         return answers
+
+    async def _was_suspended(self, device_id: str) -> bool:
+        """Only a device that was ever suspended can hold a ban iotauth would lift (revocation is final), so a
+        first activation on the production line costs no call to EMQX."""
+        history = await self.registry.events(device_id=device_id)
+        return any(e.kind == EventKind.DEVICE_SUSPENDED for e in history)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -89,6 +89,19 @@ async def test_suspend_bans_and_resume_lifts_the_ban(
     await push.aclose()
 
 
+async def test_a_first_activation_on_the_line_costs_no_call_and_no_record(
+    registry: Registry, fleet: dict[str, datetime], authority: Authority, csr_factory: CsrFactory,
+    emqx_api: EmqxApiServer,
+) -> None:
+    """``device.active`` lifts a ban only for a device that was ever suspended (revocation is final)."""
+    push = await pushed(registry, emqx_api)
+    await authority.issue(csr_factory()[1], "sensor-9", actor="op")
+    await push.catch_up()
+    assert emqx_api.api.calls == []
+    assert [e for e in await registry.events() if e.kind == EventKind.PUSH_DELIVERED] == []
+    await push.aclose()
+
+
 async def test_one_revoked_certificate_of_an_active_device_is_a_kick_without_a_ban(
     registry: Registry, fleet: dict[str, datetime], authority: Authority, emqx_api: EmqxApiServer
 ) -> None:

@@ -120,6 +120,7 @@ class PushState(StrEnum):
     OK = "ok"
     RETRYING = "retrying"  # the broker (or the registry) is unreachable: retried with backoff
     UNAUTHORIZED = "unauthorized"  # 401/403: nothing reaches the broker until an operator acts
+    STOPPED = "stopped"  # the follower ended on an error it could not handle (a bug): restart the service
 
 
 @dataclass
@@ -139,7 +140,7 @@ class PushHealth:
     @property
     def healthy(self) -> bool:
         """Unhealthy when credentials are refused, or when retries have failed for ``unhealthy_after`` seconds."""
-        if self.state is PushState.UNAUTHORIZED:
+        if self.state in (PushState.UNAUTHORIZED, PushState.STOPPED):
             return False
         return self.failing_since is None or self.clock() - self.failing_since < self.unhealthy_after
 
@@ -205,10 +206,16 @@ class PushFollower:
 
     async def run(self) -> None:
         """Run until cancelled: start from the persisted cursor, then deliver every batch as it comes."""
-        await self.start()
-        while True:
-            if not await self.step():
-                await self._retrying(partial(self.registry.wait_for_change, self.poll_interval), None)
+        try:
+            await self.start()
+            while True:
+                if not await self.step():
+                    await self._retrying(partial(self.registry.wait_for_change, self.poll_interval), None)
+        except Exception as exc:
+            self.health.state = PushState.STOPPED
+            self.health.last_error = str(exc)
+            log.exception("push to %s STOPPED: revocations no longer reach the broker", self.target.name)
+            raise
 
     async def start(self) -> int:
         """Load the persisted cursor (the first start begins at the end of the feed) and return it."""

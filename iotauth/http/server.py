@@ -96,19 +96,27 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
         )
         server = uvicorn.Server(config)
         log.info("iotauth serve on %s://%s:%d", "https" if options.tls else "http", host, port)
-        follower = emqx_push(settings, registry)
-        pusher = None
-        if follower is not None:
+        followers = push_followers(settings, registry)
+        tasks = []
+        for follower in followers:
             app.state.iotauth.push.append(follower.health)
-            pusher = asyncio.get_running_loop().create_task(follower.run(), name="iotauth-emqx-push")
+            name = f"iotauth-push-{follower.target.name}"
+            tasks.append(asyncio.get_running_loop().create_task(follower.run(), name=name))
         try:
             await server.serve()
         finally:
-            if pusher is not None and follower is not None:
-                pusher.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await pusher
+                    await task
+            for follower in followers:
                 await follower.aclose()
+
+
+def push_followers(settings: Settings, registry: Registry) -> list[PushFollower]:
+    """Every revocation push ``iotauth.toml`` configures (each follows the feed with its own cursor)."""
+    emqx = emqx_push(settings, registry)
+    return [emqx] if emqx is not None else []
 
 
 def emqx_push(settings: Settings, registry: Registry) -> PushFollower | None:

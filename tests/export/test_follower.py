@@ -217,3 +217,19 @@ async def test_run_follows_new_events_until_cancelled(registry: Registry, device
         await task
     await push.aclose()
     assert target.applied == [("d1", ("certificate.revoked", "device.revoked"))] and target.closed
+
+
+async def test_a_follower_that_stops_says_so(registry: Registry, devices: list[str]) -> None:
+    """An error outside any retried call (here a target's ``relevant`` itself) ends the follower, loudly."""
+
+    class Broken(Recorder):
+        def relevant(self, event: AuditEvent) -> bool:
+            raise RuntimeError("bug")
+
+    push = follower(registry, Broken())
+    await push.start()
+    await registry.suspend("d1", actor="op")
+    with pytest.raises(RuntimeError, match="bug"):
+        await push.run()
+    assert push.health.state is PushState.STOPPED and not push.health.healthy
+    assert push.health.as_dict()["last_error"] == "bug"

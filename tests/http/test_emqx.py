@@ -6,6 +6,9 @@ answer is read the way EMQX reads it (:func:`~tests.fixtures.emqx.authn_outcome`
 ``emqx_authn_http:authenticate/2``; :func:`~tests.fixtures.emqx.authz_outcome`:
 ``emqx_authz_http:authorize/4``). A test passes only if EMQX would reach the
 intended decision, not merely if iotauth printed the intended word.
+
+EMQX source: github.com/emqx/emqx, tag v5.8.0 (commit e5ed59deb633) unless a test names another ref
+(v5.8.2 cbf64766e2b3, 6.2.2 f7b2e6d8e2c5, HEAD 50e04386de84).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ chain with the default ``acl.conf``); the iotauth side is :mod:`iotauth.policy`.
 The property: whatever profile rules an operator writes, EMQX never allows
 more than iotauth, and allows exactly as much except for the rules
 :func:`render_acl` reports as narrowed.
+
+EMQX source: github.com/emqx/emqx, tag v5.8.0 (commit e5ed59deb633) unless a test names another ref
+(v5.8.2 cbf64766e2b3, 6.2.2 f7b2e6d8e2c5, HEAD 50e04386de84).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@
 ``emqx_authz_api_cache:node_cache_reset/2`` at 6.2.2; credentials:
 ``emqx_dashboard:authorize/1``), so these tests check what iotauth sends and
 what it does with each answer EMQX can give. No EMQX runs here.
+
+EMQX source: github.com/emqx/emqx, tag v5.8.0 (commit e5ed59deb633) unless a test names another ref
+(v5.8.2 cbf64766e2b3, 6.2.2 f7b2e6d8e2c5, HEAD 50e04386de84).
 """
 
 from __future__ import annotations

@@ -182,11 +182,21 @@ class ServeSettings:
 
 @dataclass(frozen=True)
 class EmqxSettings:
-    """``[emqx]``: optional REST API used to kick revoked clients off an EMQX cluster."""
+    """``[emqx]``: how ``/emqx/authn`` treats a missing certificate, and the optional revocation push.
 
+    Attributes:
+        require_certificate: refuse a CONNECT for which EMQX passed no ``cert_pem``.
+        base_url, api_key, api_secret_env: the REST API the push calls (off when ``base_url`` is unset).
+        ban: also ban revoked and suspended devices by client id, so no cache can re-admit them.
+        reset_node_cache: reset EMQX's authn/authz node caches (6.2+) before each batch of kicks.
+    """
+
+    require_certificate: bool = True
     base_url: str | None = None
     api_key: str | None = None
     api_secret_env: str = "IOTAUTH_EMQX_API_SECRET"  # noqa: S105 - names the variable holding it
+    ban: bool = True
+    reset_node_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -272,9 +282,12 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
             trusted_proxies=tuple(_strings(serve.get("trusted_proxies", list, []), "serve.trusted_proxies", serve)),
         ),
         emqx=EmqxSettings(
+            require_certificate=emqx.get("require_certificate", bool, EmqxSettings.require_certificate),
             base_url=emqx.get("base_url", str, None) or None,
             api_key=emqx.get("api_key", str, None) or None,
             api_secret_env=emqx.get("api_secret_env", str, EmqxSettings.api_secret_env),
+            ban=emqx.get("ban", bool, EmqxSettings.ban),
+            reset_node_cache=emqx.get("reset_node_cache", bool, EmqxSettings.reset_node_cache),
         ),
         intake_limits=intake,
     )
@@ -334,7 +347,7 @@ class _Reader:
         value = self.raw[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{self.source}: {key!r} must be {kind.__name__}, got {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self.source}: {key!r} must be at least {minimum}, got {value!r}")
@@ -400,11 +413,16 @@ broker_networks = ["127.0.0.0/8", "::1/128"]
 trusted_proxies = []
 
 [emqx]
-# Optional: kick revoked clients through the EMQX REST API (DELETE /api/v5/clients/{{clientid}}).
+# /emqx/authn refuses a CONNECT for which EMQX passed no certificate (empty or literal "${{cert_pem}}").
+# false: decide per device instead, only while every unexpired certificate of the device is active.
+require_certificate = true
+# Optional revocation push through the EMQX REST API: ban, node cache reset, kick (see the README).
 # base_url = "http://emqx:18083"
 # api_key = "iotauth"
 # The API secret is read from this environment variable, never from this file.
 api_secret_env = "IOTAUTH_EMQX_API_SECRET"
+ban = true
+reset_node_cache = true
 
 # Profiles: key policy, validity and topic rights. Templates may use {{device_id}}
 # and {{profile}}; everything not allowed here is denied.

@@ -225,3 +225,19 @@ class BadRequest(IotAuthError):
 
 class DemoFailed(IotAuthError):
     """A step of ``iotauth demo`` did not behave as described."""
+
+
+class PushError(IotAuthError):
+    """A call that keeps an external broker in step with the registry (a kick, a ban) did not succeed."""
+
+
+class PushUnavailable(PushError):
+    """The broker's API could not be reached or answered 5xx/429: retried with backoff, never skipped."""
+
+
+class PushUnauthorized(PushError):
+    """The broker's API refused iotauth's credentials (401/403): loud, unhealthy, retried until fixed."""
+
+
+class PushRejected(PushError):
+    """The broker's API refused this one request for good (another 4xx): audited, then skipped."""

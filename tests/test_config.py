@@ -21,6 +21,10 @@ def test_default_config_has_default_and_ingest_profiles() -> None:
     assert default.key_types == {"p256", "p384"}
     assert "devices/+/telemetry/#" in settings.profile("ingest").subscribe
     assert settings.crl_next_update == timedelta(hours=24)
+    # EMQX: no certificate, no entry; the push bans and resets the node caches unless told otherwise.
+    assert (settings.emqx.require_certificate, settings.emqx.ban, settings.emqx.reset_node_cache) == (True,) * 3
+    relaxed = parse_settings({"trust_domain": "x.test", "emqx": {"require_certificate": False, "ban": False}})
+    assert (relaxed.emqx.require_certificate, relaxed.emqx.ban, relaxed.emqx.reset_node_cache) == (False, False, True)
 
 
 def test_builtin_default_profile_applies_without_a_profiles_table() -> None:
@@ -38,6 +42,9 @@ def test_builtin_default_profile_applies_without_a_profiles_table() -> None:
         ({"trust_domain": "x.test", "profiles": {"p": {"publish": [1]}}}, "list of strings"),
         ({"trust_domain": "x.test", "profiles": {"p": {"rsa_min_bits": 1024}}}, "at least 2048"),
         ({"trust_domain": "x.test", "crl": {"next_update_hours": "soon"}}, "must be float"),
+        ({"trust_domain": "x.test", "emqx": {"ban": "yes"}}, "'ban' must be bool"),
+        ({"trust_domain": "x.test", "emqx": {"require_certificate": 0}}, "'require_certificate' must be bool"),
+        ({"trust_domain": "x.test", "serve": {"bind": True}}, "'bind' must be str"),
     ],
 )
 def test_bad_settings_are_rejected_with_a_clear_message(raw: dict[str, object], message: str) -> None:

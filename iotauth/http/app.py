@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.x509 import ocsp
 from starlette.applications import Starlette
@@ -42,6 +42,15 @@ MAX_JSON_DEPTH = 16  # every body iotauth reads is flat
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class ComponentHealth(Protocol):
+    """A background part of the service that ``/healthz`` reports on (the revocation push)."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def as_dict(self) -> dict[str, object]: ...
+
+
 @dataclass
 class ServiceState:
     authority: Authority
@@ -49,6 +58,7 @@ class ServiceState:
     crl: CrlSource
     ocsp: OcspResponder
     extra_routes: list[BaseRoute] = field(default_factory=list)
+    push: list[ComponentHealth] = field(default_factory=list)
 
     @property
     def registry(self) -> Registry:
@@ -229,19 +239,26 @@ async def resume_device(request: Request, actor: str) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Healthy when the registry can be read *and* is still the database the service opened.
+    """200 when the registry is readable and still the one opened, and every push is healthy; else 503, saying why.
 
     A registry replaced by a copy of itself is reopened here (and by the
     service's watcher); one that is gone or foreign makes this a 503 that
     says why, and every decision fails closed meanwhile.
     """
-    registry = state_of(request).registry
+    state = state_of(request)
+    registry = state.registry
     try:
         await registry.ensure_identity()
         await registry.last_event_id()
     except RegistryError as exc:
         return JSONResponse({"ok": False, "registry": str(exc)}, status_code=503)
-    return JSONResponse({"ok": True, "registry_instance": registry.instance_id})
+    body: dict[str, object] = {"ok": True, "registry_instance": registry.instance_id}
+    if state.push:
+        healthy = all(p.healthy for p in state.push)
+        body.update(ok=healthy, push=[p.as_dict() for p in state.push])
+        if not healthy:
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 def create_app(state: ServiceState) -> Starlette:

@@ -16,11 +16,13 @@ from iotauth.authority import open_authority
 from iotauth.castore import client_verifier, load_ocsp_responder
 from iotauth.config import Home, Settings, load_settings, parse_bind, registry_location
 from iotauth.errors import ConfigError, RegistryError
+from iotauth.export.follower import PushFollower
 from iotauth.http.access import AccessPolicy, parse_networks
 from iotauth.http.app import ServiceState, create_app
 from iotauth.http.brokers import BrokerFrontEnd, broker_routes
 from iotauth.http.crl import CrlSource
-from iotauth.http.push import EmqxKicker, push_revocations
+from iotauth.http.emqx import EmqxOptions, emqx_routes
+from iotauth.http.push import EmqxTarget
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
 
@@ -41,6 +43,7 @@ async def build_app(home: Home, registry: Registry, settings: Settings, options:
     """The complete application for ``home``: every route, wired to ``registry``."""
     app = create_app(await build_state(home, registry, settings, options))
     app.state.brokers = broker_front_end(home, registry, settings)
+    app.state.emqx = EmqxOptions(require_certificate=settings.emqx.require_certificate)
     return app
 
 
@@ -64,7 +67,7 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
         access=access,
         crl=CrlSource(authority, home),
         ocsp=load_ocsp_responder(home),
-        extra_routes=broker_routes(),
+        extra_routes=[*broker_routes(), *emqx_routes()],
     )
 
 
@@ -83,8 +86,9 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
     certfile = options.certfile or home.server_cert
     keyfile = options.keyfile or home.server_key
     async with await open_registry(registry_location(home, registry_url)) as registry:
+        app = await build_app(home, registry, settings, options)
         config = uvicorn.Config(
-            await build_app(home, registry, settings, options),
+            app,
             host=host,
             port=port,
             ssl_certfile=str(certfile) if options.tls else None,
@@ -100,10 +104,12 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
         )
         server = uvicorn.Server(config)
         log.info("iotauth serve on %s://%s:%d", "https" if options.tls else "http", host, port)
+        followers = push_followers(settings, registry)
         tasks = [asyncio.get_running_loop().create_task(watch_registry(registry), name="iotauth-registry-watch")]
-        pusher = _start_push(settings, registry)
-        if pusher is not None:
-            tasks.append(pusher)
+        for follower in followers:
+            app.state.iotauth.push.append(follower.health)
+            name = f"iotauth-push-{follower.target.name}"
+            tasks.append(asyncio.get_running_loop().create_task(follower.run(), name=name))
         try:
             await server.serve()
         finally:
@@ -111,6 +117,8 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            for follower in followers:
+                await follower.aclose()
 
 
 async def watch_registry(registry: Registry, interval: float = REGISTRY_WATCH_INTERVAL) -> None:
@@ -121,13 +129,23 @@ async def watch_registry(registry: Registry, interval: float = REGISTRY_WATCH_IN
         await asyncio.sleep(interval)
 
 
-def _start_push(settings: Settings, registry: Registry) -> asyncio.Task[None] | None:
+def push_followers(settings: Settings, registry: Registry) -> list[PushFollower]:
+    """Every revocation push ``iotauth.toml`` configures (each follows the feed with its own cursor)."""
+    emqx = emqx_push(settings, registry)
+    return [emqx] if emqx is not None else []
+
+
+def emqx_push(settings: Settings, registry: Registry) -> PushFollower | None:
+    """The follower that pushes revocations to EMQX, if ``[emqx] base_url`` is set."""
     emqx = settings.emqx
     if not emqx.base_url:
         return None
     secret = os.environ.get(emqx.api_secret_env)
     if not emqx.api_key or not secret:
         raise ConfigError(f"[emqx] base_url is set: also set [emqx] api_key and the secret in ${emqx.api_secret_env}")
-    kicker = EmqxKicker(emqx.base_url, emqx.api_key, secret)
-    log.info("pushing revocations to EMQX at %s", emqx.base_url)
-    return asyncio.get_running_loop().create_task(push_revocations(registry, kicker), name="iotauth-emqx-push")
+    target = EmqxTarget(
+        emqx.base_url, emqx.api_key, secret, registry, ban=emqx.ban, reset_node_cache=emqx.reset_node_cache
+    )
+    log.info("pushing revocations to EMQX at %s (ban: %s, node cache reset: %s)",
+             emqx.base_url, emqx.ban, emqx.reset_node_cache)
+    return PushFollower(registry, target)

@@ -58,6 +58,10 @@ class EventKind(StrEnum):
     BROKER_POLICY_RELOADED = "broker.policy.reloaded"
     BROKER_POLICY_RELOAD_FAILED = "broker.policy.reload_failed"
 
+    PUSH_STARTED = "push.started"
+    PUSH_DELIVERED = "push.delivered"
+    PUSH_FAILED = "push.failed"
+
 
 def device_status_changed(status: str) -> EventKind:
     """The event written when a device's status becomes ``status`` (a ``DeviceStatus`` value)."""
@@ -103,7 +107,15 @@ about that device's sessions, so a kind added later fails safe.
 EMQX_KICKS: frozenset[str] = frozenset(
     {EventKind.DEVICE_REVOKED, EventKind.DEVICE_SUSPENDED, EventKind.CERTIFICATE_REVOKED}
 )
-"""Events after which ``iotauth serve`` asks EMQX to disconnect the device."""
+"""Events after which ``iotauth serve`` asks EMQX to disconnect the device (and, with bans on, to ban it)."""
+
+PUSH_RESTORES: frozenset[str] = frozenset({EventKind.DEVICE_ACTIVE})
+"""Events after which a push target lifts what it imposed on a device (an EMQX ban after a suspension)."""
+
+
+def written_by_push(kind: str) -> bool:
+    """A push follower's own records (``push.*``): nothing for any follower to enforce."""
+    return kind.startswith("push.")
 
 CRL_KIND_PREFIXES: tuple[str, ...] = ("certificate.", "device.")
 """Every certificate and device event may change the CRL (which lists revoked, pending and suspended

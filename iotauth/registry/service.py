@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
@@ -41,6 +42,7 @@ from iotauth.registry.store import Connections, Store, Unavailable
 
 T = TypeVar("T")
 log = logging.getLogger("iotauth.registry")
+_FOLLOWER_NAME = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}", re.ASCII)
 
 
 class Registry(EventFeed):
@@ -412,6 +414,31 @@ class Registry(EventFeed):
 
         return await self.write(op)
 
+    # -- followers' cursors ------------------------------------------------------------------
+
+    async def follower_cursor(self, name: str) -> int | None:
+        """The last event id the follower ``name`` (``push:emqx``) applied, or None before its first start."""
+        row = await self._reader.fetchone("SELECT value FROM meta WHERE key = ?", (_cursor_key(name),))
+        return int(row[0]) if row else None
+
+    async def save_follower_cursor(self, name: str, event_id: int) -> None:
+        """Record that ``name`` applied every event up to ``event_id``; a cursor never moves back.
+
+        Replicas following the same feed share the cursor: the furthest one wins,
+        and the others re-apply what they have not seen, which followers must
+        tolerate (their calls are idempotent).
+        """
+        key = _cursor_key(name)
+
+        async def op(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value "
+                "WHERE CAST(meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)",
+                (key, str(int(event_id))),
+            )
+
+        await self.write(op)
+
     # -- audit log -------------------------------------------------------------------------
 
     async def record_event(
@@ -456,3 +483,7 @@ async def _close_quietly(connections: Connections) -> None:
         await connections.close()
     except Exception as exc:
         log.warning("closing the replaced registry database: %s", exc)
+def _cursor_key(name: str) -> str:
+    if _FOLLOWER_NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid follower name {name!r}")
+    return f"cursor:{name}"

@@ -10,11 +10,13 @@ from iotauth.registry.events import (
     DEVICE_KICKS,
     EMQX_KICKS,
     HARMLESS_TO_SESSIONS,
+    PUSH_RESTORES,
     changes_crl,
     changes_mosquitto_export,
     device_status_changed,
     topic_denied,
     written_by_broker,
+    written_by_push,
 )
 
 STORED = {
@@ -29,6 +31,7 @@ STORED = {
     "broker.publish.denied", "broker.subscribe.denied", "broker.receive.denied", "broker.audit.suppressed",
     "broker.registry.recovered", "broker.registry.reopened", "broker.policy.reloaded", "broker.policy.reload_failed",
     "broker.limit.exceeded", "broker.protocol.violation",
+    "push.started", "push.delivered", "push.failed",
 }
 
 
@@ -55,6 +58,8 @@ def test_the_broker_kicks_on_every_status_but_active_and_passes_only_what_grants
 
 def test_other_followers() -> None:
     assert set(EMQX_KICKS) == {"device.revoked", "device.suspended", "certificate.revoked"}
+    assert set(PUSH_RESTORES) == {"device.active"}
+    assert {k for k in EventKind if written_by_push(k)} == {"push.started", "push.delivered", "push.failed"}
     crl = {k for k in EventKind if changes_crl(k)}
     assert crl == {k for k in EventKind if k.value.startswith(("certificate.", "device."))}
     assert {k for k in EventKind if changes_mosquitto_export(k)} == crl

@@ -29,6 +29,23 @@ def write_secret(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
+def replace_secret(path: Path, data: bytes) -> None:
+    """Atomically replace the private key ``path``: a new 0600 file beside it, fsynced, renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically replace ``path`` with ``data`` (write to a temp file, fsync, rename).
 

@@ -72,7 +72,7 @@ def test_a_wrong_pin_a_missing_pin_and_a_pin_file(softhsm: SoftHsm, place: KeyPl
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     other = f"{softhsm.label}-b"  # a token this process has not logged in to yet
     softhsm.init_token(other)
-    uri = softhsm.uri("k", token=other)
+    uri = softhsm.uri("k", label=other)
     monkeypatch.setenv("IOTAUTH_PKCS11_PIN", "999999")
     with pytest.raises(TokenLoginFailed, match=f"wrong PIN for token '{other}'"):
         create_token_key(uri, place, "p256")
@@ -83,7 +83,7 @@ def test_a_wrong_pin_a_missing_pin_and_a_pin_file(softhsm: SoftHsm, place: KeyPl
     pin_file.write_text(PIN + "\n")
     pin_file.chmod(0o644)
     with pytest.raises(PkiError, match="readable by other users"):
-        create_token_key(softhsm.uri("k", token=other, extra=f"?pin-source=file:{pin_file}", module=False),
+        create_token_key(softhsm.uri("k", label=other, extra=f"?pin-source=file:{pin_file}", module=False),
                          place, "p256")
     pin_file.chmod(0o600)
     key, _ = create_token_key(f"pkcs11:token={other};object=k?pin-source={pin_file}", place, "p256")
@@ -92,11 +92,11 @@ def test_a_wrong_pin_a_missing_pin_and_a_pin_file(softhsm: SoftHsm, place: KeyPl
 
 def test_a_missing_token_a_missing_object_and_a_missing_module(softhsm: SoftHsm, place: KeyPlace) -> None:
     with pytest.raises(TokenMissing, match=r"no token matches token=absent .*tokens present: '" + softhsm.label):
-        open_key(softhsm.uri("k", token="absent"), place, what="issuing CA key")
+        open_key(softhsm.uri("k", label="absent"), place, what="issuing CA key")
     with pytest.raises(TokenObjectMissing, match=f"no private key object 'nothing' on token '{softhsm.label}'"):
         open_key(softhsm.uri("nothing"), place, what="issuing CA key")
-    with pytest.raises(TokenMissing, match="cannot load PKCS#11 module /nonexistent/libp11.so"):
-        open_key(f"pkcs11:token=t;object=k?module-path=/nonexistent/libp11.so", place, what="issuing CA key")
+    with pytest.raises(TokenMissing, match=r"cannot load PKCS#11 module /nonexistent/libp11\.so"):
+        open_key("pkcs11:token=t;object=k?module-path=/nonexistent/libp11.so", place, what="issuing CA key")
 
 
 def test_a_token_that_refuses_ecdsa(softhsm: SoftHsm, place: KeyPlace, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,12 +64,12 @@ class KeyPlan:
         if self.root_passphrase is None:
             raise PkiError("--offline-root needs a passphrase for the exported key")
         target = self.offline_root.expanduser().absolute()
+        if target.resolve().is_relative_to(home.root.resolve()):
+            raise PkiError(f"--root-key-out {self.offline_root} is inside the home: the offline root must leave it")
         if target.exists():
             raise PkiError(f"--root-key-out {self.offline_root} already exists; refusing to overwrite it")
         if not target.parent.is_dir():
             raise PkiError(f"--root-key-out: directory {target.parent} does not exist")
-        if target.resolve().is_relative_to(home.root.resolve()):
-            raise PkiError(f"--root-key-out {self.offline_root} is inside the home: the offline root must leave it")
 
     def settings(self) -> CaSettings:
         """What ``[ca]`` in ``iotauth.toml`` records: the URIs, never a PIN."""

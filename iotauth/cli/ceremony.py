@@ -12,6 +12,7 @@ from iotauth.authority import operator_actor
 from iotauth.ceremony import REVOCATION_REASONS, sign_arl, sign_issuing
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, success, warn
+from iotauth.errors import PkiError
 
 ROOT_KEY_HELP = (
     "The root key: the encrypted file 'init --offline-root' exported (its passphrase from "
@@ -25,7 +26,7 @@ def _root_key(ctx: CliContext, given: str | None) -> str:
         return given
     uri = ctx.settings().ca.root_key_uri
     if uri == "offline":
-        raise click.UsageError("the root of this home is offline: pass --root-key FILE (the exported key)")
+        raise PkiError("the root of this home is offline: pass --root-key FILE (what 'init --offline-root' exported)")
     return uri
 
 

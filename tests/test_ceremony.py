@@ -8,10 +8,14 @@ old issuing CA, only the new one's devices get in.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
+import socket
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,11 +24,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
+from iotauth.authority import open_authority
 from iotauth.castore import previous_issuing, trusted_issuing
 from iotauth.config import Home, load_settings
 from iotauth.errors import ConnectRefused
+from iotauth.export.mosquitto import export
 from iotauth.pki.keys import generate_private_key, load_private_key, private_key_pem
 from iotauth.pki.signer import OFFLINE
+from iotauth.policy import PolicySet
+from iotauth.registry import open_registry
+from iotauth.testing import free_port
 from tests.fixtures import iotauth_executable
 from tests.fixtures.broker import BrokerProcess, DeviceCreds, Pki, connect, wait_for
 from tests.fixtures.keyscan import private_key_material
@@ -198,3 +207,56 @@ def test_rollover_onto_a_token_with_the_root_on_another(tmp_path: Path, softhsm:
     assert published["number"] >= 1 and len(pem_crls(home.crl_pem.read_bytes())) == 2
     assert set(private_key_material(home.root)) == {"broker/server.key", "ca/ocsp.key",
                                                      f"ca/previous/{format(old.serial_number, 'x')}/ocsp.key"}
+
+
+@pytest.mark.timeout(180)
+def test_the_mosquitto_export_accepts_both_issuing_cas_after_a_rollover(home: Home, tmp_path: Path) -> None:
+    """A real Mosquitto, configured by the export: devices of the old and the new issuing CA connect; a device
+    revoked under the old CA is refused by the old CA's CRL in the bundle."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(mosquitto).exists() or shutil.which("mosquitto_pub") is None:
+        pytest.skip("mosquitto is not installed (scripts/install-system-deps.sh)")
+    pki = Pki(home, tmp_path / "devices")
+    old, gone = pki.issue("old-m"), pki.issue("old-revoked")
+    cli(home, "ceremony", "sign-issuing")  # the root key of this home is ca/root.key ([ca] root_key_uri)
+    new = pki.issue("new-m")
+    cli(home, "revoke", "old-revoked")
+    base = Path(tempfile.mkdtemp(prefix="iotauth-mosquitto-"))  # outside pytest's tree: mosquitto reads it
+    base.chmod(0o755)
+    port = free_port()
+    try:
+        asyncio.run(_export_mosquitto(home, base / "export", port))
+        process = subprocess.Popen([mosquitto, "-c", str(base / "export" / "mosquitto.conf")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: _listening(port), message="mosquitto listening")
+
+            def publish(creds: DeviceCreds) -> int:
+                return subprocess.run(
+                    ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(home.root_cert),
+                     "--cert", str(creds.cert), "--key", str(creds.key), "-i", creds.device_id,
+                     "-t", f"devices/{creds.device_id}/state", "-m", "up", "-q", "1"],
+                    capture_output=True, timeout=20, check=False).returncode
+
+            assert publish(old) == 0 and publish(new) == 0
+            assert publish(gone) != 0
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _export_mosquitto(home: Home, directory: Path, port: int) -> None:
+    async with await open_registry(home.registry_db) as registry:
+        authority = await open_authority(home, registry)
+        await export(home, registry, authority, PolicySet.from_profiles(load_settings(home).profiles.values()),
+                     directory, "127.0.0.1", port)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True

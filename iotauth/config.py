@@ -388,18 +388,23 @@ class _Reader:
         return value
 
 
-def record_ca_settings(home: Home, ca: CaSettings) -> None:
-    """Write ``[ca]`` into ``iotauth.toml`` (creating the table if needed), keeping every comment and setting."""
+def update_settings(home: Home, table: str, values: Mapping[str, Any]) -> None:
+    """Set ``values`` in ``[table]`` of ``iotauth.toml`` (creating the table if needed), keeping every comment."""
     document = tomlkit.parse(home.config_file.read_text(encoding="utf-8"))
-    table = document.get("ca")
-    if table is None:
-        table = tomlkit.table()
-        document["ca"] = table
-    table["issuing_key_uri"] = ca.issuing_key_uri
-    table["root_key_uri"] = ca.root_key_uri
-    if ca.pkcs11_module:
-        table["pkcs11_module"] = ca.pkcs11_module
+    section = document.get(table)
+    if section is None:
+        section = tomlkit.table()
+        document[table] = section
+    section.update(values)
     home.config_file.write_text(tomlkit.dumps(document), encoding="utf-8")
+
+
+def record_ca_settings(home: Home, ca: CaSettings) -> None:
+    """Write ``[ca]``: the key URIs (never a PIN) and the PKCS#11 module, if any."""
+    values: dict[str, str] = {"issuing_key_uri": ca.issuing_key_uri, "root_key_uri": ca.root_key_uri}
+    if ca.pkcs11_module:
+        values["pkcs11_module"] = ca.pkcs11_module
+    update_settings(home, "ca", values)
 
 
 def default_config_text(trust_domain: str) -> str:

@@ -12,7 +12,6 @@ dropping the session, ``crl``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from iotauth.config import Home, load_settings
 from iotauth.errors import ConnectRefused
 from iotauth.pki.keys import generate_private_key, load_private_key, private_key_pem
 from iotauth.testing import CredentialFiles, MqttClient
-from tests.fixtures import iotauth_executable
+from tests.fixtures import one_line_error, operator_cli
 from tests.fixtures.broker import BrokerProcess, wait_for
 from tests.fixtures.devices import EmulatorFactory
 from tests.fixtures.keyscan import private_key_material
@@ -39,20 +38,7 @@ UNATTENDED_KEYS = {"broker/server.key", "ca/ocsp.key"}  # the broker's TLS key a
 
 
 def cli(home: Home, *args: str, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("IOTAUTH_")}
-    environment.update({"IOTAUTH_HOME": str(home.root), "COLUMNS": "200", **(env or {})})
-    result = subprocess.run([iotauth_executable(), *args], capture_output=True, text=True, env=environment,
-                            timeout=120, check=False, stdin=subprocess.DEVNULL)
-    assert "Traceback" not in result.stderr, result.stderr
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
+    return operator_cli(home.root, *args, env=env, ok=ok)
 
 
 def credentials(folder: Path, name: str, cert_pem: bytes, key_pem: bytes, home: Home) -> CredentialFiles:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import stat
@@ -34,7 +33,7 @@ from iotauth.pki.signer import OFFLINE
 from iotauth.policy import PolicySet
 from iotauth.registry import open_registry
 from iotauth.testing import free_port
-from tests.fixtures import iotauth_executable
+from tests.fixtures import one_line_error, operator_cli
 from tests.fixtures.broker import BrokerProcess, DeviceCreds, Pki, connect, wait_for
 from tests.fixtures.keyscan import private_key_material
 from tests.fixtures.pki import TRUST_DOMAIN
@@ -45,20 +44,7 @@ ROOT_PASSPHRASE = "correct horse battery staple"
 
 
 def cli(home: Home, *args: str, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("IOTAUTH_")}
-    environment.update({"IOTAUTH_HOME": str(home.root), "COLUMNS": "200", **(env or {})})
-    result = subprocess.run([iotauth_executable(), *args], capture_output=True, text=True, env=environment,
-                            timeout=120, check=False, stdin=subprocess.DEVNULL)
-    assert "Traceback" not in result.stderr, result.stderr
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1, result.stderr
-    assert needle in lines[0], lines[0]
+    return operator_cli(home.root, *args, env=env, ok=ok)
 
 
 def cert_of(creds: DeviceCreds) -> x509.Certificate:

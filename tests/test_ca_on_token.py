@@ -21,9 +21,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
+from iotauth.authority import open_authority
 from iotauth.config import Home, load_settings
-from iotauth.errors import ConnectRefused
+from iotauth.errors import ConnectRefused, TokenLoginFailed
 from iotauth.pki.keys import generate_private_key, load_private_key, private_key_pem
+from iotauth.registry import open_registry
 from iotauth.testing import CredentialFiles, MqttClient
 from tests.fixtures import one_line_error, operator_cli
 from tests.fixtures.broker import BrokerProcess, wait_for
@@ -166,3 +168,19 @@ def test_init_errors_on_a_token_are_one_line(tmp_path: Path, softhsm: SoftHsm) -
     home.config_file.write_text(settings.replace("renamed-ca", "issuing-ca"))
     one_line_error(cli(home, "crl", env={**token, "SOFTHSM2_CONF": str(strict)}, ok=False),
                    "refuses ECDSA signing (CKM_ECDSA)")
+
+
+async def test_without_the_pin_the_authority_is_locked_but_status_changes_work(
+    tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``serve`` and ``revoke`` get when the token's PIN is not at hand: the same as a locked passphrase."""
+    home = Home(tmp_path / "home")
+    cli(home, "init", "--issuing-key-uri", softhsm.uri("issuing-ca"), env={"IOTAUTH_PKCS11_PIN": PIN, **softhsm.env})
+    monkeypatch.delenv("IOTAUTH_PKCS11_PIN", raising=False)
+    async with await open_registry(home.registry_db) as registry:
+        authority = await open_authority(home, registry, signing_optional=True)
+        assert isinstance(authority.signing_unavailable, TokenLoginFailed)
+        with pytest.raises(TokenLoginFailed, match="needs its user PIN"):
+            await authority.build_crl()
+        with pytest.raises(TokenLoginFailed):
+            await open_authority(home, registry)

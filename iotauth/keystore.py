@@ -21,12 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from asn1crypto import core as asn1_core
+from asn1crypto import keys as asn1_keys
+from asn1crypto import pem as asn1_pem
+from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from iotauth.errors import KeyUriError, PkiError
 from iotauth.files import write_secret
-from iotauth.pki.keys import PrivateKey, load_private_key, private_key_pem
+from iotauth.pki.keys import PrivateKey, load_private_key
 from iotauth.pki.signer import FileKeyUri, Pkcs11Uri, keys_match, parse_key_uri
 
 if TYPE_CHECKING:  # the binding (python-pkcs11) is imported only when a token key is used: ~0.1 s at startup
@@ -36,6 +42,7 @@ PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"  # noqa: S105 - the variable names, not
 PIN_ENV = "IOTAUTH_PKCS11_PIN"
 ROOT_PASSPHRASE_ENV = "IOTAUTH_ROOT_PASSPHRASE"  # noqa: S105
 MIN_ROOT_PASSPHRASE = 12
+ROOT_KDF_ITERATIONS = 600_000
 _MAX_SECRET_FILE = 4096
 
 
@@ -150,8 +157,40 @@ def export_root_key(key: PrivateKey, path: Path, passphrase: bytes, home: Path) 
     target = path.expanduser().absolute()
     if target.resolve().is_relative_to(home.resolve()):
         raise PkiError(f"--root-key-out {path} is inside the home {home}: the offline root key must leave it")
-    write_secret(target, private_key_pem(key, passphrase))
+    write_secret(target, encrypted_pkcs8(key, passphrase))
     return target
+
+
+def encrypted_pkcs8(key: PrivateKey, passphrase: bytes, iterations: int = ROOT_KDF_ITERATIONS) -> bytes:
+    """PEM ``ENCRYPTED PRIVATE KEY`` (PKCS#8, PBES2: PBKDF2-HMAC-SHA256 with ``iterations``, AES-256-CBC).
+
+    ``cryptography``'s own PKCS#8 encryption uses 2,048 PBKDF2 iterations; a root
+    key stored off-site for years deserves the 600,000 that OWASP recommends for
+    PBKDF2-HMAC-SHA256. The structure is built with asn1crypto; OpenSSL and
+    ``cryptography`` read it as any encrypted PKCS#8 key.
+    """
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    salt, iv = os.urandom(16), os.urandom(16)
+    secret = PBKDF2HMAC(hashes.SHA256(), 32, salt, iterations).derive(passphrase)
+    padder = padding.PKCS7(128).padder()
+    encryptor = Cipher(algorithms.AES(secret), modes.CBC(iv)).encryptor()
+    sealed = encryptor.update(padder.update(der) + padder.finalize()) + encryptor.finalize()
+    info = asn1_keys.EncryptedPrivateKeyInfo({
+        "encryption_algorithm": {
+            "algorithm": "pbes2",
+            "parameters": {
+                "key_derivation_func": {
+                    "algorithm": "pbkdf2",
+                    "parameters": {"salt": asn1_core.OctetString(salt), "iteration_count": iterations,
+                                   "prf": {"algorithm": "sha256"}},
+                },
+                "encryption_scheme": {"algorithm": "aes256_cbc", "parameters": iv},
+            },
+        },
+        "encrypted_data": sealed,
+    })
+    return bytes(asn1_pem.armor("ENCRYPTED PRIVATE KEY", info.dump()))
 
 
 def load_root_key(

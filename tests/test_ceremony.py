@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import stat
@@ -77,6 +78,12 @@ def test_rollover_with_the_exported_root(offline_home: tuple[Home, Path], tmp_pa
     assert load_settings(home).ca.root_key_uri == OFFLINE and not home.root_key.exists()
     assert exported.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     assert stat.S_IMODE(exported.stat().st_mode) == 0o600
+    parsed = subprocess.run(["openssl", "asn1parse", "-in", str(exported)], capture_output=True, text=True,
+                            check=True).stdout  # PBES2, PBKDF2-HMAC-SHA256 x 600,000 (0x927C0), AES-256-CBC
+    assert all(part in parsed for part in (":PBES2", ":PBKDF2", "INTEGER           :0927C0", ":hmacWithSHA256",
+                                           ":aes-256-cbc")), parsed
+    subprocess.run(["openssl", "pkey", "-in", str(exported), "-noout", "-passin", "env:IOTAUTH_ROOT_PASSPHRASE"],
+                   env={**os.environ, **env}, check=True, capture_output=True)  # OpenSSL reads it as well
     root_key = load_private_key(exported.read_bytes(), ROOT_PASSPHRASE.encode(), "export")
     root = x509.load_pem_x509_certificate(home.root_cert.read_bytes())
     assert isinstance(root_key, ec.EllipticCurvePrivateKey) and root_key.public_key() == root.public_key()

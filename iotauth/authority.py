@@ -28,12 +28,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from iotauth import castore
-from iotauth.certs import now_utc, pem, public_key_sha256
+from iotauth.certs import now_utc, pem, public_key_sha256, serial_hex
 from iotauth.config import Home, Profile, Settings, load_settings
-from iotauth.errors import Conflict, IotAuthError, PkiError
+from iotauth.errors import Conflict, IotAuthError, NotFound, PkiError
 from iotauth.identity import validate_device_id, validate_hardware_id
 from iotauth.pki.ca import CertificateAuthority, revoked_entry
-from iotauth.registry import CertificateRecord, Device, Registry, RevocationReason, RevokedSerial
+from iotauth.registry import (
+    CertificateRecord,
+    CertificateStatus,
+    Device,
+    Registry,
+    RevocationReason,
+    RevokedSerial,
+)
 
 
 def operator_actor() -> str:
@@ -52,6 +59,8 @@ class Issued:
     certificate: x509.Certificate
     record: CertificateRecord
     chain: tuple[x509.Certificate, ...]
+    reused: bool = False
+    """The certificate was issued earlier for the same device and key (an idempotent retry)."""
 
     @property
     def pem(self) -> bytes:
@@ -159,11 +168,19 @@ class Authority:
         activate: bool = True,
         actor: str,
         now: datetime | None = None,
+        idempotent: bool = False,
     ) -> Issued:
-        """Issue from a CSR (proof of possession); identity comes only from the arguments."""
+        """Issue from a CSR (proof of possession); identity comes only from the arguments.
+
+        Args:
+            idempotent: a retry of the same request (same device, same key) returns the
+                certificate already issued for it instead of a second one (``iotauth issue``:
+                an operator retrying after an error must not put two certificates in the field).
+                Decided inside the registry's write transaction, so concurrent retries agree.
+        """
         device_id, chosen = self._check_identity(device_id, profile, hardware_id)
         cert = self.ca.issue(csr, device_id, chosen, hardware_id=hardware_id, now=now)
-        return await self._record(cert, device_id, profile, hardware_id, activate, actor)
+        return await self._record(cert, device_id, profile, hardware_id, activate, actor, reuse=idempotent)
 
     async def issue_for_key(
         self,
@@ -201,6 +218,8 @@ class Authority:
         activate: bool,
         actor: str,
         details: dict[str, str] | None = None,
+        *,
+        reuse: bool = False,
     ) -> Issued:
         record = await self.registry.record_issuance(
             cert,
@@ -210,7 +229,10 @@ class Authority:
             activate=activate,
             actor=actor,
             details=details,
+            reuse=reuse,
         )
+        if record.serial != serial_hex(cert):  # the one issued before; the new one is never handed out
+            return Issued(x509.load_pem_x509_certificate(record.pem.encode()), record, self.ca.chain, reused=True)
         return Issued(cert, record, self.ca.chain)
 
     # -- status changes --------------------------------------------------------------------
@@ -297,3 +319,25 @@ async def open_authority(home: Home, registry: Registry, *, signing_optional: bo
         return Authority(None, registry, settings, signing_unavailable=exc)
     arl = root_crl.public_bytes(serialization.Encoding.PEM) if root_crl is not None else None
     return Authority(ca, registry, settings, previous=previous, root_crl=arl)
+
+
+async def certificate_pem(registry: Registry, device_id: str, serial: str | None, chain: Path | None) -> str:
+    """A device's certificate as PEM, as the registry holds it: to fetch again what was issued.
+
+    Args:
+        serial: this certificate of the device; by default its newest unrevoked one.
+        chain: append this CA certificate file (the issuing CA) to the PEM.
+    """
+    certificates = await registry.certificates_of(device_id)
+    if serial is not None:
+        chosen = [c for c in certificates if c.serial == serial.lower()]
+        if not chosen:
+            raise NotFound(f"device {device_id!r} has no certificate {serial}")
+    else:
+        chosen = [c for c in certificates if c.status is not CertificateStatus.REVOKED]
+        if not chosen:
+            raise NotFound(f"device {device_id!r} has no unrevoked certificate (use --serial for a revoked one)")
+    text = chosen[-1].pem
+    if chain is not None:
+        text += castore.read_certificate(chain).public_bytes(serialization.Encoding.PEM).decode()
+    return text

@@ -21,14 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from iotauth.castore import write_hierarchy
 from iotauth.certs import fingerprint
-from iotauth.config import CaSettings, Home, default_config_text, load_settings, record_ca_settings, registry_location
-from iotauth.errors import ConfigError, PkiError
+from iotauth.config import CaSettings, Home, default_config_text, load_settings, registry_location
+from iotauth.errors import ConfigError, PkiError, RegistryError
 from iotauth.identity import validate_trust_domain
 from iotauth.keystore import KeyPlace, create_token_key, export_root_key
-from iotauth.pki.hierarchy import create_hierarchy
+from iotauth.pki.hierarchy import Hierarchy, create_hierarchy
 from iotauth.pki.keys import PrivateKey, curve_type
 from iotauth.pki.signer import OFFLINE, Pkcs11Uri, parse_key_uri
 from iotauth.registry import EventKind, open_registry
+from iotauth.tomledit import record_ca_settings
 
 
 @dataclass(frozen=True)
@@ -118,30 +119,24 @@ async def initialise_home(
         raise PkiError(f"a CA already exists in {home.root}; refusing to overwrite it (choose another --home)")
     domain = _trust_domain(home, trust_domain)
     keys.check(home)
-    place = KeyPlace(home.root, keys.pkcs11_module)
-    adopted: list[str] = []
-    root_key = _token_key(keys.root_key_uri, place, key_type, "root", adopted)
-    issuing_key = _token_key(keys.issuing_key_uri, place, key_type, "issuing", adopted)
-    hierarchy = create_hierarchy(domain, key_type, list(server_names), root_key=root_key, issuing_key=issuing_key)
-    exported = None
-    if keys.offline_root is not None and keys.root_passphrase is not None:
-        exported = export_root_key(hierarchy.root_key, keys.offline_root, keys.root_passphrase, home.root)
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = Path(tempfile.mkdtemp(prefix=".init-", dir=home.root))
-    try:
-        write_hierarchy(Home(staging), hierarchy, passphrase, root_key_file=root_key is None and exported is None,
-                        issuing_key_file=issuing_key is None)
-        os.rename(staging / "ca", home.ca_dir)
-        os.rename(staging / "broker", home.server_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not home.config_file.exists():
-        home.config_file.write_text(default_config_text(domain), encoding="utf-8")
-    ca_settings = keys.settings()
-    record_ca_settings(home, ca_settings)
-    load_settings(home)
-    ca = hierarchy.ca
-    async with await open_registry(registry_location(home, registry), create=True) as reg:
+    location = registry_location(home, registry)
+    # The registry first: a registry that already has a history belongs to another CA and is never adopted.
+    async with await open_registry(location, create=True) as reg:
+        held = await reg.last_event_id()
+        if held:
+            raise RegistryError(
+                f"registry {reg.location} already holds {held} audit events (another home's registry?); "
+                "'iotauth init' will not adopt it: move it away or choose another --registry"
+            )
+        adopted: list[str] = []
+        hierarchy, exported = _write_ca(home, domain, key_type, server_names, passphrase, keys, adopted)
+        if not home.config_file.exists():
+            home.config_file.write_text(default_config_text(domain), encoding="utf-8")
+        ca_settings = keys.settings()
+        record_ca_settings(home, ca_settings)
+        load_settings(home)
+        ca = hierarchy.ca
         await reg.record_event(
             EventKind.CA_INITIALISED,
             actor=actor,
@@ -155,6 +150,7 @@ async def initialise_home(
                 "root_key": ca_settings.root_key_uri,
                 "issuing_key": ca_settings.issuing_key_uri,
                 "adopted": adopted,
+                "registry_instance": reg.instance_id,
             },
         )
     return InitResult(
@@ -169,6 +165,29 @@ async def initialise_home(
         adopted=tuple(adopted),
         root_key_exported=exported,
     )
+
+
+def _write_ca(
+    home: Home, domain: str, key_type: str, server_names: Sequence[str], passphrase: bytes | None, keys: KeyPlan,
+    adopted: list[str],
+) -> tuple[Hierarchy, Path | None]:
+    """Make or adopt the token keys, sign the hierarchy, export an offline root, and move the CA into place."""
+    place = KeyPlace(home.root, keys.pkcs11_module)
+    root_key = _token_key(keys.root_key_uri, place, key_type, "root", adopted)
+    issuing_key = _token_key(keys.issuing_key_uri, place, key_type, "issuing", adopted)
+    hierarchy = create_hierarchy(domain, key_type, list(server_names), root_key=root_key, issuing_key=issuing_key)
+    exported = None
+    if keys.offline_root is not None and keys.root_passphrase is not None:
+        exported = export_root_key(hierarchy.root_key, keys.offline_root, keys.root_passphrase, home.root)
+    staging = Path(tempfile.mkdtemp(prefix=".init-", dir=home.root))
+    try:
+        write_hierarchy(Home(staging), hierarchy, passphrase, root_key_file=root_key is None and exported is None,
+                        issuing_key_file=issuing_key is None)
+        os.rename(staging / "ca", home.ca_dir)
+        os.rename(staging / "broker", home.server_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return hierarchy, exported
 
 
 def _token_key(uri: str | None, place: KeyPlace, key_type: str, which: str, adopted: list[str]) -> PrivateKey | None:

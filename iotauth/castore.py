@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from iotauth.certs import now_utc, pem, serial_hex
 from iotauth.config import Home, Settings
 from iotauth.errors import ConfigError, PkiError
-from iotauth.files import replace_secret, write_public, write_secret
+from iotauth.files import os_error_text, replace_secret, write_public, write_secret
 from iotauth.keystore import KeyPlace, open_key
 from iotauth.pki.ca import CertificateAuthority
 from iotauth.pki.hierarchy import Hierarchy
@@ -277,20 +277,27 @@ def read_published_crl(home: Home) -> CrlFiles | None:
 
 
 def publish_crl(home: Home, crl: x509.CertificateRevocationList, *, also: tuple[bytes, ...] = ()) -> None:
-    """Atomically replace ``ca/crl.pem`` and ``ca/crl.der`` in ``home``.
+    """Atomically replace ``ca/crl.pem`` and ``ca/crl.der`` in ``home`` (a write that fails is a PkiError).
 
     ``crl.der`` holds the current issuing CA's CRL; ``crl.pem`` holds it and,
     after a rollover, the CRLs in ``also`` (one per previous issuing CA, and
     the root's CRL): OpenSSL-based relying parties (Mosquitto's ``crlfile``)
     load every CRL in the file and need one from each CA in a chain.
     """
-    write_public(home.crl_pem, crl.public_bytes(serialization.Encoding.PEM) + b"".join(also))
-    write_public(home.crl_der, crl.public_bytes(serialization.Encoding.DER))
+    _publish(home.crl_pem, crl.public_bytes(serialization.Encoding.PEM) + b"".join(also), "CRL")
+    _publish(home.crl_der, crl.public_bytes(serialization.Encoding.DER), "CRL")
 
 
 def publish_root_crl(home: Home, arl: x509.CertificateRevocationList) -> None:
-    write_public(home.root_crl_pem, arl.public_bytes(serialization.Encoding.PEM))
-    write_public(home.root_crl_der, arl.public_bytes(serialization.Encoding.DER))
+    _publish(home.root_crl_pem, arl.public_bytes(serialization.Encoding.PEM), "root's CRL")
+    _publish(home.root_crl_der, arl.public_bytes(serialization.Encoding.DER), "root's CRL")
+
+
+def _publish(path: Path, data: bytes, what: str) -> None:
+    try:
+        write_public(path, data)
+    except OSError as exc:
+        raise PkiError(f"cannot publish the {what} to {path}: {os_error_text(exc)}") from exc
 
 
 def read_root_crl(home: Home) -> x509.CertificateRevocationList | None:

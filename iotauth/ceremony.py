@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from iotauth import castore
 from iotauth.authority import open_authority
 from iotauth.certs import fingerprint, now_utc, serial_hex
-from iotauth.config import Home, load_settings, record_ca_settings, registry_location
+from iotauth.config import Home, load_settings, registry_location
 from iotauth.errors import IotAuthError, PkiError
 from iotauth.keystore import KeyPlace, ca_passphrase, create_token_key, load_root_key
 from iotauth.pki import hierarchy
@@ -37,6 +37,7 @@ from iotauth.pki.keys import PrivateKey, curve_type, generate_private_key
 from iotauth.pki.ocsp import issue_responder
 from iotauth.pki.signer import keys_match
 from iotauth.registry import EventKind, Registry, open_registry
+from iotauth.tomledit import record_ca_settings
 
 REVOCATION_REASONS = {
     "key-compromise": x509.ReasonFlags.key_compromise,

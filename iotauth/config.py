@@ -17,8 +17,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import tomlkit
-
 from iotauth.errors import ConfigError, InvalidIdentity, KeyUriError
 from iotauth.identity import validate_profile_name, validate_trust_domain
 from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
@@ -193,6 +191,8 @@ class ServeSettings:
     bind: str = "127.0.0.1:8443"
     admin_token_sha256: tuple[str, ...] = ()
     broker_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    trusted_proxies: tuple[str, ...] = ()
+    """Peers whose ``X-Forwarded-For`` names the client; none by default (the TCP peer is the client)."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +300,7 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
                     serve,
                 )
             ),
+            trusted_proxies=tuple(_strings(serve.get("trusted_proxies", list, []), "serve.trusted_proxies", serve)),
         ),
         emqx=EmqxSettings(
             base_url=emqx.get("base_url", str, None) or None,
@@ -388,25 +389,6 @@ class _Reader:
         return value
 
 
-def update_settings(home: Home, table: str, values: Mapping[str, Any]) -> None:
-    """Set ``values`` in ``[table]`` of ``iotauth.toml`` (creating the table if needed), keeping every comment."""
-    document = tomlkit.parse(home.config_file.read_text(encoding="utf-8"))
-    section = document.get(table)
-    if section is None:
-        section = tomlkit.table()
-        document[table] = section
-    section.update(values)
-    home.config_file.write_text(tomlkit.dumps(document), encoding="utf-8")
-
-
-def record_ca_settings(home: Home, ca: CaSettings) -> None:
-    """Write ``[ca]``: the key URIs (never a PIN) and the PKCS#11 module, if any."""
-    values: dict[str, str] = {"issuing_key_uri": ca.issuing_key_uri, "root_key_uri": ca.root_key_uri}
-    if ca.pkcs11_module:
-        values["pkcs11_module"] = ca.pkcs11_module
-    update_settings(home, "ca", values)
-
-
 def default_config_text(trust_domain: str) -> str:
     """The commented ``iotauth.toml`` that ``iotauth init`` writes."""
     return f'''# iotauth configuration. See README.md, "Configuration reference".
@@ -469,8 +451,10 @@ max_retained = 100               # retained messages a device may own
 bind = "127.0.0.1:8443"
 # SHA-256 of admin API tokens ('iotauth serve token' makes one). No token, no admin API.
 admin_token_sha256 = []
-# Broker-facing endpoints answer only these networks.
+# Broker-facing endpoints answer only these networks ([] answers nobody).
 broker_networks = ["127.0.0.0/8", "::1/128"]
+# Behind a reverse proxy: the proxies' addresses. Only their X-Forwarded-For is believed.
+trusted_proxies = []
 
 [emqx]
 # Optional: kick revoked clients through the EMQX REST API (DELETE /api/v5/clients/{{clientid}}).

@@ -110,8 +110,16 @@ class RegistryMissing(RegistryError):
         self.path = path
 
 
+class RegistryReplaced(RegistryError):
+    """The database at the registry's location is another registry than the one opened (another instance id)."""
+
+
 class AuditChainBroken(RegistryError):
     """The hash-chained audit log does not verify."""
+
+
+class AnchorError(IotAuthError):
+    """An audit anchor (the log's head kept outside the home) cannot be read, written or understood."""
 
 
 class ProvisioningError(IotAuthError):
@@ -229,6 +237,10 @@ class ConnectRefused(IotAuthError):
     def __init__(self, code: int | None, detail: str) -> None:
         super().__init__(f"connection refused ({code}): {detail}")
         self.code = code
+
+
+class OutputNotWritten(IotAuthError):
+    """A file the operator asked for could not be written; the message says what is already done and how to recover."""
 
 
 class BadRequest(IotAuthError):

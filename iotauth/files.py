@@ -9,6 +9,7 @@ a broker reloading its CRL never see a half-written file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -73,3 +74,33 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as an operator reads it: the reason and its errno name (``No space left on device (ENOSPC)``)."""
+    name = errno.errorcode.get(exc.errno or 0)
+    reason = exc.strerror or str(exc)
+    return f"{reason} ({name})" if name else reason
+
+
+def filesystem_problem(path: Path) -> str | None:
+    """Why the file system holding ``path`` cannot take writes, if it visibly cannot (else None).
+
+    Libraries above the OS (SQLite above all) report a full disk as a generic
+    "disk I/O error"; this names the real cause so that nobody mistakes a full
+    disk for a corrupt database.
+    """
+    directory = path if path.is_dir() else path.parent
+    try:
+        stats = os.statvfs(directory)
+    except OSError as exc:
+        return f"the file system holding {directory} cannot be examined: {os_error_text(exc)}"
+    if stats.f_flag & os.ST_RDONLY:
+        return f"the file system holding {directory} is read-only (EROFS)"
+    free = stats.f_bavail * stats.f_frsize
+    if free < 64 * 1024 or (stats.f_files and not stats.f_favail):
+        what = f"{free} bytes free" if free < 64 * 1024 else "no free inodes"
+        return f"the file system holding {directory} is full (ENOSPC: {what})"
+    if not os.access(directory, os.W_OK):
+        return f"{directory} is not writable by this user (EACCES)"
+    return None

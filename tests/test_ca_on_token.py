@@ -27,8 +27,8 @@ from iotauth.errors import ConnectRefused, TokenLoginFailed
 from iotauth.pki.keys import generate_private_key, load_private_key, private_key_pem
 from iotauth.registry import open_registry
 from iotauth.testing import CredentialFiles, MqttClient
-from tests.fixtures import one_line_error, operator_cli
 from tests.fixtures.broker import BrokerProcess, wait_for
+from tests.fixtures.cli import one_line_error, operator_cli
 from tests.fixtures.devices import EmulatorFactory
 from tests.fixtures.keyscan import private_key_material
 from tests.fixtures.pki import TRUST_DOMAIN, make_csr

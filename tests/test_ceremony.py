@@ -34,8 +34,8 @@ from iotauth.pki.signer import OFFLINE
 from iotauth.policy import PolicySet
 from iotauth.registry import open_registry
 from iotauth.testing import free_port
-from tests.fixtures import one_line_error, operator_cli
 from tests.fixtures.broker import BrokerProcess, DeviceCreds, Pki, connect, wait_for
+from tests.fixtures.cli import one_line_error, operator_cli
 from tests.fixtures.keyscan import private_key_material
 from tests.fixtures.pki import TRUST_DOMAIN
 from tests.fixtures.service import RunningService, ocsp_status

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from iotauth.config import CaSettings, Home, default_config_text, parse_settings, record_ca_settings
+from iotauth.config import Home, default_config_text, parse_settings
 from iotauth.errors import ConfigError
 
 
@@ -76,13 +76,3 @@ def test_ca_key_uris_default_to_the_home_files_and_are_checked() -> None:
         parse_settings({"trust_domain": "t.test", "ca": {"issuing_key_uri": "pkcs11:token=a;object=b?pin-value=1"}})
     with pytest.raises(ConfigError, match="must start with 'file:' or 'pkcs11:'"):
         parse_settings({"trust_domain": "t.test", "ca": {"root_key_uri": "/etc/root.key"}})
-
-
-def test_recording_the_key_uris_keeps_the_rest_of_the_file(tmp_path: Path) -> None:
-    home = Home(tmp_path)
-    home.config_file.write_text(default_config_text("factory.test") + "# the operator's own note\n")
-    record_ca_settings(home, CaSettings("pkcs11:token=t;object=i", "offline", "/usr/lib/softhsm/libsofthsm2.so"))
-    text = home.config_file.read_text()
-    assert "# the operator's own note" in text and "# Where the CA keys live" in text
-    ca = parse_settings(tomllib.loads(text)).ca
-    assert ca == CaSettings("pkcs11:token=t;object=i", "offline", "/usr/lib/softhsm/libsofthsm2.so")

@@ -14,6 +14,7 @@ from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
 from iotauth.errors import IotAuthError, ProfileMismatch, RegistryMissing
+from iotauth.files import os_error_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file the command had to write or read: name it and the real cause (ENOSPC...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        error(f"{where}{os_error_text(exc)}")
+        return 74  # EX_IOERR
     except Exception as exc:  # the last line of defence: report, never dump
         if os.environ.get("IOTAUTH_DEBUG"):
             traceback.print_exc()

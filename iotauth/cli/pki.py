@@ -9,13 +9,13 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from iotauth.authority import Authority, operator_actor
+from iotauth.authority import Authority, Issued, operator_actor
 from iotauth.bootstrap import KeyPlan, initialise_home
 from iotauth.certs import pem
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, success, warn
-from iotauth.errors import CsrRejected
-from iotauth.files import write_public
+from iotauth.errors import CsrRejected, OutputNotWritten, PkiError
+from iotauth.files import os_error_text, write_public
 from iotauth.keystore import ca_passphrase, root_passphrase
 
 
@@ -146,22 +146,39 @@ def issue(
     """Issue a certificate for DEVICE_ID from a CSR (manual issuance and tool integration)."""
     csr = _read_csr(csr_path)
 
-    async def work(authority: Authority) -> tuple[bytes, dict[str, object]]:
-        issued = await authority.issue(
-            csr, device_id, profile, hardware_id=hardware_id, activate=not pending, actor=operator_actor()
+    async def work(authority: Authority) -> Issued:
+        return await authority.issue(
+            csr, device_id, profile, hardware_id=hardware_id, activate=not pending, actor=operator_actor(),
+            idempotent=True,
         )
-        body = issued.pem + (pem(issued.chain[0]) if fullchain else b"")
-        return body, issued.record.as_dict()
 
-    body, record = run(ctx.with_authority(work))
+    issued = run(ctx.with_authority(work))
+    body = issued.pem + (pem(issued.chain[0]) if fullchain else b"")
+    record = issued.record.as_dict()
     if out is not None:
-        write_public(out, body)
+        _write_out(out, body, issued, fullchain)
     if as_json:
-        emit_json({**record, "pem": body.decode(), "out": str(out) if out else None})
+        emit_json({**record, "pem": body.decode(), "out": str(out) if out else None, "reused": issued.reused})
         return
     if out is None:
         sys.stdout.write(body.decode())
-    success(f"issued {record['status']} certificate {record['serial']} for {device_id}" + (f" -> {out}" if out else ""))
+    verb = "already issued (same device and key; nothing new was issued):" if issued.reused else "issued"
+    success(f"{verb} {record['status']} certificate {record['serial']} for {device_id}"
+            + (f" -> {out}" if out else ""))
+
+
+def _write_out(out: Path, body: bytes, issued: Issued, fullchain: bool) -> None:
+    """Write the certificate file; if that fails, say that it *is* issued and how to fetch it again."""
+    try:
+        write_public(out, body)
+    except OSError as exc:
+        device_id, serial = issued.record.device_id, issued.record.serial
+        again = f"iotauth devices show {device_id} --pem" + (" --fullchain" if fullchain else "") + f" > {out}"
+        raise OutputNotWritten(
+            f"certificate {serial} for {device_id} is issued and {issued.record.status.value} in the registry, "
+            f"but {out} could not be written: {os_error_text(exc)}. Fetch it again with '{again}' "
+            "(or re-run this command: the same CSR returns the same certificate)"
+        ) from exc
 
 
 @click.command()
@@ -177,7 +194,11 @@ def crl(ctx: CliContext, out: Path | None, der: bool, as_json: bool) -> None:
     encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
     body = published.crl.public_bytes(encoding)
     if out is not None:
-        write_public(out, body)
+        try:
+            write_public(out, body)
+        except OSError as exc:
+            raise PkiError(f"CRL #{published.number} is published in {ctx.home.ca_dir}, but {out} could not be "
+                           f"written: {os_error_text(exc)}") from exc
     info = {
         "number": published.number,
         "entries": published.entries,

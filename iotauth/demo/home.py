@@ -6,10 +6,11 @@ from pathlib import Path
 
 from iotauth.authority import Authority
 from iotauth.certs import pem
-from iotauth.config import Home, update_settings
+from iotauth.config import Home
 from iotauth.files import write_public, write_secret
 from iotauth.pki.keys import generate_private_key, private_key_pem
 from iotauth.testing import CredentialFiles
+from iotauth.tomledit import update_settings
 
 OPERATOR_ID = "ops-ingest"
 

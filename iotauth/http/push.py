@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
+from iotauth.errors import RegistryError
 from iotauth.identity import validate_device_id
 from iotauth.registry import AuditEvent, Registry
 from iotauth.registry.events import EMQX_KICKS
@@ -62,10 +63,20 @@ def devices_to_kick(events: list[AuditEvent]) -> list[str]:
 
 
 async def push_revocations(registry: Registry, kicker: EmqxKicker, poll_interval: float = 0.2) -> None:
-    """Run forever: follow the feed from now on and kick every revoked or suspended device."""
-    start = await registry.last_event_id()
+    """Run forever: follow the feed from now on and kick every revoked or suspended device.
+
+    A registry that cannot be read (or was given up, see ``Registry.reopen``)
+    is retried every second from the last event handled.
+    """
+    cursor = await registry.last_event_id()
     async with httpx.AsyncClient(timeout=10) as client:
-        async for batch in registry.follow(start, poll_interval=poll_interval):
-            for device_id in devices_to_kick(batch):
-                with contextlib.suppress(Exception):
-                    await kicker.kick(client, device_id)
+        while True:
+            try:
+                async for batch in registry.follow(cursor, poll_interval=poll_interval):
+                    for device_id in devices_to_kick(batch):
+                        with contextlib.suppress(Exception):
+                            await kicker.kick(client, device_id)
+                    cursor = batch[-1].id
+            except RegistryError as exc:
+                log.warning("EMQX push cannot read the registry (%s); retrying", exc)
+                await asyncio.sleep(1.0)

@@ -15,8 +15,8 @@ from starlette.applications import Starlette
 from iotauth.authority import open_authority
 from iotauth.castore import client_verifier, load_ocsp_responder
 from iotauth.config import Home, Settings, load_settings, parse_bind, registry_location
-from iotauth.errors import ConfigError
-from iotauth.http.access import AccessPolicy
+from iotauth.errors import ConfigError, RegistryError
+from iotauth.http.access import AccessPolicy, parse_networks
 from iotauth.http.app import ServiceState, create_app
 from iotauth.http.brokers import BrokerFrontEnd, broker_routes
 from iotauth.http.crl import CrlSource
@@ -25,6 +25,7 @@ from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
 
 log = logging.getLogger("iotauth.http")
+REGISTRY_WATCH_INTERVAL = 0.25  # seconds; a stat() and one indexed read
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
     access = AccessPolicy.build(
         settings.serve.admin_token_sha256, options.admin_tokens, settings.serve.broker_networks, options.tls
     )
+    parse_networks(settings.serve.trusted_proxies, "[serve] trusted_proxies")
+    if not access.broker_networks:
+        log.warning("[serve] broker_networks is empty: the broker-facing endpoints answer nobody")
     if not access.admin_digests:
         log.warning("no admin token configured: the admin API is disabled ('iotauth serve token' makes one)")
     elif not options.tls:
@@ -89,17 +93,32 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
             lifespan="off",
             timeout_keep_alive=30,
             server_header=False,
+            # Never uvicorn's default (trust 127.0.0.1, or $FORWARDED_ALLOW_IPS, which containers often set to *):
+            # X-Forwarded-For decides who is a broker, so only the proxies named in iotauth.toml may set it.
+            proxy_headers=bool(settings.serve.trusted_proxies),
+            forwarded_allow_ips=list(settings.serve.trusted_proxies),
         )
         server = uvicorn.Server(config)
         log.info("iotauth serve on %s://%s:%d", "https" if options.tls else "http", host, port)
+        tasks = [asyncio.get_running_loop().create_task(watch_registry(registry), name="iotauth-registry-watch")]
         pusher = _start_push(settings, registry)
+        if pusher is not None:
+            tasks.append(pusher)
         try:
             await server.serve()
         finally:
-            if pusher is not None:
-                pusher.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await pusher
+                    await task
+
+
+async def watch_registry(registry: Registry, interval: float = REGISTRY_WATCH_INTERVAL) -> None:
+    """Notice a replaced registry database: reopen a copy of it, fail closed on anything else (logged once)."""
+    while True:
+        with contextlib.suppress(RegistryError):  # given up: the registry logged why and refuses every request
+            await registry.ensure_identity()
+        await asyncio.sleep(interval)
 
 
 def _start_push(settings: Settings, registry: Registry) -> asyncio.Task[None] | None:

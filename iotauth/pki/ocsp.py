@@ -75,14 +75,14 @@ class OcspResponder:
 
     It answers for several issuing CAs at once: after a rollover, devices
     holding certificates from the previous issuing CA are answered by that
-    CA's responder until it expires. Requests name their CA by the hash of
-    its key, so each is routed to its own responder; any other CA is
-    ``unauthorized``.
+    CA's responder until it expires. Requests name their CA by the hashes of
+    its name and key, so each is routed to its own responder; any other CA
+    is ``unauthorized``.
     """
 
     def __init__(self, identities: Sequence[ResponderIdentity]) -> None:
-        self._by_key_hash: dict[tuple[str, bytes], ResponderIdentity] = {
-            (algorithm.name, _issuer_key_hash(identity.issuing_cert, algorithm)): identity
+        self._by_issuer: dict[tuple[str, bytes, bytes], ResponderIdentity] = {
+            (algorithm.name, *_issuer_hashes(identity.issuing_cert, algorithm)): identity
             for identity in identities
             # RFC 6960 clients (openssl included) identify certificates by SHA-1 hashes by default.
             for algorithm in (hashes.SHA1(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())  # noqa: S303
@@ -93,7 +93,9 @@ class OcspResponder:
             request = ocsp.load_der_ocsp_request(request_der)
         except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError):
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        identity = self._by_key_hash.get((request.hash_algorithm.name, request.issuer_key_hash))
+        # A CertID names the issuer by the hash of its name *and* of its key (RFC 6960 4.1.1): both must be
+        # those of one of our issuing CAs, or a serial of another issuer (same key, other name) would get our answer.
+        identity = self._by_issuer.get((request.hash_algorithm.name, request.issuer_name_hash, request.issuer_key_hash))
         if identity is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         answer = await lookup(format(request.serial_number, "x"))
@@ -118,10 +120,16 @@ class OcspResponder:
         return response.public_bytes(serialization.Encoding.DER)
 
 
-def _issuer_key_hash(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
-    """The issuerKeyHash a client computes for certificates of ``issuer`` (let cryptography derive it)."""
+def _issuer_hashes(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
+    """The (issuerNameHash, issuerKeyHash) a client computes for certificates issued by ``issuer``.
+
+    The name hash covers the DER of the issuer's subject (the leaf's issuer
+    name); the key hash is left to cryptography (it hashes the key's BIT STRING).
+    """
+    digest = hashes.Hash(algorithm)
+    digest.update(issuer.subject.public_bytes())
     probe = ocsp.OCSPRequestBuilder().add_certificate(issuer, issuer, algorithm).build()
-    return probe.issuer_key_hash
+    return digest.finalize(), probe.issuer_key_hash
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

@@ -56,6 +56,7 @@ class EventKind(StrEnum):
     BROKER_LIMIT_EXCEEDED = "broker.limit.exceeded"
     BROKER_PROTOCOL_VIOLATION = "broker.protocol.violation"
     BROKER_REGISTRY_RECOVERED = "broker.registry.recovered"
+    BROKER_REGISTRY_REOPENED = "broker.registry.reopened"
     BROKER_POLICY_RELOADED = "broker.policy.reloaded"
     BROKER_POLICY_RELOAD_FAILED = "broker.policy.reload_failed"
 

@@ -37,6 +37,8 @@ class IssuanceRequest:
     activate: bool
     actor: str
     details: dict[str, Any]
+    reuse: bool = False
+    """An unexpired, unrevoked certificate of this device for this key is the answer (a retry), not a new one."""
 
 
 class Coalescer(Generic[Req, Res]):
@@ -122,6 +124,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             sorted(set(key_hashes.values())),
         )
     }
+    reusable = await _reusable(tx, requests, key_hashes)
     new_devices: list[tuple[Any, ...]] = []
     new_certs: list[tuple[Any, ...]] = []
     updates: list[tuple[str, tuple[Any, ...]]] = []
@@ -132,6 +135,15 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             _check_issuance(request, key_hash, devices.get(request.device_id), hardware_owner, key_owner)
         except Conflict as exc:
             results.append(exc)
+            continue
+        existing = reusable.get((request.device_id, key_hash)) if request.reuse else None
+        if existing is not None:
+            wanted = CertificateStatus.ACTIVE if request.activate else CertificateStatus.PENDING
+            if existing.status is wanted:
+                results.append(existing)
+            else:
+                results.append(Conflict(f"device {request.device_id!r} already has {existing.status.value} "
+                                        f"certificate {existing.serial} for this public key"))
             continue
         device = devices.get(request.device_id)
         status = DeviceStatus.ACTIVE if request.activate else DeviceStatus.PENDING
@@ -207,6 +219,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             },
         )
         results.append(record)
+        reusable[(request.device_id, key_hash)] = record  # a retry in the same batch gets this one
     if new_devices:
         await tx.executemany(f"INSERT INTO devices ({rows.DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", new_devices)
     for sql, params in updates:
@@ -218,6 +231,25 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             new_certs,
         )
     return results
+
+
+async def _reusable(
+    tx: Tx, requests: list[IssuanceRequest], key_hashes: dict[int, str]
+) -> dict[tuple[str, str], CertificateRecord]:
+    """The newest unexpired, unrevoked certificate per (device, key) among the keys of requests that allow reuse."""
+    keys = sorted({key_hashes[id(r)] for r in requests if r.reuse})
+    if not keys:
+        return {}
+    found: dict[tuple[str, str], CertificateRecord] = {}
+    rows_found = await _lookup(
+        tx, f"SELECT {rows.CERT_COLUMNS} FROM certificates WHERE status <> 'revoked' AND public_key_sha256 IN "
+        "({marks}) ORDER BY issued_at, serial", keys)
+    now = tx.now[:19] + "Z"  # the certificate time format (seconds)
+    for row in rows_found:
+        record = rows.certificate(row)
+        if record.not_after > now:
+            found[(record.device_id, record.public_key_sha256)] = record
+    return found
 
 
 def _check_issuance(

@@ -74,7 +74,14 @@ CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
 }
 _EVENT_ID: dict[Backend, str] = {"sqlite": "INTEGER", "postgresql": "BIGINT"}
 
+# v2: the instance id that tells this registry from a copy of another one (or from an empty file).
+# A copy of the database (a backup, ``cp``) keeps it; a new or foreign database cannot have it.
+_INSTANCE_ID: dict[Backend, str] = {
+    "sqlite": "INSERT INTO meta (key, value) VALUES ('instance_id', lower(hex(randomblob(16))));\n",
+    "postgresql": "INSERT INTO meta (key, value) VALUES ('instance_id', replace(gen_random_uuid()::text, '-', ''));\n",
+}
+
 
 def migrations(backend: Backend) -> tuple[str, ...]:
     """Every migration script for ``backend``, oldest first."""
-    return (_TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend],)
+    return (_TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend], _INSTANCE_ID[backend])

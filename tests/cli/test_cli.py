@@ -5,57 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from iotauth.pki.keys import PrivateKey
-from tests.fixtures import iotauth_executable
-
-CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
-
-
-def iotauth(
-    home: Path, *args: str, env: dict[str, str] | None = None, ok: bool = True
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "IOTAUTH_HOME": str(home), "COLUMNS": "200", **(env or {})}
-    if "IOTAUTH_CA_PASSPHRASE" not in (env or {}):
-        full_env.pop("IOTAUTH_CA_PASSPHRASE", None)
-    result = subprocess.run(
-        [iotauth_executable(), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
-
-
-@pytest.fixture
-def cli_home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    result = iotauth(home, "init", "--trust-domain", "factory.test", "--json")
-    data = json.loads(result.stdout)
-    assert data["trust_domain"] == "factory.test" and data["ca_keys_encrypted"] is False
-    assert "UNENCRYPTED" in result.stderr
-    return home
-
-
-@pytest.fixture
-def csr_file(tmp_path: Path, csr_factory: CsrFactory) -> Path:
-    path = tmp_path / "device.csr"
-    path.write_bytes(csr_factory(common_name="forged")[1].public_bytes(serialization.Encoding.PEM))
-    return path
+from tests.fixtures.cli import iotauth, one_line_error
 
 
 def test_issue_list_show_revoke_audit_roundtrip(cli_home: Path, csr_file: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -196,3 +197,55 @@ def test_broker_endpoints_answer_only_the_broker_network(
         )
         assert answer.status_code == 403
         assert client.get("/crl.pem").status_code == 200  # public endpoints are unaffected
+
+
+def configure_serve(home: Home, networks: str, proxies: str | None = None) -> None:
+    config = home.config_file.read_text().replace('broker_networks = ["127.0.0.0/8", "::1/128"]',
+                                                  f"broker_networks = {networks}")
+    if proxies is not None:
+        config = config.replace("trusted_proxies = []", f"trusted_proxies = {proxies}")
+    home.config_file.write_text(config)
+
+
+def from_address(service: RunningService, source: str) -> httpx.Client:
+    """A client whose connections leave from ``source`` (every 127.x address is loopback on Linux)."""
+    context = ssl.create_default_context(cafile=service.home.chain_file)
+    transport = httpx.HTTPTransport(local_address=source, verify=context)
+    return httpx.Client(base_url=service.base_url, transport=transport, timeout=30)
+
+
+AUTHZ = {"clientid": "sensor-1", "action": "publish", "topic": "devices/sensor-1/state"}
+
+
+def test_an_empty_broker_network_list_answers_nobody(
+    home: Home, fleet: dict[str, Issued], service_factory: Callable[..., RunningService]
+) -> None:
+    configure_serve(home, "[]")
+    with service_factory(home).client() as client:
+        assert client.post("/emqx/authz", json=AUTHZ).status_code == 403
+        assert client.post("/mosquitto/user", json={"username": "sensor-1"}).status_code == 403
+
+
+def test_forwarded_for_is_believed_only_from_a_named_proxy(
+    home: Home, fleet: dict[str, Issued], service_factory: Callable[..., RunningService]
+) -> None:
+    """The reported bypass: with uvicorn's proxy headers on and FORWARDED_ALLOW_IPS=* (a common container
+    setting), any client that sent 'X-Forwarded-For: 127.0.0.1' passed the allowlist."""
+    configure_serve(home, '["127.0.0.1/32"]')
+    service = service_factory(home, extra_env={"FORWARDED_ALLOW_IPS": "*"})
+    spoof = {"X-Forwarded-For": "127.0.0.1"}
+    with from_address(service, "127.0.0.2") as outsider:
+        assert outsider.post("/emqx/authz", json=AUTHZ, headers=spoof).status_code == 403
+
+
+def test_a_named_proxy_forwards_the_client_address(
+    home: Home, fleet: dict[str, Issued], service_factory: Callable[..., RunningService]
+) -> None:
+    configure_serve(home, '["127.0.0.1/32"]', proxies='["127.0.0.3"]')
+    service = service_factory(home, extra_env={"FORWARDED_ALLOW_IPS": "*"})
+    with from_address(service, "127.0.0.3") as proxy:
+        assert proxy.post("/emqx/authz", json=AUTHZ, headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
+        assert proxy.post("/emqx/authz", json=AUTHZ, headers={"X-Forwarded-For": "10.9.8.7"}).status_code == 403
+        assert proxy.post("/emqx/authz", json=AUTHZ).status_code == 403  # the proxy itself is no broker
+    with from_address(service, "127.0.0.2") as outsider:
+        assert outsider.post("/emqx/authz", json=AUTHZ, headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 403

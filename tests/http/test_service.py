@@ -145,3 +145,23 @@ def test_plain_http_never_accepts_admin_tokens(home: Home, service_factory: Serv
     with service.client(ADMIN_TOKEN) as operator:
         assert operator.get("/admin/devices").status_code == 403
         assert operator.get("/crl.pem").status_code == 200
+
+
+JSON_ENDPOINTS = ["/emqx/authn", "/emqx/authz", "/mosquitto/user", "/mosquitto/superuser", "/mosquitto/acl",
+                  "/admin/devices/sensor-1/revoke"]
+
+
+def test_deeply_nested_json_is_a_400_on_every_json_endpoint(home: Home, service_factory: ServiceFactory) -> None:
+    """The reported attack: '[' * 1000 + ']' * 1000 (2 KB) gave a 500 and a RecursionError in the log."""
+    service = service_factory(home)
+    with service.client(ADMIN_TOKEN) as client:
+        for path in JSON_ENDPOINTS:
+            answer = client.post(path, content=b"[" * 1000 + b"]" * 1000)
+            assert answer.status_code == 400, (path, answer.text)
+            assert "nested deeper than 16 levels" in answer.json()["error"]
+            large = client.post(path, content=b'{"clientid": "' + b"x" * 20000 + b'"}')
+            assert large.status_code == 400 and "too large" in large.json()["error"]
+        assert client.get("/healthz").status_code == 200
+    service.process.terminate()
+    output = service.process.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in output and "RecursionError" not in output

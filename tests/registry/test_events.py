@@ -27,7 +27,7 @@ STORED = {
     "provisioning.expired", "provisioning.failed",
     "broker.started", "broker.stopped", "broker.connect.accepted", "broker.connect.denied", "broker.session.kicked",
     "broker.publish.denied", "broker.subscribe.denied", "broker.receive.denied", "broker.audit.suppressed",
-    "broker.registry.recovered", "broker.policy.reloaded", "broker.policy.reload_failed",
+    "broker.registry.recovered", "broker.registry.reopened", "broker.policy.reloaded", "broker.policy.reload_failed",
     "broker.limit.exceeded", "broker.protocol.violation",
 }
 

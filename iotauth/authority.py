@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import getpass
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -41,14 +41,6 @@ from iotauth.registry import (
     RevocationReason,
     RevokedSerial,
 )
-
-PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
-
-
-def ca_passphrase() -> bytes | None:
-    """The CA key passphrase from ``$IOTAUTH_CA_PASSPHRASE``, if set."""
-    value = os.environ.get(PASSPHRASE_ENV)
-    return value.encode() if value else None
 
 
 def operator_actor() -> str:
@@ -77,9 +69,20 @@ class Issued:
 
 @dataclass(frozen=True)
 class PublishedCrl:
+    """The current issuing CA's CRL; ``also``: PEM CRLs of the previous issuing CAs and the root (after a rollover).
+
+    ``pem`` is the bundle relying parties that read files load (every CA in a
+    device's chain needs a CRL there); ``crl`` alone is the DER answer.
+    """
+
     crl: x509.CertificateRevocationList
     number: int
     entries: int
+    also: tuple[bytes, ...] = field(default=())
+
+    @property
+    def pem(self) -> bytes:
+        return self.crl.public_bytes(serialization.Encoding.PEM) + b"".join(self.also)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,9 @@ class Authority:
         settings: profiles and CRL lifetime.
         signing_unavailable: why there is no CA (locked or unreadable key); status
             changes still work, signing raises this error.
+        previous: issuing CAs replaced by a rollover and still trusted; each
+            signs a CRL for the certificates it issued.
+        root_crl: the root's CRL (PEM), published beside the others.
     """
 
     def __init__(
@@ -127,10 +133,14 @@ class Authority:
         settings: Settings,
         *,
         signing_unavailable: PkiError | None = None,
+        previous: tuple[CertificateAuthority, ...] = (),
+        root_crl: bytes | None = None,
     ) -> None:
         if ca is None and signing_unavailable is None:
             raise PkiError("an Authority without a CA needs the reason it has none")
         self._ca = ca
+        self.previous = previous
+        self.root_crl = root_crl
         self.signing_unavailable = signing_unavailable
         self.registry = registry
         self.settings = settings
@@ -272,33 +282,43 @@ class Authority:
         revoked = list(self._crl_entries.values())
         number = await self.registry.next_crl_number()
         crl = ca.sign_crl(revoked, number, self.settings.crl_next_update, at)
-        return PublishedCrl(crl, number, len(revoked))
+        # A previous issuing CA lists the same entries: serials are random 159-bit numbers, so an entry for another
+        # CA's certificate can never match one of its own, and one list is cheaper than sorting by issuer.
+        also = tuple(
+            old.sign_crl(revoked, number, self.settings.crl_next_update, at).public_bytes(serialization.Encoding.PEM)
+            for old in self.previous
+        )
+        return PublishedCrl(crl, number, len(revoked), also + ((self.root_crl,) if self.root_crl else ()))
 
     async def publish_crl(self, home: Home, now: datetime | None = None) -> PublishedCrl:
         """Build the CRL and atomically replace ``ca/crl.pem`` and ``ca/crl.der`` in ``home``."""
         published = await self.build_crl(now)
-        castore.publish_crl(home, published.crl)
+        castore.publish_crl(home, published.crl, also=published.also)
         return published
 
 
 async def open_authority(home: Home, registry: Registry, *, signing_optional: bool = False) -> Authority:
-    """Load settings and the CA from ``home`` and attach ``registry``.
+    """Load settings and the CA from ``home`` (:func:`iotauth.castore.load_ca`) and attach ``registry``.
 
     Args:
         signing_optional: if the CA key cannot be used (encrypted and no or a
-            wrong ``$IOTAUTH_CA_PASSPHRASE``, or unreadable), return an
-            Authority that cannot sign instead of raising. Status changes work
-            without it; CRL consumers then fall back to the CRL last published.
-            This is the one place that decides what a locked CA means.
+            wrong ``$IOTAUTH_CA_PASSPHRASE``; a token absent, or no or a wrong
+            PIN; unreadable), return an Authority that cannot sign instead of
+            raising. Status changes work without it; CRL consumers then fall
+            back to the CRL last published. This is the one place that decides
+            what a locked CA means.
     """
     settings = load_settings(home)
     try:
-        ca = castore.load_ca(home, settings, ca_passphrase())
+        ca = castore.load_ca(home, settings)
+        previous = castore.load_previous_cas(home, settings)
+        root_crl = castore.read_root_crl(home)
     except PkiError as exc:
         if not signing_optional:
             raise
         return Authority(None, registry, settings, signing_unavailable=exc)
-    return Authority(ca, registry, settings)
+    arl = root_crl.public_bytes(serialization.Encoding.PEM) if root_crl is not None else None
+    return Authority(ca, registry, settings, previous=previous, root_crl=arl)
 
 
 async def certificate_pem(registry: Registry, device_id: str, serial: str | None, chain: Path | None) -> str:

@@ -17,9 +17,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from iotauth.errors import ConfigError, InvalidIdentity
+from iotauth.errors import ConfigError, InvalidIdentity, KeyUriError
 from iotauth.identity import validate_profile_name, validate_trust_domain
 from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
+from iotauth.pki.signer import OFFLINE, parse_key_uri
 
 HOME_ENV = "IOTAUTH_HOME"
 REGISTRY_ENV = "IOTAUTH_REGISTRY"
@@ -100,6 +101,20 @@ class Home:
     @property
     def registry_db(self) -> Path:
         return self.root / "registry.db"
+
+    @property
+    def previous_dir(self) -> Path:
+        """Issuing CAs replaced by ``iotauth ceremony sign-issuing``, trusted until they expire."""
+        return self.ca_dir / "previous"
+
+    @property
+    def root_crl_pem(self) -> Path:
+        """The root's CRL (the ARL: revoked issuing CAs), signed by ``iotauth ceremony crl``."""
+        return self.ca_dir / "root-crl.pem"
+
+    @property
+    def root_crl_der(self) -> Path:
+        return self.ca_dir / "root-crl.der"
 
     @property
     def crl_pem(self) -> Path:
@@ -200,6 +215,20 @@ class EmqxSettings:
 
 
 @dataclass(frozen=True)
+class CaSettings:
+    """``[ca]``: where the CA keys live, as key URIs (:mod:`iotauth.pki.signer`); never a PIN or a passphrase.
+
+    ``root_key_uri`` is ``"offline"`` when ``init --offline-root`` exported the
+    root key out of the home. ``pkcs11_module`` is the PKCS#11 module for
+    ``pkcs11:`` URIs that carry no ``module-path``.
+    """
+
+    issuing_key_uri: str = "file:ca/issuing.key"
+    root_key_uri: str = "file:ca/root.key"
+    pkcs11_module: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Parsed ``iotauth.toml``."""
 
@@ -216,6 +245,7 @@ class Settings:
     broker_port: int = 8883
     serve: ServeSettings = ServeSettings()
     emqx: EmqxSettings = EmqxSettings()
+    ca: CaSettings = CaSettings()
     intake_limits: IntakeLimits = field(default_factory=IntakeLimits)
 
     def profile(self, name: str) -> Profile:
@@ -252,6 +282,7 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     broker = reader.table("broker")
     serve = reader.table("serve")
     emqx = reader.table("emqx")
+    ca = _parse_ca(reader.table("ca"))
     intake, session_limits = parse_limits(broker.table("limits").raw, f"{source}: [broker.limits]")
     profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits)}
     for name, table in reader.table("profiles").raw.items():
@@ -289,8 +320,25 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
             ban=emqx.get("ban", bool, EmqxSettings.ban),
             reset_node_cache=emqx.get("reset_node_cache", bool, EmqxSettings.reset_node_cache),
         ),
+        ca=ca,
         intake_limits=intake,
     )
+
+
+def _parse_ca(table: _Reader) -> CaSettings:
+    """``[ca]``, each URI checked now: a malformed one, or one carrying a PIN, stops every command at once."""
+    ca = CaSettings(
+        issuing_key_uri=table.get("issuing_key_uri", str, CaSettings.issuing_key_uri),
+        root_key_uri=table.get("root_key_uri", str, CaSettings.root_key_uri),
+        pkcs11_module=table.get("pkcs11_module", str, None) or None,
+    )
+    try:
+        parse_key_uri(ca.issuing_key_uri)
+        if ca.root_key_uri != OFFLINE:
+            parse_key_uri(ca.root_key_uri)
+    except KeyUriError as exc:
+        raise ConfigError(f"{table.source}: [ca] {exc}") from exc
+    return ca
 
 
 def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> Profile:
@@ -358,6 +406,15 @@ def default_config_text(trust_domain: str) -> str:
     """The commented ``iotauth.toml`` that ``iotauth init`` writes."""
     return f'''# iotauth configuration. See README.md, "Configuration reference".
 trust_domain = "{trust_domain}"
+
+[ca]
+# Where the CA keys live: file:PATH (relative to this home) or an RFC 7512 pkcs11: URI;
+# root_key_uri = "offline" after 'init --offline-root'. A token's PIN comes from
+# $IOTAUTH_PKCS11_PIN or the URI's pin-source=FILE, never from this file.
+issuing_key_uri = "file:ca/issuing.key"
+root_key_uri = "file:ca/root.key"
+# The PKCS#11 module for pkcs11: URIs without ?module-path=...
+# pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
 
 [crl]
 # How long a published CRL stays valid (nextUpdate). Republish before it lapses.

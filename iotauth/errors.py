@@ -28,6 +28,30 @@ class CaLocked(PkiError):
     """The CA key is encrypted and the passphrase is missing or wrong."""
 
 
+class KeyUriError(PkiError):
+    """A CA key URI (``file:`` or ``pkcs11:``) is malformed, or carries a secret it must not carry."""
+
+
+class TokenError(PkiError):
+    """A PKCS#11 module or token failed; the message names the module, the token or the object."""
+
+
+class TokenLoginFailed(TokenError, CaLocked):
+    """The token's user PIN is missing, wrong or locked: the CA is locked, exactly like a missing passphrase."""
+
+
+class TokenMissing(TokenError):
+    """No token (or more than one) matches the URI's token attributes, or the module cannot be loaded."""
+
+
+class TokenObjectMissing(TokenError):
+    """The token holds no private key (or more than one) matching the URI's ``object`` / ``id``."""
+
+
+class MechanismRefused(TokenError):
+    """The token refuses the mechanism iotauth needs (CKM_ECDSA, or EC key generation)."""
+
+
 class CsrRejected(PkiError):
     """A certificate request failed proof of possession or key policy."""
 

@@ -30,6 +30,12 @@ def write_secret(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
+def replace_secret(path: Path, data: bytes) -> None:
+    """Atomically replace the private key ``path``: a new 0600 file beside it, fsynced, renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _replace(path, data, 0o600)
+
+
 def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically replace ``path`` with ``data`` (write to a temp file, fsync, rename).
 
@@ -42,6 +48,11 @@ def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
             out.write(data)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    _replace(path, data, mode)
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Write a temporary file beside ``path`` (created 0600 by mkstemp), fsync, chmod, rename over, fsync the dir."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as out:

@@ -16,6 +16,8 @@ command -v patch >/dev/null 2>&1 || missing="$missing patch"
 >>>>>>> main
 # The registry suite runs against a real PostgreSQL server started by the tests themselves.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+# CA keys on a PKCS#11 token: the suite initialises its own SoftHSM2 tokens (a real PKCS#11 module).
+[ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || missing="$missing softhsm2"
 if [ -n "${IOTAUTH_EXTRA_DEB:-}" ]; then missing="$missing $IOTAUTH_EXTRA_DEB"; fi
 
 if [ -z "$missing" ]; then

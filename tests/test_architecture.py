@@ -4,6 +4,8 @@
   library, and ``iotauth.errors``, ``iotauth.identity`` and ``iotauth.certs``;
   never the configuration, the registry or the file layout of a home.
 * ``iotauth.registry`` does not import ``iotauth.pki``.
+* Only ``iotauth.hsm`` imports the PKCS#11 binding, and only ``iotauth.keystore`` imports ``iotauth.hsm``
+  (the signer seam: everything else gets key objects).
 * ``iotauth.policy`` imports only the standard library, ``iotauth.identity`` and ``iotauth.errors``.
 * amqtt stays behind its wall: ``iotauth.broker.amqtt_host`` is the only module of the
   package that imports ``amqtt`` (the guard, the gate and the engine never touch amqtt
@@ -97,6 +99,12 @@ def test_the_neutral_helpers_import_no_iotauth_layer() -> None:
 @pytest.mark.parametrize("name", REGISTRY)
 def test_registry_does_not_import_pki(name: str) -> None:
     assert {t for t in internal(imports_of(name)) if within(t, "iotauth.pki")} == set()
+
+
+def test_only_the_keystore_reaches_a_token() -> None:
+    binding = {name for name in modules() if "pkcs11" in external(imports_of(name))}
+    assert binding == {"iotauth.hsm"}
+    assert {name for name in modules() if "iotauth.hsm" in internal(imports_of(name))} == {"iotauth.keystore"}
 
 
 def test_policy_imports_only_identity_and_errors() -> None:

@@ -70,3 +70,16 @@ def test_home_resolution_prefers_flag_then_environment(monkeypatch: pytest.Monke
 def test_missing_home_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist; run 'iotauth init'"):
         Home(tmp_path / "nowhere").require_initialised()
+
+
+def test_ca_key_uris_default_to_the_home_files_and_are_checked() -> None:
+    settings = parse_settings(tomllib.loads(default_config_text("factory.test")))
+    assert (settings.ca.issuing_key_uri, settings.ca.root_key_uri, settings.ca.pkcs11_module) == (
+        "file:ca/issuing.key", "file:ca/root.key", None)
+    offline = parse_settings({"trust_domain": "t.test", "ca": {"root_key_uri": "offline",
+                                                              "issuing_key_uri": "pkcs11:token=a;object=b"}})
+    assert offline.ca.root_key_uri == "offline"
+    with pytest.raises(ConfigError, match=r"\[ca\] a PIN in the key URI"):
+        parse_settings({"trust_domain": "t.test", "ca": {"issuing_key_uri": "pkcs11:token=a;object=b?pin-value=1"}})
+    with pytest.raises(ConfigError, match="must start with 'file:' or 'pkcs11:'"):
+        parse_settings({"trust_domain": "t.test", "ca": {"root_key_uri": "/etc/root.key"}})

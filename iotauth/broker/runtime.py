@@ -22,7 +22,7 @@ from iotauth.broker.audit import BrokerAudit
 from iotauth.broker.binding import GuardOptions
 from iotauth.broker.gate import server_context
 from iotauth.broker.guard import Guard, stop_task
-from iotauth.castore import client_verifier
+from iotauth.castore import client_verifier, trusted_issuing_pem
 from iotauth.config import Home, Settings, load_settings, registry_location
 from iotauth.limits import IntakeLimits, SessionLimits
 from iotauth.policy import PolicySet
@@ -138,7 +138,7 @@ async def open_runtime(options: BrokerOptions, registry: Registry | None = None)
     settings = load_settings(home)
     policies = PolicySet.from_profiles(settings.profiles.values())
     verifier = client_verifier(home, settings)
-    context = server_context(home.server_cert, home.server_key, home.issuing_cert)
+    context = server_context(home.server_cert, home.server_key, trusted_issuing_pem(home))
     owns = registry is None
     if registry is None:
         registry = await open_registry(registry_location(home, options.registry))

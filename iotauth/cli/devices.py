@@ -126,7 +126,7 @@ def _crl_note(refresh: CrlRefresh | None) -> str | None:
     if refresh is None:
         return None
     if refresh.published is None:
-        return f"CRL not refreshed ({refresh.error}); run 'iotauth crl' with the CA passphrase"
+        return f"CRL not refreshed ({refresh.error}); run 'iotauth crl' with the CA key unlocked (passphrase or PIN)"
     return f"CRL #{refresh.published.number} published to {refresh.path}"
 
 

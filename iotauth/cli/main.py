@@ -9,7 +9,7 @@ import traceback
 import click
 
 from iotauth import __version__
-from iotauth.cli import audit, broker, demo, devices, export, pki, provision, serve
+from iotauth.cli import audit, broker, ceremony, demo, devices, export, pki, provision, serve
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
@@ -39,6 +39,7 @@ def cli(ctx: click.Context, home: str | None, registry_url: str | None) -> None:
 
 for command in (
     *pki.COMMANDS,
+    *ceremony.COMMANDS,
     *devices.COMMANDS,
     audit.audit,
     *provision.COMMANDS,

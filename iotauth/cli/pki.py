@@ -9,13 +9,14 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from iotauth.authority import Authority, Issued, ca_passphrase, operator_actor
-from iotauth.bootstrap import initialise_home
+from iotauth.authority import Authority, Issued, operator_actor
+from iotauth.bootstrap import KeyPlan, initialise_home
 from iotauth.certs import pem
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, success, warn
 from iotauth.errors import CsrRejected, OutputNotWritten, PkiError
 from iotauth.files import os_error_text, write_public
+from iotauth.keystore import ca_passphrase, root_passphrase
 
 
 @click.command()
@@ -27,13 +28,43 @@ from iotauth.files import os_error_text, write_public
     help="Host name or IP for the broker's server certificate (repeatable). [default: localhost, 127.0.0.1]",
 )
 @click.option("--key-type", type=click.Choice(["p256", "p384"]), default="p256", show_default=True)
+@click.option("--root-key-uri", metavar="URI",
+              help="pkcs11: URI of the root key on a token (created, or adopted if it exists).")
+@click.option("--issuing-key-uri", metavar="URI",
+              help="pkcs11: URI of the issuing CA key on a token (created, or adopted if it exists).")
+@click.option("--pkcs11-module", metavar="PATH", help="PKCS#11 module for URIs without ?module-path=.")
+@click.option("--offline-root", is_flag=True,
+              help="Export the root key (encrypted) to --root-key-out and keep none in the home.")
+@click.option("--root-key-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where --offline-root writes the encrypted root key (outside the home).")
+@click.option("--root-passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the offline root's passphrase. [default: $IOTAUTH_ROOT_PASSPHRASE]")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_cli
 def init(
-    ctx: CliContext, trust_domain: str | None, server_names: tuple[str, ...], key_type: str, as_json: bool
+    ctx: CliContext,
+    trust_domain: str | None,
+    server_names: tuple[str, ...],
+    key_type: str,
+    root_key_uri: str | None,
+    issuing_key_uri: str | None,
+    pkcs11_module: str | None,
+    offline_root: bool,
+    root_key_out: Path | None,
+    root_passphrase_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Create the CA hierarchy, the broker certificate, iotauth.toml and the registry."""
+    if offline_root != (root_key_out is not None):
+        raise click.UsageError("--offline-root and --root-key-out go together")
     passphrase = ca_passphrase()
+    keys = KeyPlan(
+        root_key_uri=root_key_uri,
+        issuing_key_uri=issuing_key_uri,
+        pkcs11_module=pkcs11_module,
+        offline_root=root_key_out,
+        root_passphrase=root_passphrase(root_passphrase_file) if offline_root else None,
+    )
     result = run(
         initialise_home(
             ctx.home,
@@ -43,6 +74,7 @@ def init(
             passphrase=passphrase,
             registry=ctx.registry_url,
             actor=operator_actor(),
+            keys=keys,
         )
     )
     data = {
@@ -52,8 +84,12 @@ def init(
         "issuing_fingerprint": result.issuing_fingerprint,
         "server_names": list(result.server_names),
         "ca_keys_encrypted": result.encrypted,
+        "root_key": result.root_key,
+        "issuing_key": result.issuing_key,
+        "adopted_token_keys": list(result.adopted),
+        "root_key_exported": str(result.root_key_exported) if result.root_key_exported else None,
     }
-    if passphrase is None:
+    if result.unencrypted_key_files:
         warn(
             "IOTAUTH_CA_PASSPHRASE is not set: the CA private keys are stored UNENCRYPTED "
             f"(mode 0600) in {ctx.home.ca_dir}. Set it before 'iotauth init' to encrypt them at rest."
@@ -63,6 +99,8 @@ def init(
         return
     success(f"initialised iotauth home {result.home}")
     fields("CA", data)
+    if result.root_key_exported is not None:
+        warn(f"the root key is ONLY in {result.root_key_exported}: store it off-site; the home holds no copy")
 
 
 def _read_csr(path: Path) -> x509.CertificateSigningRequest:

@@ -68,7 +68,4 @@ class CrlSource:
                 )
             return CrlDocument(last.der, last.pem, head, generation)
         published = await self._authority.build_crl()
-        crl = published.crl
-        return CrlDocument(
-            crl.public_bytes(serialization.Encoding.DER), crl.public_bytes(serialization.Encoding.PEM), head, generation
-        )
+        return CrlDocument(published.crl.public_bytes(serialization.Encoding.DER), published.pem, head, generation)

@@ -16,6 +16,8 @@ from types import MappingProxyType
 
 class EventKind(StrEnum):
     CA_INITIALISED = "ca.initialised"
+    CA_ISSUING_SIGNED = "ca.issuing.signed"  # a rollover: the root signed a new issuing CA
+    CA_ROOT_CRL_SIGNED = "ca.root_crl.signed"  # the root signed its CRL (the ARL of revoked issuing CAs)
 
     DEVICE_CREATED = "device.created"
     DEVICE_PENDING = "device.pending"

@@ -20,7 +20,7 @@ from iotauth.registry.events import (
 )
 
 STORED = {
-    "ca.initialised",
+    "ca.initialised", "ca.issuing.signed", "ca.root_crl.signed",
     "device.created", "device.pending", "device.active", "device.suspended", "device.revoked",
     "certificate.issued", "certificate.activated", "certificate.revoked",
     "provisioning.identified", "provisioning.checked", "provisioning.assigned", "provisioning.keyed",

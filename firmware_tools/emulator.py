@@ -33,7 +33,10 @@ import json
 import os
 import secrets
 import select
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,6 +111,7 @@ FAULT_KINDS = {
     "disconnect": "execute the request, then vanish from the line without replying (exit status 3)",
     "reboot": "execute the request, then reset: RAM (retransmit cache, partial uploads) is lost, flash kept",
     "nak": "refuse without executing: ERROR FLASH_WRITE for writes, BUSY otherwise",
+    "badcsr": "GENERATE_KEY: the new key's stored CSR carries a broken signature (a firmware bug)",
 }
 _WRITES = {MsgType.GENERATE_KEY, MsgType.PUT_KEY, MsgType.PUT_CERT, MsgType.PUT_CONFIG, MsgType.COMMIT, MsgType.ERASE}
 _LIMITS = {MsgType.PUT_KEY: MAX_KEY_OBJECT, MsgType.PUT_CERT: MAX_CERT_OBJECT, MsgType.PUT_CONFIG: MAX_CONFIG_OBJECT}
@@ -216,6 +220,26 @@ class Options:
     key_types: KeyTypes = KeyTypes.P256 | KeyTypes.P384
     max_payload: int = MAX_PAYLOAD
     keygen_seconds: float = 0.0
+    keygen_command: tuple[str, ...] = ()
+
+
+def external_keygen(command: Sequence[str], key_type: KeyType, subject: str, workdir: Path) -> tuple[bytes, bytes]:
+    """Run a device stack's own key generator: ``COMMAND TYPE SUBJECT_CN DIR`` writes DIR/key.der and DIR/csr.der.
+
+    This is how the emulator stays the reference device while its key and CSR
+    come from real firmware code (``firmware_tools/mbedtls/keygen_csr.c``
+    compiled against mbedTLS). The private key is DER (PKCS#8 or SEC1); the
+    directory is private to the device's flash and removed afterwards.
+    """
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix=".keygen-"))
+    try:
+        done = subprocess.run([*command, key_type.profile_name, subject, str(out)], capture_output=True,
+                              timeout=60, check=False)
+        if done.returncode != 0:
+            raise Refused(ErrorCode.BUSY, f"key generator failed ({done.returncode})")
+        return (out / "key.der").read_bytes(), (out / "csr.der").read_bytes()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 class Device:
@@ -227,6 +251,7 @@ class Device:
         self.options = options
         self._uploads: dict[MsgType, _Upload] = {}
         self._key: PrivateKeyTypes | None = None
+        self.break_next_csr = False  # the badcsr fault
 
     def reboot(self) -> None:
         """Lose RAM, keep flash."""
@@ -329,11 +354,19 @@ class Device:
 
     def _new_key(self, key_type: KeyType) -> PrivateKeyTypes:
         started = time.monotonic()
-        key = generate_key(key_type)
+        csr = None
+        if self.options.keygen_command:
+            der, csr = external_keygen(self.options.keygen_command, key_type, self.identity.hardware_id[:64],
+                                       self.flash.root)
+            key = serialization.load_der_private_key(der, password=None)
+        else:
+            key = generate_key(key_type)
         remaining = self.options.keygen_seconds - (time.monotonic() - started)
         if remaining > 0:
             time.sleep(remaining)
         self._store_key(key)
+        if csr is not None:
+            self.flash.write("csr.der", csr)
         return key
 
     def _store_key(self, key: PrivateKeyTypes) -> None:
@@ -362,6 +395,9 @@ class Device:
         else:
             raise Refused(ErrorCode.BAD_STATE, "stored key cannot sign")
         der = csr.public_bytes(serialization.Encoding.DER)
+        if self.break_next_csr:  # flip the signature's last byte: still DER, no longer a valid signature
+            self.break_next_csr = False
+            der = der[:-1] + bytes([der[-1] ^ 0x01])
         self.flash.write("csr.der", der)
         return der
 
@@ -644,6 +680,8 @@ class Emulator:
         self._log(f"rx {msg.TYPE.name} seq={frame.seq}" + (f" fault={fault}" if fault else ""))
         if fault == "stall":
             self._stall()
+        if fault == "badcsr":
+            self.device.break_next_csr = True
         if fault == "nak":
             code = ErrorCode.FLASH_WRITE if msg.TYPE in _WRITES else ErrorCode.BUSY
             self._reply(frame, Error(code, 0, "injected fault"))
@@ -757,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--firmware", default=DEFAULT_FIRMWARE)
     parser.add_argument("--baud", type=int, default=0, help="emulate this link speed (0: as fast as the pty)")
     parser.add_argument("--keygen-ms", type=float, default=0.0, help="emulated key generation time")
+    parser.add_argument("--keygen-command", metavar="CMD",
+                        help="make keys and CSRs with this program instead (e.g. the mbedTLS keygen_csr helper): "
+                             "it is run as CMD TYPE SUBJECT_CN DIR and writes DIR/key.der and DIR/csr.der")
     parser.add_argument("--no-keygen", action="store_true", help="a device that cannot make keys (host-key mode)")
     parser.add_argument("--no-put-key", action="store_true", help="a device that refuses host-generated keys")
     parser.add_argument("--key-types", type=_key_types, default=KeyTypes.P256 | KeyTypes.P384,
@@ -779,7 +820,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         capabilities |= Capability.KEYGEN
     if not args.no_put_key:
         capabilities |= Capability.PUT_KEY
-    options = Options(capabilities, args.key_types, args.max_payload, args.keygen_ms / 1000.0)
+    options = Options(capabilities, args.key_types, args.max_payload, args.keygen_ms / 1000.0,
+                      tuple(shlex.split(args.keygen_command)) if args.keygen_command else ())
     boards = Boards(args.state, args.hardware_id, args.model, args.firmware, options, args.boards)
     if args.pty:
         master, path, slave = open_pty()

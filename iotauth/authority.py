@@ -148,11 +148,15 @@ class Authority:
         activate: bool = True,
         actor: str,
         now: datetime | None = None,
+        exclusive: bool = False,
     ) -> Issued:
-        """Issue from a CSR (proof of possession); identity comes only from the arguments."""
+        """Issue from a CSR (proof of possession); identity comes only from the arguments.
+
+        ``exclusive``: one board per hardware id (see :meth:`Registry.record_issuance`).
+        """
         device_id, chosen = self._check_identity(device_id, profile, hardware_id)
         cert = self.ca.issue(csr, device_id, chosen, hardware_id=hardware_id, now=now)
-        return await self._record(cert, device_id, profile, hardware_id, activate, actor)
+        return await self._record(cert, device_id, profile, hardware_id, activate, actor, exclusive=exclusive)
 
     async def issue_for_key(
         self,
@@ -163,11 +167,13 @@ class Authority:
         hardware_id: str | None = None,
         activate: bool = False,
         actor: str,
+        exclusive: bool = False,
     ) -> Issued:
         """Issue for a host-generated key (possession is proven later by the device's PROVE)."""
         device_id, chosen = self._check_identity(device_id, profile, hardware_id)
         cert = self.ca.issue_for_key(public_key, device_id, chosen, hardware_id=hardware_id)
-        return await self._record(cert, device_id, profile, hardware_id, activate, actor, {"key_source": "host"})
+        return await self._record(cert, device_id, profile, hardware_id, activate, actor, {"key_source": "host"},
+                                  exclusive=exclusive)
 
     async def check_public_key_free(self, public_key: CertificatePublicKeyTypes, device_id: str) -> None:
         """Refuse early (before signing) a key that already belongs to another device."""
@@ -190,6 +196,8 @@ class Authority:
         activate: bool,
         actor: str,
         details: dict[str, str] | None = None,
+        *,
+        exclusive: bool = False,
     ) -> Issued:
         record = await self.registry.record_issuance(
             cert,
@@ -199,6 +207,7 @@ class Authority:
             activate=activate,
             actor=actor,
             details=details,
+            exclusive=exclusive,
         )
         return Issued(cert, record, self.ca.chain)
 

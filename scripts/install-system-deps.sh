@@ -7,6 +7,9 @@ missing=""
 command -v mosquitto_pub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing="$missing mosquitto"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+# Real device stacks: the suite compiles firmware_tools/mbedtls/keygen_csr.c against mbedTLS 2.28.
+command -v cc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+[ -f /usr/include/mbedtls/x509_csr.h ] || missing="$missing libmbedtls-dev"
 # The registry suite runs against a real PostgreSQL server started by the tests themselves.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 if [ -n "${IOTAUTH_EXTRA_DEB:-}" ]; then missing="$missing $IOTAUTH_EXTRA_DEB"; fi

@@ -23,7 +23,7 @@ from iotauth.errors import ConfigError, ProvisioningError
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.provisioning.context import RunContext
 from iotauth.provisioning.ids import IdSource
-from iotauth.provisioning.planner import PlanOptions
+from iotauth.provisioning.planner import PlanOptions, check_profile
 from iotauth.provisioning.results import Progress, ProvisionResult, Step
 from iotauth.provisioning.run import Run
 from iotauth.provisioning.session import RetryPolicy
@@ -100,12 +100,14 @@ class Station:
         verifier = ClientCertificateVerifier(
             [authority.ca.root_cert], [authority.ca.issuing_cert], self.settings.trust_domain
         )
+        options = PlanOptions(profile.name, profile.key_types, config.host_keygen, config.force,
+                              self.settings.pending_ttl)
+        check_profile(options)
         self._context = RunContext(
             authority=authority,
             station=config.station,
             operator=config.operator,
-            options=PlanOptions(profile.name, profile.key_types, config.host_keygen, config.force,
-                                self.settings.pending_ttl),
+            options=options,
             rsa_min_bits=profile.rsa_min_bits,
             policy=config.policy,
             baudrate=config.baudrate,

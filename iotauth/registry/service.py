@@ -152,12 +152,16 @@ class Registry(EventFeed):
         activate: bool = False,
         actor: str,
         details: dict[str, Any] | None = None,
+        exclusive: bool = False,
     ) -> CertificateRecord:
         """Durably record a newly issued certificate (creating the device if new).
 
         Returns only after the record is committed to disk, so the caller may then
         hand the certificate out: every certificate in the field can be revoked.
         Concurrent calls are recorded together in one transaction and one commit.
+        ``exclusive`` (the station's issuance) refuses, inside that transaction,
+        a device that still has an unrevoked certificate of another key: two
+        boards claiming one hardware id never both get a certificate.
         """
         request = IssuanceRequest(
             cert=cert,
@@ -167,6 +171,7 @@ class Registry(EventFeed):
             activate=activate,
             actor=actor,
             details=details or {},
+            exclusive=exclusive,
         )
         return await self._issuance.submit(request)
 

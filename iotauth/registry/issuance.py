@@ -266,6 +266,6 @@ def _check_one_board(request: IssuanceRequest, key_hash: str, live: list[tuple[s
     for serial, other_key, status in live:
         if other_key != key_hash:
             raise Conflict(
-                f"hardware id {request.hardware_id!r}: device {request.device_id!r} already has a {status} "
-                f"certificate {serial} for another key; two boards claim this hardware id"
+                f"hardware id {request.hardware_id!r}: device {request.device_id!r} already has certificate "
+                f"{serial} ({status}) for another key; two boards claim this hardware id"
             )

@@ -331,7 +331,7 @@ def test_rekey_after_a_refused_csr(before: KeyAction, after: KeyAction | None) -
 def test_profile_key_types_the_station_can_provision(key_types: set[str], refused: bool) -> None:
     options = replace(OPTIONS, key_types=frozenset(key_types))
     if refused:
-        with pytest.raises(ProvisioningError, match="allows only rsa; .*issue RSA devices from a CSR"):
+        with pytest.raises(ProvisioningError, match=r"allows only rsa; .*issue RSA devices from a CSR"):
             planner.check_profile(options)
     else:
         planner.check_profile(options)

@@ -23,6 +23,7 @@ from iotauth.http.crl import CrlSource
 from iotauth.http.push import EmqxKicker, push_revocations
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
+from iotauth.registry.expiry import expire_pending_forever
 
 log = logging.getLogger("iotauth.http")
 
@@ -93,13 +94,16 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
         server = uvicorn.Server(config)
         log.info("iotauth serve on %s://%s:%d", "https" if options.tls else "http", host, port)
         pusher = _start_push(settings, registry)
+        expirer = asyncio.get_running_loop().create_task(
+            expire_pending_forever(registry, settings.pending_ttl, actor="iotauth-serve"), name="iotauth-expiry")
         try:
             await server.serve()
         finally:
-            if pusher is not None:
-                pusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pusher
+            for task in (pusher, expirer):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
 
 def _start_push(settings: Settings, registry: Registry) -> asyncio.Task[None] | None:

@@ -236,8 +236,17 @@ class Registry(EventFeed):
     async def expire_pending(
         self, issued_before: datetime, reason: RevocationReason, *, actor: str
     ) -> list[CertificateRecord]:
-        """Revoke every pending certificate issued before ``issued_before`` (delivery never completed)."""
+        """Revoke every pending certificate issued before ``issued_before`` (delivery never completed).
+
+        Idempotent under concurrency: the certificates are selected inside the
+        serialising write transaction, so two processes expiring at once revoke
+        each certificate once. A read first keeps an idle sweep off the write lock.
+        """
         cutoff = timestamp(issued_before)
+        if await self._reader.fetchone(
+            "SELECT 1 FROM certificates WHERE status = 'pending' AND issued_at < ? LIMIT 1", (cutoff,)
+        ) is None:
+            return []
 
         async def op(tx: Tx) -> list[CertificateRecord]:
             found = await tx.fetchall(

@@ -9,9 +9,9 @@ tested exactly as it runs on the line:
 * ``--state DIR`` is the device's flash: hardware id, private key, CSR,
   certificate object, config and the committed mark are files there, each
   replaced atomically, so provisioning survives a restart (or a SIGKILL)
-  exactly as on a device. For convenience it also exports ``cert.pem``,
-  ``chain.pem``, ``fullchain.pem``, ``ca.pem``, ``key.pem`` and
-  ``device.json`` for an MQTT client to use.
+  exactly as on a device. For convenience it also exports ``key.pem``,
+  ``cert.pem``, ``chain.pem``, ``fullchain.pem``, ``ca.pem`` and
+  ``config.json`` for an MQTT client to use (:attr:`Flash.EXPORTS`).
 * Keys are real (P-256 by default), CSRs and PROVE signatures are real.
 * ``--baud N`` paces both directions at N baud (10 bits per byte, 8N1) and
   ``--keygen-ms N`` makes key generation take N ms, so benchmarks see the
@@ -112,6 +112,11 @@ FAULT_KINDS = {
     "reboot": "execute the request, then reset: RAM (retransmit cache, partial uploads) is lost, flash kept",
     "nak": "refuse without executing: ERROR FLASH_WRITE for writes, BUSY otherwise",
     "badcsr": "GENERATE_KEY: the new key's stored CSR carries a broken signature (a firmware bug)",
+}
+VIOLATIONS = {
+    "cache": "execute a retransmitted request again instead of resending the cached reply (section 2)",
+    "precedence": "answer LOCKED before UNSUPPORTED (section 3.9)",
+    "keep-buffer": "keep a completed upload's buffer after its validation failed (section 3.3)",
 }
 _WRITES = {MsgType.GENERATE_KEY, MsgType.PUT_KEY, MsgType.PUT_CERT, MsgType.PUT_CONFIG, MsgType.COMMIT, MsgType.ERASE}
 _LIMITS = {MsgType.PUT_KEY: MAX_KEY_OBJECT, MsgType.PUT_CERT: MAX_CERT_OBJECT, MsgType.PUT_CONFIG: MAX_CONFIG_OBJECT}
@@ -221,6 +226,7 @@ class Options:
     max_payload: int = MAX_PAYLOAD
     keygen_seconds: float = 0.0
     keygen_command: tuple[str, ...] = ()
+    violations: frozenset[str] = frozenset()  # rules deliberately broken (see VIOLATIONS)
 
 
 def external_keygen(command: Sequence[str], key_type: KeyType, subject: str, workdir: Path) -> tuple[bytes, bytes]:
@@ -334,6 +340,8 @@ class Device:
             raise Refused(ErrorCode.LOCKED, "device is committed; ERASE first")
 
     def _generate(self, msg: GenerateKey) -> Csr:
+        if "precedence" in self.options.violations:
+            self._unlocked()  # rule-breaking: LOCKED checked before UNSUPPORTED
         if not self.options.capabilities & Capability.KEYGEN:
             raise Refused(ErrorCode.UNSUPPORTED, "this device cannot generate keys; use PUT_KEY")
         if not self.options.key_types & msg.key_type.flag:
@@ -348,7 +356,7 @@ class Device:
             raise Refused(ErrorCode.BAD_STATE, "a key of another type is stored; set REPLACE")
         csr = self._csr(key)
         if msg.offset >= len(csr):
-            raise Refused(ErrorCode.BAD_OFFSET, f"offset {msg.offset} is past the CSR's end", 0)
+            raise Refused(ErrorCode.BAD_OFFSET, f"offset {msg.offset} is past the CSR's end", len(csr))
         chunk = csr[msg.offset : msg.offset + self.options.max_payload - 4]
         return Csr(len(csr), msg.offset, chunk)
 
@@ -414,7 +422,8 @@ class Device:
         if msg.offset == 0:
             upload = self._uploads[kind] = _Upload(msg.total)
         if upload is None or upload.total != msg.total:
-            raise Refused(ErrorCode.BAD_OFFSET, "no upload in progress; restart at offset 0", 0)
+            self._uploads.pop(kind, None)  # a changed total ends the upload: the host restarts at 0
+            raise Refused(ErrorCode.BAD_OFFSET, "no upload of this total in progress; restart at offset 0", 0)
         end = msg.offset + len(msg.data)
         if msg.offset == len(upload.data):
             upload.data += msg.data
@@ -424,7 +433,8 @@ class Device:
         if len(upload.data) < upload.total:
             return ack(len(upload.data), False)
         obj = bytes(upload.data)
-        del self._uploads[kind]
+        if "keep-buffer" not in self.options.violations:
+            del self._uploads[kind]  # complete: stored, or refused at validation; either way the buffer is gone
         self._store(kind, obj)
         return ack(len(obj), True, sha256(obj))
 
@@ -437,6 +447,8 @@ class Device:
             self._store_config(obj)
 
     def _parse_key(self, obj: bytes) -> PrivateKeyTypes:
+        if not _is_pkcs8(obj):
+            raise Refused(ErrorCode.BAD_PAYLOAD, "KEY object is not PKCS#8 (a bare SEC1 key is not accepted)")
         try:
             key = serialization.load_der_private_key(obj, password=None)
         except (ValueError, TypeError):
@@ -511,6 +523,18 @@ class Device:
         self.flash.remove("committed", *Flash.ITEMS, *Flash.EXPORTS)
         self.reboot()
         return Erased()
+
+
+def _is_pkcs8(obj: bytes) -> bool:
+    """PrivateKeyInfo starts SEQUENCE { INTEGER version, SEQUENCE algorithm, ... }; SEC1 has an OCTET STRING second."""
+    try:
+        pos = 2 + (obj[1] & 0x7F if obj[1] & 0x80 else 0)
+        if obj[0] != 0x30 or obj[pos] != 0x02:
+            return False
+        pos += 2 + obj[pos + 1]
+        return obj[pos] == 0x30
+    except IndexError:
+        return False
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -660,16 +684,19 @@ class Emulator:
 
     def _on_frame(self, frame: Frame) -> bool:
         """Handle one frame; True if the device reset and pending input must be discarded."""
-        if self._cache is not None and self._cache[:2] == (frame.seq, frame.crc):
+        options = self.device.options
+        if self._cache is not None and self._cache[:2] == (frame.seq, frame.crc) and "cache" not in options.violations:
             self._log(f"retransmit seq={frame.seq}: cached reply")
             self.line.write(self._cache[2])
             return False
         try:
-            if len(frame.payload) > self.device.options.max_payload:
+            if frame.version == PROTOCOL_VERSION and frame.type not in REQUESTS:
+                raise ProtocolError("unknown-type", f"type 0x{frame.type:02x} is not a request")
+            if len(frame.payload) > options.max_payload:
                 raise ProtocolError("oversize", "payload exceeds this device's maximum")
             msg = parse_message(frame)
-            if msg.TYPE not in REQUESTS:
-                raise ProtocolError("unknown-type", f"{msg.TYPE.name} is not a request")
+            if frame.seq == SEQ_UNSOLICITED:
+                raise ProtocolError("bad-payload", "seq 0 is reserved for the device; request not executed")
         except ProtocolError as exc:
             refusal = Error(ERROR_FOR_PROTOCOL_CODE.get(exc.code, ErrorCode.BAD_PAYLOAD), 0, str(exc)[:200])
             self._reply(frame, refusal)
@@ -804,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list of p256, p384, ed25519 (default p256,p384)")
     parser.add_argument("--max-payload", type=int, default=MAX_PAYLOAD, help="largest frame payload (64-1024)")
     parser.add_argument("--fault", type=parse_fault, action="append", default=[], metavar="KIND:STEP[:N]")
+    parser.add_argument("--violate", action="append", default=[], choices=sorted(VIOLATIONS), metavar="RULE",
+                        help="break a protocol rule on purpose, to see a conformance check fail: "
+                             + "; ".join(f"{k}: {v}" for k, v in VIOLATIONS.items()))
     parser.add_argument("--stall-ms", type=float, default=0.0, help="length of a stall fault (0: until killed)")
     parser.add_argument("--boot-ms", type=float, default=50.0, help="time a reboot fault keeps the device deaf")
     parser.add_argument("--boards", type=int, default=1, help="boards fed to this fixture in turn (benchmarks)")
@@ -821,7 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_put_key:
         capabilities |= Capability.PUT_KEY
     options = Options(capabilities, args.key_types, args.max_payload, args.keygen_ms / 1000.0,
-                      tuple(shlex.split(args.keygen_command)) if args.keygen_command else ())
+                      tuple(shlex.split(args.keygen_command)) if args.keygen_command else (),
+                      frozenset(args.violate))
     boards = Boards(args.state, args.hardware_id, args.model, args.firmware, options, args.boards)
     if args.pty:
         master, path, slave = open_pty()

@@ -20,6 +20,12 @@ tested exactly as it runs on the line:
   of a step; see :data:`FAULT_KINDS`.
 * ``--boards N`` emulates a fixture that is fed N boards in turn: after a
   board commits, the next HELLO meets a fresh blank board (for benchmarks).
+* ``--keygen-command CMD`` makes keys and CSRs with a real device stack
+  instead (``firmware_tools/mbedtls/keygen_csr.c`` compiled against mbedTLS):
+  the emulator stays the reference device, the key material is the library's.
+* ``--violate RULE`` breaks one rule of PROTOCOL.md on purpose (see
+  :data:`VIOLATIONS`), so ``python -m firmware_tools.conformance`` can be seen
+  to fail against it.
 
 The wire codec is the station's own (:mod:`iotauth.provisioning.codec`): one
 codec in code, byte for byte.

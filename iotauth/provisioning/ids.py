@@ -110,7 +110,7 @@ class IdTemplate:
         except InvalidIdentity as exc:
             hint = " (hardware ids with ':' need {hardware_id|safe})" if ":" in hardware_id and ":" in text else ""
             raise InvalidIdentity(
-                f"id template {self.text!r} gives no valid device id for hardware id {hardware_id!r}: {exc}{hint}"
+                f"id template {self.text!r} gives a bad device id for hardware id {hardware_id!r}: {exc}{hint}"
             ) from None
 
 

@@ -26,7 +26,8 @@ def report(run: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("args", [(), ("--max-payload", "64"), ("--no-keygen",), ("--no-put-key", "--key-types", "p256")],
+@pytest.mark.parametrize("args", [(), ("--max-payload", "64"), ("--no-keygen",),
+                                  ("--no-put-key", "--key-types", "p256")],
                          ids=["default", "64-byte payloads", "host keys only", "keygen only, p256 only"])
 def test_the_reference_device_passes(emulator: EmulatorFactory, args: tuple[str, ...]) -> None:
     board = emulator(args=list(args))

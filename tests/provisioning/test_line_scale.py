@@ -22,17 +22,15 @@ from iotauth.provisioning.session import set_testing
 from iotauth.provisioning.station import Station, StationConfig
 from iotauth.registry import CertificateStatus, DeviceStatus, Registry, open_registry
 from tests.fixtures.devices import FAST_BAUD, FAST_POLICY, EmulatorFactory
+from tests.fixtures.postgres import BACKENDS, backend_url
 from tests.provisioning.invariants import all_certificates, assert_invariants
 
 MAC = "a4:cf:12:00:be:ef"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def shared_url(request: pytest.FixtureRequest, home: Home) -> str:
-    if request.param == "sqlite":
-        return str(home.registry_db)
-    url: str = request.getfixturevalue("postgres_database")
-    return url
+    return backend_url(request, home)
 
 
 @pytest.fixture

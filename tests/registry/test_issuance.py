@@ -24,7 +24,8 @@ async def _issue(authority: Authority, csr: x509.CertificateSigningRequest, *, e
 async def test_a_second_key_for_one_hardware_id_is_refused_while_the_first_is_live(
         authority: Authority, registry: Registry, csr_factory: CsrFactory) -> None:
     first = await _issue(authority, csr_factory()[1])
-    with pytest.raises(Conflict, match=r"already has certificate \w+ \(pending\) for another key; two boards claim this hardware id"):
+    claimed = r"already has certificate \w+ \(pending\) for another key; two boards claim this hardware id"
+    with pytest.raises(Conflict, match=claimed):
         await _issue(authority, csr_factory()[1])
     serial = first.record.serial  # type: ignore[attr-defined]
     await registry.activate("sensor-mac", serial, actor="station")

@@ -243,3 +243,25 @@ async def test_the_guard_sweep_revokes_stale_pending_certificates(home: Home, re
     finally:
         await guard.close()
     assert (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED
+
+
+async def test_the_broker_runtime_sweeps_stale_pending_certificates(home: Home, registry: Registry,
+                                                                    authority: Authority) -> None:
+    """``iotauth broker`` wires the sweep with the home's pending TTL: an abandoned delivery is revoked."""
+    from iotauth.broker.runtime import BrokerOptions, open_runtime
+    from iotauth.registry import CertificateStatus
+    from tests.registry.test_expiry import age_pending
+
+    stale = await authority.issue(make_csr(generate_private_key("p256")), "abandoned", activate=False, actor="st")
+    young = await authority.issue(make_csr(generate_private_key("p256")), "in-flight", activate=False, actor="st")
+    age_pending(home, stale.record.serial)
+    runtime = await open_runtime(BrokerOptions(home=str(home.root), bind=None, watch_config=0), registry)
+    await runtime.guard.start(NoHost())
+    try:
+        await runtime.guard.sweep()
+    finally:
+        await runtime.close()
+    assert (await registry.get_certificate(stale.record.serial)).status is CertificateStatus.REVOKED
+    assert (await registry.get_certificate(young.record.serial)).status is CertificateStatus.PENDING
+    [event] = [e for e in await registry.events() if e.kind == "certificate.revoked"]
+    assert event.actor == "iotauth-broker"

@@ -145,3 +145,23 @@ def test_plain_http_never_accepts_admin_tokens(home: Home, service_factory: Serv
     with service.client(ADMIN_TOKEN) as operator:
         assert operator.get("/admin/devices").status_code == 403
         assert operator.get("/crl.pem").status_code == 200
+
+
+async def test_serve_revokes_stale_pending_certificates_without_a_provisioning_run(
+        home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory,
+        service_factory: ServiceFactory) -> None:
+    import asyncio
+
+    from iotauth.registry import CertificateStatus
+    from tests.registry.test_expiry import age_pending
+
+    issued = await authority.issue(csr_factory()[1], "abandoned", activate=False, actor="station")
+    age_pending(home, issued.record.serial)
+    service_factory(home)
+    for _ in range(200):  # bounded wait; the first sweep runs when serve starts
+        if (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED:
+            break
+        await asyncio.sleep(0.1)
+    assert (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED
+    [event] = [e for e in await registry.events() if e.kind == "certificate.revoked"]
+    assert event.actor == "iotauth-serve"

@@ -11,7 +11,8 @@ IMMEDIATE``, PostgreSQL's advisory lock), so no interleaving lets two through.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,33 @@ async def test_two_stations_four_boards_one_hardware_id_exactly_one_active(
     assert [c for c in certs if c.status is CertificateStatus.PENDING] == []  # losers were refused before issuing
     assert sum(1 for b in boards if b.committed) == 1
     await assert_invariants(registry, boards)
+
+
+async def test_a_watching_station_revokes_stale_pending_certificates(
+        home: Home, registry: Registry, station_factory: Callable[..., Station], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A station left in --watch mode sweeps too; nothing waits for the next provisioning run."""
+    from iotauth.authority import open_authority as authority_for
+    from iotauth.pki.keys import generate_private_key
+    from tests.fixtures.pki import make_csr
+    from tests.registry.test_expiry import age_pending
+
+    monkeypatch.setattr("iotauth.provisioning.station.EXPIRY_INTERVAL", 0.05)
+    authority = await authority_for(home, registry)
+    issued = await authority.issue(make_csr(generate_private_key("p256")), "abandoned", activate=False, actor="st")
+    station = station_factory()
+    stop = asyncio.Event()
+    watching = asyncio.get_running_loop().create_task(station.watch([str(tmp_path / "no-port-*")], stop,
+                                                                    poll_interval=0.02))
+    try:
+        for _ in range(200):  # bounded wait
+            if (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED:
+                break
+            age_pending(home, issued.record.serial)  # aged after the station's start-up sweep window
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await watching
+    assert (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED
+    kinds = [e.kind for e in await registry.events()]
+    assert "provisioning.expired" in kinds

@@ -72,3 +72,14 @@ async def test_the_long_running_sweep_revokes_without_a_provisioning_run(
         assert record.status is CertificateStatus.REVOKED
         [event] = [e for e in await registry.events() if e.kind == "certificate.revoked"]
         assert event.actor == "iotauth-serve"
+
+
+def age_pending(home: Home, serial: str, hours: int = 3) -> None:
+    """Make a pending certificate look issued ``hours`` ago (the home's SQLite registry), as a crash long ago would."""
+    import sqlite3
+
+    from iotauth.certs import now_utc, timestamp
+
+    with contextlib.closing(sqlite3.connect(home.registry_db)) as db, db:
+        db.execute("UPDATE certificates SET issued_at = ? WHERE serial = ?",
+                   (timestamp(now_utc() - timedelta(hours=hours)), serial))

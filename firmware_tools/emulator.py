@@ -705,7 +705,10 @@ class Emulator:
                 raise ProtocolError("bad-payload", "seq 0 is reserved for the device; request not executed")
         except ProtocolError as exc:
             refusal = Error(ERROR_FOR_PROTOCOL_CODE.get(exc.code, ErrorCode.BAD_PAYLOAD), 0, str(exc)[:200])
-            self._reply(frame, refusal)
+            if frame.seq == SEQ_UNSOLICITED:  # never executed, never cached (PROTOCOL.md section 2)
+                self.line.write(refusal.encode(SEQ_UNSOLICITED))
+            else:
+                self._reply(frame, refusal)
             return False
         if isinstance(msg, Hello):
             self.boards.on_hello()

@@ -169,6 +169,7 @@ class Authority:
         actor: str,
         now: datetime | None = None,
         idempotent: bool = False,
+        exclusive: bool = False,
     ) -> Issued:
         """Issue from a CSR (proof of possession); identity comes only from the arguments.
 
@@ -177,10 +178,12 @@ class Authority:
                 certificate already issued for it instead of a second one (``iotauth issue``:
                 an operator retrying after an error must not put two certificates in the field).
                 Decided inside the registry's write transaction, so concurrent retries agree.
+            exclusive: one board per hardware id (see :meth:`Registry.record_issuance`).
         """
         device_id, chosen = self._check_identity(device_id, profile, hardware_id)
         cert = self.ca.issue(csr, device_id, chosen, hardware_id=hardware_id, now=now)
-        return await self._record(cert, device_id, profile, hardware_id, activate, actor, reuse=idempotent)
+        return await self._record(cert, device_id, profile, hardware_id, activate, actor, reuse=idempotent,
+                                  exclusive=exclusive)
 
     async def issue_for_key(
         self,
@@ -191,11 +194,13 @@ class Authority:
         hardware_id: str | None = None,
         activate: bool = False,
         actor: str,
+        exclusive: bool = False,
     ) -> Issued:
         """Issue for a host-generated key (possession is proven later by the device's PROVE)."""
         device_id, chosen = self._check_identity(device_id, profile, hardware_id)
         cert = self.ca.issue_for_key(public_key, device_id, chosen, hardware_id=hardware_id)
-        return await self._record(cert, device_id, profile, hardware_id, activate, actor, {"key_source": "host"})
+        return await self._record(cert, device_id, profile, hardware_id, activate, actor, {"key_source": "host"},
+                                  exclusive=exclusive)
 
     async def check_public_key_free(self, public_key: CertificatePublicKeyTypes, device_id: str) -> None:
         """Refuse early (before signing) a key that already belongs to another device."""
@@ -220,6 +225,7 @@ class Authority:
         details: dict[str, str] | None = None,
         *,
         reuse: bool = False,
+        exclusive: bool = False,
     ) -> Issued:
         record = await self.registry.record_issuance(
             cert,
@@ -230,6 +236,7 @@ class Authority:
             actor=actor,
             details=details,
             reuse=reuse,
+            exclusive=exclusive,
         )
         if record.serial != serial_hex(cert):  # the one issued before; the new one is never handed out
             return Issued(x509.load_pem_x509_certificate(record.pem.encode()), record, self.ca.chain, reused=True)

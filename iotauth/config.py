@@ -240,7 +240,7 @@ class Settings:
     crl_url: str | None = None
     ocsp_url: str | None = None
     pending_ttl: timedelta = timedelta(hours=1)
-    id_template: str = "sensor-{hardware_id}"
+    id_template: str = "sensor-{hardware_id|safe}"
     broker_host: str = "localhost"
     broker_port: int = 8883
     serve: ServeSettings = ServeSettings()
@@ -295,7 +295,7 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
         crl_url=crl.get("distribution_url", str, None) or None,
         ocsp_url=ocsp.get("url", str, None) or None,
         pending_ttl=timedelta(minutes=provisioning.get("pending_ttl_minutes", float, 60.0, minimum=0.0)),
-        id_template=provisioning.get("id_template", str, "sensor-{hardware_id}"),
+        id_template=provisioning.get("id_template", str, "sensor-{hardware_id|safe}"),
         broker_host=broker.get("host", str, "localhost"),
         broker_port=broker.get("port", int, 8883, minimum=1),
         serve=ServeSettings(
@@ -429,8 +429,11 @@ next_update_hours = 24
 [provisioning]
 # Pending certificates whose delivery never reached COMMIT are revoked after this.
 pending_ttl_minutes = 60
-# Device ids assigned by the station; {{hardware_id}} and {{model}} are available.
-id_template = "sensor-{{hardware_id}}"
+# Device ids assigned by the station; {{hardware_id}} and {{model}} are available, each
+# optionally through filters: |safe maps ':' to '-' (MAC addresses) and refuses any other
+# character a device id cannot hold; |mac turns aa:bb:cc:dd:ee:ff into aabbccddeeff;
+# |lower and |upper change case. Device ids are at most 64 characters.
+id_template = "sensor-{{hardware_id|safe}}"
 
 [broker]
 # Written to devices by the station (PUT_CONFIG).

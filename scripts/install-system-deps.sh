@@ -7,13 +7,13 @@ missing=""
 command -v mosquitto_pub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing="$missing mosquitto"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
-<<<<<<< HEAD
 # tests/upstream applies docs/upstream/*.patch to a copy of amqtt (patch is not in every minimal image).
 command -v patch >/dev/null 2>&1 || missing="$missing patch"
-=======
 # nginx's DAV module stores the audit anchors that 'iotauth audit anchor' PUTs to a URL.
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
->>>>>>> main
+# Real device stacks: the suite compiles firmware_tools/mbedtls/keygen_csr.c against mbedTLS 2.28.
+command -v cc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+[ -f /usr/include/mbedtls/x509_csr.h ] || missing="$missing libmbedtls-dev"
 # The registry suite runs against a real PostgreSQL server started by the tests themselves.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 # CA keys on a PKCS#11 token: the suite initialises its own SoftHSM2 tokens (a real PKCS#11 module).

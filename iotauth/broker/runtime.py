@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cryptography import x509
@@ -27,6 +28,7 @@ from iotauth.config import Home, Settings, load_settings, registry_location
 from iotauth.limits import IntakeLimits, SessionLimits
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
+from iotauth.registry.expiry import expire_stale_pending
 
 log = logging.getLogger("iotauth.broker")
 
@@ -156,6 +158,7 @@ async def open_runtime(options: BrokerOptions, registry: Registry | None = None)
         ),
         load_policies=lambda: load_policies(home),
         revoked_serials=CrlSerials(home.crl_der),
+        expire_pending=partial(expire_stale_pending, registry, settings.pending_ttl, actor="iotauth-broker"),
     )
     runtime = Runtime(home, settings, registry, owns, guard, context)
     if options.watch_config > 0:

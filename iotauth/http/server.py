@@ -25,6 +25,7 @@ from iotauth.http.emqx import EmqxOptions, emqx_routes
 from iotauth.http.push import EmqxTarget
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
+from iotauth.registry.expiry import expire_pending_forever
 
 log = logging.getLogger("iotauth.http")
 REGISTRY_WATCH_INTERVAL = 0.25  # seconds; a stat() and one indexed read
@@ -105,11 +106,14 @@ async def serve(home: Home, registry_url: str | None, options: ServeOptions) -> 
         server = uvicorn.Server(config)
         log.info("iotauth serve on %s://%s:%d", "https" if options.tls else "http", host, port)
         followers = push_followers(settings, registry)
-        tasks = [asyncio.get_running_loop().create_task(watch_registry(registry), name="iotauth-registry-watch")]
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(watch_registry(registry), name="iotauth-registry-watch"),
+                 loop.create_task(expire_pending_forever(registry, settings.pending_ttl, actor="iotauth-serve"),
+                                  name="iotauth-expiry")]
         for follower in followers:
             app.state.iotauth.push.append(follower.health)
             name = f"iotauth-push-{follower.target.name}"
-            tasks.append(asyncio.get_running_loop().create_task(follower.run(), name=name))
+            tasks.append(loop.create_task(follower.run(), name=name))
         try:
             await server.serve()
         finally:

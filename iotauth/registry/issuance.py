@@ -39,6 +39,7 @@ class IssuanceRequest:
     details: dict[str, Any]
     reuse: bool = False
     """An unexpired, unrevoked certificate of this device for this key is the answer (a retry), not a new one."""
+    exclusive: bool = False  # one board per hardware id: refuse while the device has a live certificate of another key
 
 
 class Coalescer(Generic[Req, Res]):
@@ -98,8 +99,9 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
 
     Every cross-row invariant (hardware id and public key each belong to one
     device; revoked is final; profile and hardware id of an existing device
-    match) is checked against the database *and* against the earlier requests
-    of the same batch, in order, before anything is written.
+    match; an exclusive request's device has no unrevoked certificate of
+    another key) is checked against the database *and* against the earlier
+    requests of the same batch, in order, before anything is written.
     """
     device_ids = sorted({r.device_id for r in requests})
     hardware_ids = sorted({r.hardware_id for r in requests if r.hardware_id is not None})
@@ -125,6 +127,15 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
         )
     }
     reusable = await _reusable(tx, requests, key_hashes)
+    exclusive_ids = sorted({r.device_id for r in requests if r.exclusive})
+    live: dict[str, list[tuple[str, str, str]]] = {}
+    for device_id, serial, key_sha256, status in await _lookup(
+        tx,
+        "SELECT device_id, serial, public_key_sha256, status FROM certificates "
+        "WHERE device_id IN ({marks}) AND status <> 'revoked'",
+        exclusive_ids,
+    ):
+        live.setdefault(device_id, []).append((serial, key_sha256, status))
     new_devices: list[tuple[Any, ...]] = []
     new_certs: list[tuple[Any, ...]] = []
     updates: list[tuple[str, tuple[Any, ...]]] = []
@@ -133,6 +144,8 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
         key_hash = key_hashes[id(request)]
         try:
             _check_issuance(request, key_hash, devices.get(request.device_id), hardware_owner, key_owner)
+            if request.exclusive:
+                _check_one_board(request, key_hash, live.get(request.device_id, []))
         except Conflict as exc:
             results.append(exc)
             continue
@@ -179,6 +192,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             hardware_owner[request.hardware_id] = request.device_id
         key_owner.setdefault(key_hash, request.device_id)
         cert_status = CertificateStatus.ACTIVE if request.activate else CertificateStatus.PENDING
+        live.setdefault(request.device_id, []).append((serial_hex(request.cert), key_hash, cert_status.value))
         record = CertificateRecord(
             serial=serial_hex(request.cert),
             fingerprint=fingerprint(request.cert),
@@ -272,3 +286,18 @@ def _check_issuance(
         raise Conflict(f"device {device_id!r} is bound to hardware id {device.hardware_id!r}, not {hardware_id!r}")
     if device.profile != request.profile:
         raise ProfileMismatch(device_id, device.profile, request.profile)
+
+
+def _check_one_board(request: IssuanceRequest, key_hash: str, live: list[tuple[str, str, str]]) -> None:
+    """One board per hardware id: a live certificate of another key means a second board claims this identity.
+
+    The station supersedes what it may replace (expired deliveries, or
+    everything with ``--force``) before it issues; whatever is still live here
+    belongs to a board that is still in flight or in service.
+    """
+    for serial, other_key, status in live:
+        if other_key != key_hash:
+            raise Conflict(
+                f"hardware id {request.hardware_id!r}: device {request.device_id!r} already has certificate "
+                f"{serial} ({status}) for another key; two boards claim this hardware id"
+            )

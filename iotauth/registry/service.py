@@ -255,6 +255,7 @@ class Registry(EventFeed):
         actor: str,
         details: dict[str, Any] | None = None,
         reuse: bool = False,
+        exclusive: bool = False,
     ) -> CertificateRecord:
         """Durably record a newly issued certificate (creating the device if new).
 
@@ -267,6 +268,9 @@ class Registry(EventFeed):
                 for the same public key, record nothing and return that one (a
                 retried request must not leave two certificates in the field);
                 a Conflict names it if its status is not the one asked for.
+            exclusive: (the station's issuance) refuse, inside that transaction,
+                a device that still has an unrevoked certificate of another key:
+                two boards claiming one hardware id never both get a certificate.
         """
         request = IssuanceRequest(
             cert=cert,
@@ -277,6 +281,7 @@ class Registry(EventFeed):
             actor=actor,
             details=details or {},
             reuse=reuse,
+            exclusive=exclusive,
         )
         return await self._issuance.submit(request)
 
@@ -341,8 +346,17 @@ class Registry(EventFeed):
     async def expire_pending(
         self, issued_before: datetime, reason: RevocationReason, *, actor: str
     ) -> list[CertificateRecord]:
-        """Revoke every pending certificate issued before ``issued_before`` (delivery never completed)."""
+        """Revoke every pending certificate issued before ``issued_before`` (delivery never completed).
+
+        Idempotent under concurrency: the certificates are selected inside the
+        serialising write transaction, so two processes expiring at once revoke
+        each certificate once. A read first keeps an idle sweep off the write lock.
+        """
         cutoff = timestamp(issued_before)
+        if await self._reader.fetchone(
+            "SELECT 1 FROM certificates WHERE status = 'pending' AND issued_at < ? LIMIT 1", (cutoff,)
+        ) is None:
+            return []
 
         async def op(tx: Tx) -> list[CertificateRecord]:
             found = await tx.fetchall(

@@ -169,3 +169,23 @@ def test_deeply_nested_json_is_a_400_on_every_json_endpoint(home: Home, service_
     service.process.terminate()
     output = service.process.communicate(timeout=30)[0].decode()
     assert "Traceback" not in output and "RecursionError" not in output
+
+
+async def test_serve_revokes_stale_pending_certificates_without_a_provisioning_run(
+        home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory,
+        service_factory: ServiceFactory) -> None:
+    import asyncio
+
+    from iotauth.registry import CertificateStatus
+    from tests.registry.test_expiry import age_pending
+
+    issued = await authority.issue(csr_factory()[1], "abandoned", activate=False, actor="station")
+    age_pending(home, issued.record.serial)
+    service_factory(home)
+    for _ in range(200):  # bounded wait; the first sweep runs when serve starts
+        if (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED:
+            break
+        await asyncio.sleep(0.1)
+    assert (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED
+    [event] = [e for e in await registry.events() if e.kind == "certificate.revoked"]
+    assert event.actor == "iotauth-serve"

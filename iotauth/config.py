@@ -9,6 +9,7 @@ the registry and the configuration together.
 from __future__ import annotations
 
 import os
+import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from iotauth.errors import ConfigError, InvalidIdentity
-from iotauth.identity import validate_profile_name, validate_trust_domain
+from iotauth.identity import RABBITMQ_RESERVED, validate_device_id, validate_profile_name, validate_trust_domain
 from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
 
 HOME_ENV = "IOTAUTH_HOME"
@@ -110,6 +111,11 @@ class Home:
         return self.ca_dir / "crl.der"
 
     @property
+    def rabbitmq_admin_secret(self) -> Path:
+        """The password iotauth's RabbitMQ management identity uses (0600; see :mod:`iotauth.rabbitmq`)."""
+        return self.root / "rabbitmq" / "admin.secret"
+
+    @property
     def is_initialised(self) -> bool:
         return self.config_file.exists() and self.issuing_cert.exists()
 
@@ -188,6 +194,21 @@ class EmqxSettings:
 
 
 @dataclass(frozen=True)
+class RabbitmqSettings:
+    """``[rabbitmq]``: this home's devices connect to a RabbitMQ cluster authorised by ``iotauth serve``.
+
+    ``enabled`` narrows the device id alphabet (no ``.``; see
+    :func:`~iotauth.identity.validate_device_id`) and switches on the
+    ``/rabbitmq/*`` endpoints; ``management_urls`` are the nodes the
+    revocation follower kicks devices through (any one that answers).
+    """
+
+    enabled: bool = False
+    management_urls: tuple[str, ...] = ()
+    admin_secret_env: str = "IOTAUTH_RABBITMQ_ADMIN_SECRET"  # noqa: S105 - names the variable holding it
+
+
+@dataclass(frozen=True)
 class Settings:
     """Parsed ``iotauth.toml``."""
 
@@ -205,6 +226,11 @@ class Settings:
     serve: ServeSettings = ServeSettings()
     emqx: EmqxSettings = EmqxSettings()
     intake_limits: IntakeLimits = field(default_factory=IntakeLimits)
+    rabbitmq: RabbitmqSettings = RabbitmqSettings()
+
+    def check_device_id(self, value: object) -> str:
+        """Validate a device id for this home: the safe alphabet, narrowed when RabbitMQ is enabled."""
+        return validate_device_id(value, rabbitmq=self.rabbitmq.enabled)
 
     def profile(self, name: str) -> Profile:
         """Return the named profile or raise a :class:`ConfigError` listing the known ones."""
@@ -240,12 +266,13 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     broker = reader.table("broker")
     serve = reader.table("serve")
     emqx = reader.table("emqx")
+    rabbitmq = _parse_rabbitmq(reader.table("rabbitmq"))
     intake, session_limits = parse_limits(broker.table("limits").raw, f"{source}: [broker.limits]")
     profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits)}
     for name, table in reader.table("profiles").raw.items():
         profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source),
                                         session_limits)
-    return Settings(
+    settings = Settings(
         trust_domain=trust_domain,
         profiles=MappingProxyType(profiles),
         crl_next_update=timedelta(hours=crl.get("next_update_hours", float, 24.0, minimum=0.01)),
@@ -274,7 +301,44 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
             api_secret_env=emqx.get("api_secret_env", str, EmqxSettings.api_secret_env),
         ),
         intake_limits=intake,
+        rabbitmq=rabbitmq,
     )
+    if rabbitmq.enabled:
+        _check_rabbitmq_compatible(settings, source)
+    return settings
+
+
+def _parse_rabbitmq(table: _Reader) -> RabbitmqSettings:
+    urls = tuple(_strings(table.get("management_urls", list, []), "rabbitmq.management_urls", table))
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{table.source}: rabbitmq.management_urls must be http(s) URLs, got {url!r}")
+    return RabbitmqSettings(
+        enabled=table.get("enabled", bool, False),
+        management_urls=urls,
+        admin_secret_env=table.get("admin_secret_env", str, RabbitmqSettings.admin_secret_env),
+    )
+
+
+def _check_rabbitmq_compatible(settings: Settings, source: str) -> None:
+    """What RabbitMQ cannot express is refused when the setting is made, not found missing in the field."""
+    try:
+        literal = "".join(part for part, *_ in string.Formatter().parse(settings.id_template))
+    except ValueError:
+        literal = settings.id_template  # malformed: the station reports it; '.' is still refused here
+    if RABBITMQ_RESERVED in literal:
+        raise ConfigError(
+            f"{source}: [provisioning] id_template {settings.id_template!r} puts '.' into device ids, which RabbitMQ "
+            "reads as a topic level break ([rabbitmq] enabled = true); use '-' or '_'"
+        )
+    for profile in settings.profiles.values():
+        for rule in (*profile.publish, *profile.subscribe):
+            if "." in rule or "*" in rule:
+                raise ConfigError(
+                    f"{source}: profiles.{profile.name} rule {rule!r} contains '.' or '*', which RabbitMQ's MQTT "
+                    "plugin turns into a level break or a wildcard ([rabbitmq] enabled = true); such a rule could "
+                    "never match there"
+                )
 
 
 def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> Profile:
@@ -331,7 +395,7 @@ class _Reader:
         value = self.raw[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{self.source}: {key!r} must be {kind.__name__}, got {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self.source}: {key!r} must be at least {minimum}, got {value!r}")
@@ -393,6 +457,13 @@ bind = "127.0.0.1:8443"
 admin_token_sha256 = []
 # Broker-facing endpoints answer only these networks.
 broker_networks = ["127.0.0.0/8", "::1/128"]
+
+[rabbitmq]
+# Devices connect to a RabbitMQ cluster authorised by 'iotauth serve' ('iotauth export rabbitmq').
+# Enabling it refuses '.' in device ids: RabbitMQ reads it as a topic level break.
+enabled = false
+# Management API of the nodes revoked devices are kicked through (any one that answers).
+# management_urls = ["http://rabbit-1:15672", "http://rabbit-2:15672", "http://rabbit-3:15672"]
 
 [emqx]
 # Optional: kick revoked clients through the EMQX REST API (DELETE /api/v5/clients/{{clientid}}).

@@ -57,6 +57,9 @@ class EventKind(StrEnum):
     BROKER_POLICY_RELOADED = "broker.policy.reloaded"
     BROKER_POLICY_RELOAD_FAILED = "broker.policy.reload_failed"
 
+    RABBITMQ_SESSION_KICKED = "rabbitmq.session.kicked"
+    RABBITMQ_KICK_FAILED = "rabbitmq.kick.failed"
+
 
 def device_status_changed(status: str) -> EventKind:
     """The event written when a device's status becomes ``status`` (a ``DeviceStatus`` value)."""
@@ -103,6 +106,11 @@ EMQX_KICKS: frozenset[str] = frozenset(
     {EventKind.DEVICE_REVOKED, EventKind.DEVICE_SUSPENDED, EventKind.CERTIFICATE_REVOKED}
 )
 """Events after which ``iotauth serve`` asks EMQX to disconnect the device."""
+
+RABBITMQ_KICKS: frozenset[str] = frozenset({*DEVICE_KICKS, EventKind.CERTIFICATE_REVOKED})
+"""Events after which the RabbitMQ follower closes the device's connections cluster-wide. A revoked
+certificate counts: RabbitMQ decides per username, so the device's other sessions reconnect (the CRL,
+rewritten first, refuses the revoked certificate at the handshake)."""
 
 CRL_KIND_PREFIXES: tuple[str, ...] = ("certificate.", "device.")
 """Every certificate and device event may change the CRL (which lists revoked, pending and suspended

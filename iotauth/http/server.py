@@ -21,6 +21,7 @@ from iotauth.http.app import ServiceState, create_app
 from iotauth.http.brokers import BrokerFrontEnd, broker_routes
 from iotauth.http.crl import CrlSource
 from iotauth.http.push import EmqxKicker, push_revocations
+from iotauth.http.rabbitmq import RabbitmqAuthorizer, rabbitmq_routes
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
 
@@ -40,6 +41,7 @@ async def build_app(home: Home, registry: Registry, settings: Settings, options:
     """The complete application for ``home``: every route, wired to ``registry``."""
     app = create_app(await build_state(home, registry, settings, options))
     app.state.brokers = broker_front_end(home, registry, settings)
+    app.state.rabbitmq = RabbitmqAuthorizer(app.state.brokers, home, settings.rabbitmq)
     return app
 
 
@@ -60,7 +62,7 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
         access=access,
         crl=CrlSource(authority, home),
         ocsp=load_ocsp_responder(home),
-        extra_routes=broker_routes(),
+        extra_routes=[*broker_routes(), *rabbitmq_routes()],
     )
 
 

@@ -9,6 +9,9 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 # The registry suite runs against a real PostgreSQL server started by the tests themselves.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+# The RabbitMQ suite starts its own 3-node cluster (private epmd, ports and data in a temp dir), so a
+# packaged rabbitmq service that apt may start on a systemd host does not get in its way.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
 if [ -n "${IOTAUTH_EXTRA_DEB:-}" ]; then missing="$missing $IOTAUTH_EXTRA_DEB"; fi
 
 if [ -z "$missing" ]; then

@@ -36,12 +36,15 @@ import secrets
 from iotauth.config import Home, RabbitmqSettings
 from iotauth.errors import PkiError
 from iotauth.files import write_secret
+from iotauth.policy import Action
 
 ADMIN_USER = "iotauth@admin"
 VHOST = "/"
 EXCHANGE = "amq.topic"
 PLUGINS = ("rabbitmq_management", "rabbitmq_mqtt", "rabbitmq_auth_backend_http")
 _SUBSCRIPTION_QUEUE = "mqtt-subscription-{client_id}qos{qos}"
+# A topic check's permission: 'write' for PUBLISH (and the will), 'read' for SUBSCRIBE (rabbit_mqtt_processor).
+TOPIC_ACTIONS = {"write": Action.PUBLISH, "read": Action.SUBSCRIBE}
 
 
 def subscription_queues(client_id: str) -> frozenset[str]:
@@ -63,6 +66,13 @@ def mqtt_topic(key: str) -> str | None:
     if "/" in key or "+" in key:
         return None
     return key.replace("*", "+").replace(".", "/")
+
+
+def topic_request(permission: str, key: str) -> tuple[Action, str] | None:
+    """What a topic check asks of iotauth's policy: (PUBLISH, topic) or (SUBSCRIBE, filter); ``None``: refuse."""
+    action = TOPIC_ACTIONS.get(permission)
+    topic = mqtt_topic(key)
+    return None if action is None or topic is None else (action, topic)
 
 
 def admin_secret(home: Home, settings: RabbitmqSettings) -> str | None:

@@ -402,8 +402,8 @@ class _Reader:
         return value
 
 
-def default_config_text(trust_domain: str) -> str:
-    """The commented ``iotauth.toml`` that ``iotauth init`` writes."""
+def default_config_text(trust_domain: str, *, rabbitmq: bool = False) -> str:
+    """The commented ``iotauth.toml`` that ``iotauth init`` writes (``rabbitmq``: with ``[rabbitmq]`` enabled)."""
     return f'''# iotauth configuration. See README.md, "Configuration reference".
 trust_domain = "{trust_domain}"
 
@@ -461,7 +461,7 @@ broker_networks = ["127.0.0.0/8", "::1/128"]
 [rabbitmq]
 # Devices connect to a RabbitMQ cluster authorised by 'iotauth serve' ('iotauth export rabbitmq').
 # Enabling it refuses '.' in device ids: RabbitMQ reads it as a topic level break.
-enabled = false
+enabled = {"true" if rabbitmq else "false"}
 # Management API of the nodes revoked devices are kicked through (any one that answers).
 # management_urls = ["http://rabbit-1:15672", "http://rabbit-2:15672", "http://rabbit-3:15672"]
 

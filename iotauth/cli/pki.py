@@ -27,10 +27,20 @@ from iotauth.files import write_public
     help="Host name or IP for the broker's server certificate (repeatable). [default: localhost, 127.0.0.1]",
 )
 @click.option("--key-type", type=click.Choice(["p256", "p384"]), default="p256", show_default=True)
+@click.option(
+    "--rabbitmq",
+    is_flag=True,
+    help="Devices will connect to RabbitMQ: [rabbitmq] enabled = true (no '.' in device ids).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_cli
 def init(
-    ctx: CliContext, trust_domain: str | None, server_names: tuple[str, ...], key_type: str, as_json: bool
+    ctx: CliContext,
+    trust_domain: str | None,
+    server_names: tuple[str, ...],
+    key_type: str,
+    rabbitmq: bool,
+    as_json: bool,
 ) -> None:
     """Create the CA hierarchy, the broker certificate, iotauth.toml and the registry."""
     passphrase = ca_passphrase()
@@ -42,6 +52,7 @@ def init(
             key_type=key_type,
             passphrase=passphrase,
             registry=ctx.registry_url,
+            rabbitmq=rabbitmq,
             actor=operator_actor(),
         )
     )
@@ -52,6 +63,9 @@ def init(
         "issuing_fingerprint": result.issuing_fingerprint,
         "server_names": list(result.server_names),
         "ca_keys_encrypted": result.encrypted,
+        "device_ids": "A-Z a-z 0-9 _ - (no '.': RabbitMQ reads it as a topic level break)"
+        if result.rabbitmq
+        else "A-Z a-z 0-9 . _ -",
     }
     if passphrase is None:
         warn(

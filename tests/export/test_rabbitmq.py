@@ -27,7 +27,7 @@ from iotauth.export.rabbitmq import ExportOptions, export
 from iotauth.pki.keys import PrivateKey
 from iotauth.registry import Registry, open_registry
 from tests.fixtures import iotauth_executable
-from tests.http.test_rabbitmq import enable_rabbitmq
+from tests.fixtures.rabbitmq import enable_rabbitmq
 
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 ERL = shutil.which("erl")

@@ -14,7 +14,6 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-import tomlkit
 from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +25,7 @@ from iotauth.pki.keys import PrivateKey
 from iotauth.policy import Action, PolicySet
 from iotauth.rabbitmq import ADMIN_USER, ensure_admin_secret, mqtt_topic, routing_key, topic_request
 from iotauth.registry import Registry, RevocationReason
+from tests.fixtures.rabbitmq import enable_rabbitmq
 
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
@@ -37,12 +37,6 @@ EXCHANGE = "username=sensor-1&vhost=%2F&resource=exchange&name=amq.topic&permiss
 TOPIC = ("username=sensor-1&vhost=%2F&resource=topic&name=amq.topic&permission={perm}&tags=&routing_key={key}"
          "&variable_map.client_id=sensor-1&variable_map.username=sensor-1&variable_map.vhost=%2F")
 STATE = TOPIC.format(perm="write", key="devices.sensor-1.state")
-
-
-def enable_rabbitmq(home: Home, enabled: bool = True) -> None:
-    document = tomlkit.parse(home.config_file.read_text())
-    document["rabbitmq"]["enabled"] = enabled  # type: ignore[index]
-    home.config_file.write_text(tomlkit.dumps(document))
 
 
 class Backend:

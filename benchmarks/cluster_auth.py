@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import pwd
 import random
 import shutil
 import ssl
@@ -52,11 +51,10 @@ from harness import Creds, client_context, free_port, issue_creds, machine, open
 
 from iotauth.bootstrap import initialise_home
 from iotauth.config import Home
-from iotauth.rabbitmq import ADMIN_USER
 from iotauth.registry import RevocationReason, open_registry
-from iotauth.testing_rabbitmq import RabbitCluster, rabbitmq_available
+from iotauth.testbed.rabbitmq import IOTAUTH, RabbitDeployment
+from iotauth.testbed.rabbitmq_cluster import rabbitmq_available
 
-IOTAUTH = str(Path(sys.executable).parent / "iotauth")
 BACKENDS = {"http": "[rabbit_auth_backend_http]", "http-plain": "[rabbit_auth_backend_http]",
             "internal": "[rabbit_auth_backend_internal]"}
 WRK_LUA = """
@@ -80,99 +78,56 @@ BODIES = {
 }
 
 
-class Deployment:
-    """serve, the export, the cluster and the follower, as an operator runs them."""
+class Bench:
+    """The testbed deployment (serve, export, cluster, follower) and a second serve replica on plain HTTP."""
 
     def __init__(self, root: Path, devices: list[tuple[str, str]]) -> None:
         self.root = root
         self.home = Home(root / "home")
-        self.creds: dict[str, Creds] = {}
         self.devices = devices
-        self.account = "rabbitmq" if os.geteuid() == 0 and _exists("rabbitmq") else pwd.getpwuid(os.geteuid())[0]
-        self.port = free_port()
-        self.serve_url = f"https://127.0.0.1:{self.port}"
-        self.plain_port = free_port()
-        self.plain_url = f"http://127.0.0.1:{self.plain_port}"  # a second replica without TLS, for comparison
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.cluster: RabbitCluster | None = None
-        self.timings: dict[str, float] = {}
-
-    def iotauth(self, *args: str, log: str | None = None, wait: bool = True) -> subprocess.Popen[bytes]:
-        out = open(self.root / log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-        process = subprocess.Popen([IOTAUTH, "--home", str(self.home.root), *args], stdout=out,
-                                   stderr=subprocess.STDOUT)
-        if wait:
-            if process.wait(120) != 0:
-                raise SystemExit(f"iotauth {' '.join(args)} failed; see {self.root}")
-        else:
-            self.processes.append(process)
-        return process
+        self.creds: dict[str, Creds] = {}
+        self.deployment = RabbitDeployment(self.home, root)
+        self.cluster = self.deployment.cluster
+        self.serve_url = self.deployment.serve_url
+        self.plain_url = f"http://127.0.0.1:{free_port()}"
+        self.plain: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
-        started = time.monotonic()
         await initialise_home(self.home, "bench.test", ["localhost", "127.0.0.1"], passphrase=None, rabbitmq=True,
                               actor="bench")
         async with await open_registry(self.home.registry_db) as registry:
             self.creds = await issue_creds(self.home, registry, self.devices, self.root / "devices")
-        self.iotauth("serve", "--bind", f"127.0.0.1:{self.port}", log="serve.log", wait=False)
-        self.iotauth("serve", "--bind", f"127.0.0.1:{self.plain_port}", "--no-tls", log="serve-plain.log", wait=False)
-        await _wait_healthy(self.serve_url, self.home)
-        await _wait_healthy(self.plain_url, self.home)
-        export = self.root / "rabbitmq"
-        self.iotauth("export", "rabbitmq", "--out", str(export), "--serve-url", self.serve_url, "--user", self.account)
-        (self.root / "cluster").mkdir()
-        self.cluster = RabbitCluster(export, 3, base_dir=self.root / "cluster",
-                                     run_as=self.account if os.geteuid() == 0 else None)
-        cluster_started = time.monotonic()
-        await asyncio.to_thread(self.cluster.start)
-        self.timings["cluster_start_s"] = round(time.monotonic() - cluster_started, 1)
-        urls = [arg for url in self.cluster.management_urls() for arg in ("--management-url", url)]
-        follower = self.iotauth("export", "rabbitmq", "--out", str(export), "--serve-url", self.serve_url, "--user",
-                                self.account, "--watch", *urls, log="follower.log", wait=False)
-        deadline = time.monotonic() + 60
-        while b"following the registry" not in (self.root / "follower.log").read_bytes():
-            if follower.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the follower did not start: {(self.root / 'follower.log').read_text()}")
-            await asyncio.sleep(0.1)
-        self.timings["setup_s"] = round(time.monotonic() - started, 1)
+        await asyncio.to_thread(self.deployment.start)
+        await asyncio.to_thread(self._start_plain)
 
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(10)
-        if self.cluster is not None:
-            self.cluster.stop()
-
-    def management(self) -> httpx.Client:
-        assert self.cluster is not None
-        secret = self.home.rabbitmq_admin_secret.read_text().strip()
-        return httpx.Client(base_url=self.cluster.nodes[0].management_url, auth=(ADMIN_USER, secret), timeout=30)
-
-
-def _exists(account: str) -> bool:
-    try:
-        pwd.getpwnam(account)
-    except KeyError:
-        return False
-    return True
-
-
-async def _wait_healthy(url: str, home: Home) -> None:
-    context = ssl.create_default_context(cafile=str(home.chain_file))
-    async with httpx.AsyncClient(verify=context) as client:
+    def _start_plain(self) -> None:
+        self.plain = subprocess.Popen([*IOTAUTH, "--home", str(self.home.root), "serve", "--no-tls", "--bind",
+                                       self.plain_url.removeprefix("http://")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(300):
             with contextlib.suppress(httpx.TransportError):
-                if (await client.get(f"{url}/healthz")).status_code == 200:
+                if httpx.get(f"{self.plain_url}/healthz").status_code == 200:
                     return
-            await asyncio.sleep(0.1)
-    raise SystemExit("iotauth serve did not start")
+            time.sleep(0.1)
+        raise SystemExit("the plain-HTTP serve replica did not start")
+
+    def serves(self) -> list[psutil.Process]:
+        assert self.deployment.serve is not None
+        assert self.plain is not None
+        return [psutil.Process(self.deployment.serve.pid), psutil.Process(self.plain.pid)]
+
+    def stop(self) -> None:
+        if self.plain is not None:
+            self.plain.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.plain.wait(10)
+        self.deployment.stop()
 
 
 # -- revocation -> disconnect ------------------------------------------------------------------
 
 
-async def revocations(deployment: Deployment, count: int) -> dict[str, Any]:
+async def revocations(deployment: Bench, count: int) -> dict[str, Any]:
     assert deployment.cluster is not None
     latencies: list[float] = []
     kicks: list[float] = []
@@ -209,7 +164,7 @@ async def revocations(deployment: Deployment, count: int) -> dict[str, Any]:
 # -- connects: iotauth's HTTP backend against RabbitMQ's internal one ---------------------------
 
 
-def use_backend(deployment: Deployment, backend: str) -> None:
+def use_backend(deployment: Bench, backend: str) -> None:
     """Switch every node's auth backend (and, for HTTP, which serve it calls) while the cluster runs."""
     assert deployment.cluster is not None
     base = deployment.plain_url if backend == "http-plain" else deployment.serve_url
@@ -220,21 +175,21 @@ def use_backend(deployment: Deployment, backend: str) -> None:
                                             f"{paths}.")
 
 
-def internal_users(deployment: Deployment, device_ids: list[str]) -> None:
+def internal_users(deployment: Bench, device_ids: list[str]) -> None:
     """Each device as an internal user without a password (certificate login), with full rights on '/'."""
-    with deployment.management() as api:
+    with deployment.deployment.management() as api:
         for device_id in device_ids:
             api.put(f"/api/users/{device_id}", json={"password_hash": "", "tags": ""}).raise_for_status()
             api.put(f"/api/permissions/%2F/{device_id}",
                     json={"configure": ".*", "write": ".*", "read": ".*"}).raise_for_status()
 
 
-async def connect_round(deployment: Deployment, device_ids: list[str], count: int, concurrency: int) -> dict[str, Any]:
+async def connect_round(deployment: Bench, device_ids: list[str], count: int, concurrency: int) -> dict[str, Any]:
     assert deployment.cluster is not None
     port = deployment.cluster.nodes[0].mqtt_port
     contexts = {d: client_context(deployment.home, deployment.creds[d]) for d in device_ids}
     beams = [psutil.Process(pid) for pid in deployment.cluster.beam_pids()]
-    serves = [psutil.Process(p.pid) for p in deployment.processes[:2]]
+    serves = deployment.serves()
     cpu = [_cpu(p) for p in beams]
     serve_cpu = sum(_cpu(p) for p in serves)
     failures = 0
@@ -273,7 +228,7 @@ def _cpu(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-async def connects(deployment: Deployment, count: int, rounds: int, concurrency: int) -> dict[str, Any]:
+async def connects(deployment: Bench, count: int, rounds: int, concurrency: int) -> dict[str, Any]:
     device_ids = [d for d, _ in deployment.devices if d.startswith("cb-")]
     internal_users(deployment, device_ids)
     results: dict[str, list[dict[str, Any]]] = {backend: [] for backend in BACKENDS}
@@ -304,7 +259,7 @@ async def connects(deployment: Deployment, count: int, rounds: int, concurrency:
 # -- serve's decision rate ------------------------------------------------------------------------
 
 
-def decisions(deployment: Deployment, seconds: int, connections: int) -> dict[str, Any]:
+def decisions(deployment: Bench, seconds: int, connections: int) -> dict[str, Any]:
     devices = len([d for d, _ in deployment.devices if d.startswith("cb-")])
     results: dict[str, Any] = {"connections": connections, "seconds": seconds, "tls": True}
     context = ssl.create_default_context(cafile=str(deployment.home.chain_file))
@@ -323,7 +278,7 @@ def decisions(deployment: Deployment, seconds: int, connections: int) -> dict[st
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     devices = [(f"rv-{n}", "default") for n in range(args.revocations)]
     devices += [(f"cb-{n}", "default") for n in range(max(8, args.concurrency * 4))]
-    deployment = Deployment(root, devices)
+    deployment = Bench(root, devices)
     try:
         await deployment.start()
         latency = await revocations(deployment, args.revocations)
@@ -337,7 +292,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "machine": machine(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "rabbitmq": "3-node cluster on loopback, Debian rabbitmq-server 3.10.8, MQTT over TLS 1.3, crl_check = peer",
-        "timings": deployment.timings,
+        "timings": deployment.deployment.timings,
         "revocation_to_disconnect": latency,
         "connect": connect,
         "serve_decisions": rate,

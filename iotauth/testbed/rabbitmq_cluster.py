@@ -201,7 +201,7 @@ class RabbitCluster:
         """The exported rabbitmq.conf with this node's own lines appended (later keys win)."""
         lines = [
             "",
-            f"# -- node {node.name} (appended by iotauth.testing_rabbitmq) --",
+            f"# -- node {node.name} (appended by iotauth.testbed) --",
             f"mqtt.listeners.ssl.default = 127.0.0.1:{node.mqtt_port}",
             "management.tcp.ip = 127.0.0.1",
             f"management.tcp.port = {node.management_port}",

@@ -173,10 +173,17 @@ class Demo:
             note.append(f"127.0.0.1:{self.port}, client certificates required")
             self.run.facts["broker"] = f"127.0.0.1:{self.port}"
 
+    def device_port(self, index: int) -> int:
+        """Where device ``index`` connects (one broker here; a cluster spreads them over its nodes)."""
+        return self.port
+
+    def operator_port(self) -> int:
+        return self.port
+
     async def operator_client(self) -> MqttClient:
         """An 'ingest' service identity for the operator side, issued like any device."""
         assert self.authority is not None
-        client = MqttClient(self.port, await issue_operator_identity(self.authority, self.home))
+        client = MqttClient(self.operator_port(), await issue_operator_identity(self.authority, self.home))
         self.clients.append(client)
         return client
 
@@ -186,8 +193,8 @@ class Demo:
             if not await connect(watcher):
                 raise DemoFailed(f"operator subscriber refused: {watcher.connack_reason}")
             await asyncio.to_thread(watcher.subscribe, "devices/+/telemetry/#", 1, WAIT)
-            for board, device_id in zip(self.boards, self.device_ids, strict=True):
-                client = board.client(device_id, self.port)
+            for index, (board, device_id) in enumerate(zip(self.boards, self.device_ids, strict=True)):
+                client = board.client(device_id, self.device_port(index))
                 self.clients.append(client)
                 if not await connect(client):
                     raise DemoFailed(f"{device_id} refused: {client.connack_reason}")
@@ -238,7 +245,7 @@ class Demo:
             committed = await self._event_time(EventKind.DEVICE_REVOKED, target)
             latency = (client.disconnected_wall or committed) - committed
             _close(client)
-            retry = self.boards[-1].client(target, self.port)
+            retry = self.boards[-1].client(target, self.device_port(len(self.boards) - 1))
             self.clients.append(retry)
             if await connect(retry):
                 raise DemoFailed(f"{target} reconnected after revocation")

@@ -140,6 +140,17 @@ class RabbitDeployment:
         process.kill()
         raise ConfigError("iotauth serve did not start")
 
+    def stop_serve(self) -> None:
+        if self.serve is not None and self.serve.poll() is None:
+            self.serve.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.serve.wait(10)
+
+    def restart_serve(self) -> None:
+        """serve again on the same address (RabbitMQ's auth_http paths name it)."""
+        self.stop_serve()
+        self.serve = self._serve()
+
     def start_follower(self, env: dict[str, str] | None = None, wait: bool = True) -> Follower:
         """``iotauth export rabbitmq --watch`` kicking through every node; ``wait``: until it follows."""
         log = self.work / f"follower-{time.monotonic_ns()}.log"
@@ -170,7 +181,4 @@ class RabbitDeployment:
         if self.follower is not None:
             self.follower.stop()
         self.cluster.stop()
-        if self.serve is not None and self.serve.poll() is None:
-            self.serve.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.serve.wait(10)
+        self.stop_serve()

@@ -217,6 +217,20 @@ def test_a_follower_whose_identity_is_refused_fails_loudly(rabbit: RabbitDeploym
         wrong.stop()
 
 
+def test_without_serve_nobody_gets_in_and_everyone_does_again_once_it_is_back(rabbit: RabbitDeployment) -> None:
+    """RabbitMQ refuses a login its HTTP backend cannot answer (it fails closed); sessions already open go on."""
+    creds = rabbit.issue("sd-sensor")
+    live = rabbit.client(rabbit.issue("sd-live"), 1).connect()
+    rabbit.stop_serve()
+    try:
+        assert refused(rabbit.client(creds, 0)) in (None, 4, 5)
+        assert stays_connected(live, 0.5)
+    finally:
+        rabbit.restart_serve()
+    rabbit.client(creds, 0).connect().close()
+    live.close()
+
+
 def test_with_one_node_down_devices_keep_working_and_revocation_still_kicks(rabbit: RabbitDeployment) -> None:
     """Node 1 is the seed, the usual MQTT Raft leader and the follower's first management URL."""
     ingest = connect(rabbit, "nd-ingest", 2, "ingest")

@@ -1,11 +1,14 @@
 """A throw-away RabbitMQ cluster on loopback, run from what ``iotauth export rabbitmq`` wrote.
 
 Shared by the test suite (one cluster per session), ``iotauth demo --rabbitmq``
-and ``benchmarks/cluster_auth.py``, so all three exercise the exported
-configuration itself: each node gets the exported ``rabbitmq.conf`` plus a few
-node-specific lines appended (listener ports, cluster peer discovery, logs;
-a later key overrides an earlier one in ``rabbitmq.conf``), and reads the
-exported ``advanced.config`` and ``enabled_plugins`` unchanged.
+and ``benchmarks/cluster_auth.py``, so all three run the exported
+configuration itself, unchanged, in the layout the README recommends: each
+node reads the directory named by ``RABBITMQ_CONFIG_FILES`` (RabbitMQ 3.10
+loads every ``*.conf`` in it, in name order, a later key overriding an
+earlier one), holding ``10-iotauth.conf``, a link to the exported
+``rabbitmq.conf``, and ``20-node.conf`` with the node's own lines (listener
+ports, cluster peer discovery, logs); ``advanced.config`` and
+``enabled_plugins`` are the exported files.
 
 How the nodes are run (measured on Debian 12's ``rabbitmq-server`` 3.10.8):
 
@@ -188,7 +191,7 @@ class RabbitCluster:
             "RABBITMQ_DIST_PORT": str(node.dist_port),
             "RABBITMQ_MNESIA_BASE": str(node.directory / "mnesia"),
             "RABBITMQ_LOG_BASE": str(node.directory / "log"),
-            "RABBITMQ_CONFIG_FILE": str(node.directory / "rabbitmq.conf"),
+            "RABBITMQ_CONFIG_FILES": str(node.directory / "conf.d"),
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.config_dir / "advanced.config"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.config_dir / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(node.directory / "beam.pid"),
@@ -198,10 +201,9 @@ class RabbitCluster:
         return env
 
     def node_config(self, node: RabbitNode) -> str:
-        """The exported rabbitmq.conf with this node's own lines appended (later keys win)."""
+        """This node's own lines, read after the exported rabbitmq.conf (later keys win)."""
         lines = [
-            "",
-            f"# -- node {node.name} (appended by iotauth.testbed) --",
+            f"# node {node.name} (iotauth.testbed); 10-iotauth.conf is iotauth's export",
             f"mqtt.listeners.ssl.default = 127.0.0.1:{node.mqtt_port}",
             "management.tcp.ip = 127.0.0.1",
             f"management.tcp.port = {node.management_port}",
@@ -217,8 +219,7 @@ class RabbitCluster:
                 "cluster_formation.discovery_retry_limit = 240",
                 "cluster_formation.discovery_retry_interval = 250",
             ]
-        exported = (self.config_dir / "rabbitmq.conf").read_text(encoding="utf-8")
-        return exported + "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n"
 
     def _write_files(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,12 @@ class RabbitCluster:
         for node in self.nodes:
             (node.directory / "log").mkdir(parents=True, exist_ok=True)
             (node.directory / "mnesia").mkdir(parents=True, exist_ok=True)
-            (node.directory / "rabbitmq.conf").write_text(self.node_config(node))
+            conf_d = node.directory / "conf.d"
+            conf_d.mkdir(parents=True, exist_ok=True)
+            exported = conf_d / "10-iotauth.conf"
+            exported.unlink(missing_ok=True)
+            exported.symlink_to(self.config_dir / "rabbitmq.conf")
+            (conf_d / "20-node.conf").write_text(self.node_config(node))
         if self.run_as:
             subprocess.run(["chown", "-R", f"{self.run_as}:", str(self.base)], check=True)  # noqa: S603,S607
             self.base.chmod(0o755)

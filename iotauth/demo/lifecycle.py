@@ -220,9 +220,12 @@ class Demo:
             denied = await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)
             note.append(f"{attacker} -> devices/{victim}/...: not delivered; audit event #{denied}")
 
+    def revocation_step(self, target: str) -> str:
+        return f"the operator revokes {target}: live session dropped, reconnect refused"
+
     async def revoke_live(self) -> None:
-        target, client = self.device_ids[-1], self.clients[-1]
-        async with self.step(f"the operator revokes {target}: live session dropped, reconnect refused") as note:
+        target, client = self.device_ids[-1], self.clients[len(self.device_ids)]  # clients[0] is the operator
+        async with self.step(self.revocation_step(target)) as note:
             command = [
                 sys.executable,
                 "-m",
@@ -245,15 +248,24 @@ class Demo:
             committed = await self._event_time(EventKind.DEVICE_REVOKED, target)
             latency = (client.disconnected_wall or committed) - committed
             _close(client)
-            retry = self.boards[-1].client(target, self.device_port(len(self.boards) - 1))
-            self.clients.append(retry)
-            if await connect(retry):
-                raise DemoFailed(f"{target} reconnected after revocation")
+            evidence = await self.revocation_evidence(target)
+            refusal = await self.reconnect_refusal(target)
             note.append(
-                f"dropped {latency * 1000:.0f} ms after the revocation was committed; "
-                f"reconnect: {retry.connack_reason}"
+                f"dropped {latency * 1000:.0f} ms after the revocation was committed{evidence}; reconnect: {refusal}"
             )
             self.run.facts["revocation_to_disconnect_ms"] = round(latency * 1000, 1)
+
+    async def revocation_evidence(self, target: str) -> str:
+        """What else shows the revocation took effect (the broker's own kick is in the audit log anyway)."""
+        return ""
+
+    async def reconnect_refusal(self, target: str) -> str:
+        """How the revoked device's reconnect was refused; raise :class:`DemoFailed` if it got in."""
+        retry = self.boards[-1].client(target, self.device_port(len(self.boards) - 1))
+        self.clients.append(retry)
+        if await connect(retry):
+            raise DemoFailed(f"{target} reconnected after revocation")
+        return str(retry.connack_reason)
 
     async def verify_audit(self) -> None:
         assert self.registry is not None

@@ -91,7 +91,11 @@ async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: b
             mark = "[green]✓[/green]" if step.ok else "[red]✗[/red]"
             err.print(f"{mark} {step.name} [dim]({step.seconds:.2f} s)[/dim]  {step.detail}", highlight=False)
         if keep and step.name == "audit log verifies" and step.ok:
-            _explain_keep(home)
+            if rabbitmq:
+                err.print("\nThe cluster keeps running (Ctrl-C to stop); its MQTTS ports are listed above.",
+                          highlight=False)
+            else:
+                _explain_keep(home)
 
     def on_progress(update: object) -> None:
         if not provisioning["active"] and not quiet:

@@ -206,19 +206,28 @@ class Demo:
         return watcher
 
     async def refuse_foreign_topic(self, watcher: MqttClient) -> None:
-        assert self.registry is not None
         attacker, victim = self.device_ids[0], self.device_ids[1]
         async with self.step("a device publishing to another device's topic is refused") as note:
             client = self.clients[1]
-            await asyncio.to_thread(client.publish, f"devices/{victim}/telemetry/temperature", "spoofed")
+            await asyncio.to_thread(client.publish, f"devices/{victim}/telemetry/temperature", "spoofed",
+                                    self.foreign_publish_qos)
+            sender = await self.sender_after_refusal(attacker, client)
             marker = f"devices/{attacker}/telemetry/marker"
-            await asyncio.to_thread(client.publish, marker, "after")
+            await asyncio.to_thread(sender.publish, marker, "after")
             if not await asyncio.to_thread(watcher.wait_for, lambda msgs: any(m.topic == marker for m in msgs), WAIT):
                 raise DemoFailed("the marker message never arrived")
             if any(m.payload == b"spoofed" for m in watcher.received):
                 raise DemoFailed(f"{attacker}'s message on {victim}'s topic was delivered")
-            denied = await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)
-            note.append(f"{attacker} -> devices/{victim}/...: not delivered; audit event #{denied}")
+            note.append(f"{attacker} -> devices/{victim}/...: not delivered; {await self.refusal_evidence(attacker)}")
+
+    foreign_publish_qos = 1
+
+    async def sender_after_refusal(self, attacker: str, client: MqttClient) -> MqttClient:
+        """Who sends the marker after the refused publish: iotauth's broker keeps the session open."""
+        return client
+
+    async def refusal_evidence(self, attacker: str) -> str:
+        return f"audit event #{await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)}"
 
     def revocation_step(self, target: str) -> str:
         return f"the operator revokes {target}: live session dropped, reconnect refused"
@@ -314,7 +323,11 @@ async def run_demo(
     keep: asyncio.Event | None = None,
 ) -> DemoRun:
     """Run every step; stop at the first failure. With ``keep``, leave the broker up until it is set."""
-    demo = Demo(home, devices, on_step, on_progress)
+    return await run_steps(Demo(home, devices, on_step, on_progress), keep)
+
+
+async def run_steps(demo: Demo, keep: asyncio.Event | None) -> DemoRun:
+    """The lifecycle, in order, on whatever broker ``demo`` starts; closes everything it started."""
     try:
         await demo.initialise()
         await demo.start_devices()
@@ -327,7 +340,7 @@ async def run_demo(
         await demo.revoke_live()
         await demo.verify_audit()
         if keep is not None:
-            demo.run.facts["operator_credentials"] = str(operator_folder(home))
+            demo.run.facts["operator_credentials"] = str(operator_folder(demo.home))
             await keep.wait()
     except DemoFailed:
         pass

@@ -21,7 +21,6 @@ import asyncio
 import os
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from iotauth.authority import open_authority
 from iotauth.bootstrap import initialise_home
 from iotauth.broker.mqtt import Connect, encode_connect
 from iotauth.config import Home
-from iotauth.demo.lifecycle import TRUST_DOMAIN, WAIT, Demo, DemoRun, StepResult, connect
+from iotauth.demo.lifecycle import TRUST_DOMAIN, WAIT, Demo, DemoRun, StepResult, connect, run_steps
 from iotauth.errors import DemoFailed
 from iotauth.provisioning.results import Progress
 from iotauth.registry import EventKind, open_registry
@@ -81,27 +80,22 @@ class RabbitDemo(Demo):
                         " to form)")
             self.run.facts["rabbitmq_nodes"] = [node.name for node in cluster.nodes]
 
-    async def refuse_foreign_topic(self, watcher: MqttClient) -> None:
-        attacker, victim = self.device_ids[0], self.device_ids[1]
-        async with self.step("a device publishing to another device's topic is refused") as note:
-            client = self.clients[1]
-            await asyncio.to_thread(client.publish, f"devices/{victim}/telemetry/temperature", "spoofed", 0)
-            try:
-                await asyncio.to_thread(client.wait_disconnected, WAIT)
-            except TimeoutError:
-                raise DemoFailed(f"{attacker} is still connected after publishing to {victim}'s topic") from None
-            again = self.boards[0].client(attacker, self.device_port(0))
-            self.clients.append(again)
-            if not await connect(again):
-                raise DemoFailed(f"{attacker} could not reconnect: {again.connack_reason}")
-            marker = f"devices/{attacker}/telemetry/marker"
-            await asyncio.to_thread(again.publish, marker, "after")
-            if not await asyncio.to_thread(watcher.wait_for, lambda msgs: any(m.topic == marker for m in msgs), WAIT):
-                raise DemoFailed("the marker message never arrived")
-            if any(m.payload == b"spoofed" for m in watcher.received):
-                raise DemoFailed(f"{attacker}'s message on {victim}'s topic was delivered")
-            note.append(f"{attacker} -> devices/{victim}/...: RabbitMQ closed the connection (serve said deny); "
-                        "not delivered")
+    foreign_publish_qos = 0  # RabbitMQ closes the connection instead of acknowledging
+
+    async def sender_after_refusal(self, attacker: str, client: MqttClient) -> MqttClient:
+        """RabbitMQ 3.10 answers a refused PUBLISH by closing the connection; the device reconnects."""
+        try:
+            await asyncio.to_thread(client.wait_disconnected, WAIT)
+        except TimeoutError:
+            raise DemoFailed(f"{attacker} is still connected after publishing to another device's topic") from None
+        again = self.boards[0].client(attacker, self.device_port(0))
+        self.clients.append(again)
+        if not await connect(again):
+            raise DemoFailed(f"{attacker} could not reconnect: {again.connack_reason}")
+        return again
+
+    async def refusal_evidence(self, attacker: str) -> str:
+        return "RabbitMQ closed the connection (serve answered deny)"
 
     def revocation_step(self, target: str) -> str:
         node = (len(self.device_ids) - 1) % 2 + 1
@@ -153,24 +147,4 @@ async def run_rabbitmq_demo(
     """Every step on RabbitMQ; stop at the first failure. ``deployment``: use a running one for ``home``."""
     if deployment is None and os.geteuid() == 0:
         await asyncio.to_thread(work.chmod, 0o755)  # the nodes run as 'rabbitmq' and read the export under it
-    demo = RabbitDemo(home, work, devices, on_step, on_progress, deployment)
-    started = time.monotonic()
-    try:
-        await demo.initialise()
-        await demo.start_devices()
-        await demo.provision()
-        for board in demo.boards:
-            board.stop()
-        await demo.start_broker()
-        watcher = await demo.telemetry()
-        await demo.refuse_foreign_topic(watcher)
-        await demo.revoke_live()
-        await demo.verify_audit()
-        demo.run.facts["seconds"] = round(time.monotonic() - started, 1)
-        if keep is not None:
-            await keep.wait()
-    except DemoFailed:
-        pass
-    finally:
-        await demo.close()
-    return demo.run
+    return await run_steps(RabbitDemo(home, work, devices, on_step, on_progress, deployment), keep)

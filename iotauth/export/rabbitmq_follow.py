@@ -111,13 +111,14 @@ class RabbitmqKicker:
         raise RabbitmqApiError(f"could not kick {device_id!r}: no management API answered ({'; '.join(failures[-3:])})")
 
     async def _close_all(self, base: str, path: str) -> int:
-        closed = 0
+        """DELETE until the tracking lists none (closing is asynchronous); how many there were at first."""
+        found: int | None = None
         for _round in range(10):
             listed = len(await self._call("GET", base, path))
+            found = listed if found is None else found
             if listed == 0:
-                return closed
+                return found
             await self._call("DELETE", base, path)
-            closed += listed
             await asyncio.sleep(self.settle)
         raise _Unavailable(f"connections of {path.rsplit('/', 1)[-1]} survived 10 DELETE rounds")
 

@@ -77,10 +77,6 @@ class Answer:
     text: str
     reason: str
 
-    @property
-    def allowed(self) -> bool:
-        return self.text != DENY
-
 
 def deny(reason: str) -> Answer:
     return Answer(DENY, reason)

@@ -136,7 +136,7 @@ def test_username_and_password_cannot_borrow_another_identity(rabbit: RabbitDepl
         ("dotted", "issuing", "cert-known.x", True),  # recorded (say, before [rabbitmq] was enabled) but ambiguous
     ],
 )
-def test_certificates_iotauth_did_not_issue_for_a_usable_device_get_no_session(
+def test_certificates_naming_no_usable_device_get_no_session(
     rabbit: RabbitDeployment, tmp_path: Path, name: str, signer: str, common_name: str, register: bool
 ) -> None:
     rabbit.issue("cert-known")

@@ -31,7 +31,7 @@ from iotauth import castore
 from iotauth.certs import now_utc, pem, public_key_sha256, serial_hex
 from iotauth.config import Home, Profile, Settings, load_settings
 from iotauth.errors import Conflict, IotAuthError, NotFound, PkiError
-from iotauth.identity import validate_device_id, validate_hardware_id
+from iotauth.identity import validate_hardware_id
 from iotauth.pki.ca import CertificateAuthority, revoked_entry
 from iotauth.registry import (
     CertificateRecord,
@@ -209,7 +209,7 @@ class Authority:
                 raise Conflict(f"duplicate public key: it already belongs to device {record.device_id!r}")
 
     def _check_identity(self, device_id: str, profile: str, hardware_id: str | None) -> tuple[str, Profile]:
-        validate_device_id(device_id)
+        self.settings.check_device_id(device_id)  # the home's alphabet: narrower when RabbitMQ is enabled
         if hardware_id is not None:
             validate_hardware_id(hardware_id)
         return device_id, self.settings.profile(profile)

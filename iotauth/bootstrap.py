@@ -16,12 +16,14 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from iotauth.castore import write_hierarchy
 from iotauth.certs import fingerprint
-from iotauth.config import CaSettings, Home, default_config_text, load_settings, registry_location
+from iotauth.config import CaSettings, Home, load_settings, registry_location
+from iotauth.config_text import default_config_text
 from iotauth.errors import ConfigError, PkiError, RegistryError
 from iotauth.identity import validate_trust_domain
 from iotauth.keystore import KeyPlace, create_token_key, export_root_key
@@ -91,6 +93,7 @@ class InitResult:
     issuing_key: str
     adopted: tuple[str, ...] = ()
     root_key_exported: Path | None = None
+    rabbitmq: bool = False
 
     @property
     def unencrypted_key_files(self) -> bool:
@@ -106,6 +109,7 @@ async def initialise_home(
     key_type: str = "p256",
     passphrase: bytes | None,
     registry: str | None = None,
+    rabbitmq: bool = False,
     actor: str,
     keys: KeyPlan = KeyPlan(),
 ) -> InitResult:
@@ -114,9 +118,14 @@ async def initialise_home(
     Token keys are created (or adopted) first, then the hierarchy is signed
     with them; an offline root is exported before the home gets its CA, so a
     failed export leaves no CA behind whose root nobody holds.
+
+    ``rabbitmq``: the home's devices will connect to RabbitMQ, so ``[rabbitmq]
+    enabled = true`` from the start (device ids without ``.``).
     """
     if home.ca_dir.exists() or home.server_dir.exists():
         raise PkiError(f"a CA already exists in {home.root}; refusing to overwrite it (choose another --home)")
+    if rabbitmq and home.config_file.exists() and _existing_config(home).get("rabbitmq", {}).get("enabled") is not True:
+        raise ConfigError(f"{home.config_file} exists with [rabbitmq] enabled = false; set it to true, then run init")
     domain = _trust_domain(home, trust_domain)
     keys.check(home)
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -132,10 +141,10 @@ async def initialise_home(
         adopted: list[str] = []
         hierarchy, exported = _write_ca(home, domain, key_type, server_names, passphrase, keys, adopted)
         if not home.config_file.exists():
-            home.config_file.write_text(default_config_text(domain), encoding="utf-8")
+            home.config_file.write_text(default_config_text(domain, rabbitmq=rabbitmq), encoding="utf-8")
         ca_settings = keys.settings()
         record_ca_settings(home, ca_settings)
-        load_settings(home)
+        settings = load_settings(home)
         ca = hierarchy.ca
         await reg.record_event(
             EventKind.CA_INITIALISED,
@@ -164,6 +173,7 @@ async def initialise_home(
         issuing_key=ca_settings.issuing_key_uri,
         adopted=tuple(adopted),
         root_key_exported=exported,
+        rabbitmq=settings.rabbitmq.enabled,
     )
 
 
@@ -205,12 +215,16 @@ def _token_key(uri: str | None, place: KeyPlace, key_type: str, which: str, adop
     return key
 
 
+def _existing_config(home: Home) -> dict[str, Any]:
+    try:
+        return tomllib.loads(home.config_file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{home.config_file} is not valid TOML: {exc}") from exc
+
+
 def _trust_domain(home: Home, requested: str | None) -> str:
     if home.config_file.exists():
-        try:
-            existing = tomllib.loads(home.config_file.read_text(encoding="utf-8")).get("trust_domain")
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{home.config_file} is not valid TOML: {exc}") from exc
+        existing = _existing_config(home).get("trust_domain")
         if requested is not None and existing is not None and requested != existing:
             raise ConfigError(
                 f"{home.config_file} already sets trust_domain = {existing!r}; drop --trust-domain or edit the file"

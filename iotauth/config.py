@@ -9,6 +9,7 @@ the registry and the configuration together.
 from __future__ import annotations
 
 import os
+import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from iotauth.errors import ConfigError, InvalidIdentity, KeyUriError
-from iotauth.identity import validate_profile_name, validate_trust_domain
+from iotauth.identity import RABBITMQ_RESERVED, validate_device_id, validate_profile_name, validate_trust_domain
 from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
 from iotauth.pki.signer import OFFLINE, parse_key_uri
 
@@ -125,6 +126,11 @@ class Home:
         return self.ca_dir / "crl.der"
 
     @property
+    def rabbitmq_admin_secret(self) -> Path:
+        """The password iotauth's RabbitMQ management identity uses (0600; see :mod:`iotauth.rabbitmq`)."""
+        return self.root / "rabbitmq" / "admin.secret"
+
+    @property
     def is_initialised(self) -> bool:
         return self.config_file.exists() and self.issuing_cert.exists()
 
@@ -229,6 +235,21 @@ class CaSettings:
 
 
 @dataclass(frozen=True)
+class RabbitmqSettings:
+    """``[rabbitmq]``: this home's devices connect to a RabbitMQ cluster authorised by ``iotauth serve``.
+
+    ``enabled`` narrows the device id alphabet (no ``.``; see
+    :func:`~iotauth.identity.validate_device_id`) and switches on the
+    ``/rabbitmq/*`` endpoints; ``management_urls`` are the nodes the
+    revocation follower kicks devices through (any one that answers).
+    """
+
+    enabled: bool = False
+    management_urls: tuple[str, ...] = ()
+    admin_secret_env: str = "IOTAUTH_RABBITMQ_ADMIN_SECRET"  # noqa: S105 - names the variable holding it
+
+
+@dataclass(frozen=True)
 class Settings:
     """Parsed ``iotauth.toml``."""
 
@@ -247,6 +268,11 @@ class Settings:
     emqx: EmqxSettings = EmqxSettings()
     ca: CaSettings = CaSettings()
     intake_limits: IntakeLimits = field(default_factory=IntakeLimits)
+    rabbitmq: RabbitmqSettings = RabbitmqSettings()
+
+    def check_device_id(self, value: object) -> str:
+        """Validate a device id for this home: the safe alphabet, narrowed when RabbitMQ is enabled."""
+        return validate_device_id(value, rabbitmq=self.rabbitmq.enabled)
 
     def profile(self, name: str) -> Profile:
         """Return the named profile or raise a :class:`ConfigError` listing the known ones."""
@@ -283,12 +309,13 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     serve = reader.table("serve")
     emqx = reader.table("emqx")
     ca = _parse_ca(reader.table("ca"))
+    rabbitmq = _parse_rabbitmq(reader.table("rabbitmq"))
     intake, session_limits = parse_limits(broker.table("limits").raw, f"{source}: [broker.limits]")
     profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits)}
     for name, table in reader.table("profiles").raw.items():
         profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source),
                                         session_limits)
-    return Settings(
+    settings = Settings(
         trust_domain=trust_domain,
         profiles=MappingProxyType(profiles),
         crl_next_update=timedelta(hours=crl.get("next_update_hours", float, 24.0, minimum=0.01)),
@@ -322,7 +349,44 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
         ),
         ca=ca,
         intake_limits=intake,
+        rabbitmq=rabbitmq,
     )
+    if rabbitmq.enabled:
+        _check_rabbitmq_compatible(settings, source)
+    return settings
+
+
+def _parse_rabbitmq(table: _Reader) -> RabbitmqSettings:
+    urls = tuple(_strings(table.get("management_urls", list, []), "rabbitmq.management_urls", table))
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{table.source}: rabbitmq.management_urls must be http(s) URLs, got {url!r}")
+    return RabbitmqSettings(
+        enabled=table.get("enabled", bool, False),
+        management_urls=urls,
+        admin_secret_env=table.get("admin_secret_env", str, RabbitmqSettings.admin_secret_env),
+    )
+
+
+def _check_rabbitmq_compatible(settings: Settings, source: str) -> None:
+    """What RabbitMQ cannot express is refused when the setting is made, not found missing in the field."""
+    try:
+        literal = "".join(part for part, *_ in string.Formatter().parse(settings.id_template))
+    except ValueError:
+        literal = settings.id_template  # malformed: the station reports it; '.' is still refused here
+    if RABBITMQ_RESERVED in literal:
+        raise ConfigError(
+            f"{source}: [provisioning] id_template {settings.id_template!r} puts '.' into device ids, which RabbitMQ "
+            "reads as a topic level break ([rabbitmq] enabled = true); use '-' or '_'"
+        )
+    for profile in settings.profiles.values():
+        for rule in (*profile.publish, *profile.subscribe):
+            if "." in rule or "*" in rule:
+                raise ConfigError(
+                    f"{source}: profiles.{profile.name} rule {rule!r} contains '.' or '*', which RabbitMQ's MQTT "
+                    "plugin turns into a level break or a wildcard ([rabbitmq] enabled = true); such a rule could "
+                    "never match there"
+                )
 
 
 def _parse_ca(table: _Reader) -> CaSettings:
@@ -400,105 +464,3 @@ class _Reader:
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self.source}: {key!r} must be at least {minimum}, got {value!r}")
         return value
-
-
-def default_config_text(trust_domain: str) -> str:
-    """The commented ``iotauth.toml`` that ``iotauth init`` writes."""
-    return f'''# iotauth configuration. See README.md, "Configuration reference".
-trust_domain = "{trust_domain}"
-
-[ca]
-# Where the CA keys live: file:PATH (relative to this home) or an RFC 7512 pkcs11: URI;
-# root_key_uri = "offline" after 'init --offline-root'. A token's PIN comes from
-# $IOTAUTH_PKCS11_PIN or the URI's pin-source=FILE, never from this file.
-issuing_key_uri = "file:ca/issuing.key"
-root_key_uri = "file:ca/root.key"
-# The PKCS#11 module for pkcs11: URIs without ?module-path=...
-# pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
-
-[crl]
-# How long a published CRL stays valid (nextUpdate). Republish before it lapses.
-next_update_hours = 24
-# Optional URL written into each device certificate's CRL distribution point.
-# distribution_url = "http://pki.example.com/crl.der"
-
-[ocsp]
-# Optional OCSP responder URL written into each device certificate's AIA.
-# url = "http://pki.example.com/ocsp"
-
-[provisioning]
-# Pending certificates whose delivery never reached COMMIT are revoked after this.
-pending_ttl_minutes = 60
-# Device ids assigned by the station; {{hardware_id}} and {{model}} are available, each
-# optionally through filters: |safe maps ':' to '-' (MAC addresses) and refuses any other
-# character a device id cannot hold; |mac turns aa:bb:cc:dd:ee:ff into aabbccddeeff;
-# |lower and |upper change case. Device ids are at most 64 characters.
-id_template = "sensor-{{hardware_id|safe}}"
-
-[broker]
-# Written to devices by the station (PUT_CONFIG).
-host = "localhost"
-port = 8883
-
-[broker.limits]
-# Before authentication: what anyone on the network can make 'iotauth broker' hold.
-max_pending = 4096               # connections in the TLS handshake or waiting for CONNECT, in total
-max_pending_per_address = 64     # ... per source address
-max_pending_per_network = 256    # ... per /24 (IPv4) or /64 (IPv6)
-max_waiting_per_address = 1024   # beyond those, connections wait unread (no TLS work) for their source's turn
-max_waiting = 16384
-failures_per_second = 20.0       # new connections per address that never authenticate (refunded on success)
-failure_burst = 200
-handshake_timeout = 10.0         # seconds; both deadlines shrink to min_timeout as the pending total fills up
-connect_timeout = 10.0
-min_timeout = 1.0
-max_connect_bytes = 65536
-# After authentication, per session (override any of these in [profiles.NAME.limits]).
-max_packet_size = 262144         # bytes, fixed header included
-max_subscriptions = 100
-max_filters_per_subscribe = 16
-max_inflight = 32                # unacknowledged QoS 1/2 messages in each direction
-max_queued = 1000                # QoS 1/2 messages kept for a persistent session while it is offline
-max_queued_bytes = 4194304
-max_retained = 100               # retained messages a device may own
-
-[serve]
-# 'iotauth serve' (HTTP: EMQX / mosquitto-go-auth authorizer, CRL, OCSP, admin API).
-bind = "127.0.0.1:8443"
-# SHA-256 of admin API tokens ('iotauth serve token' makes one). No token, no admin API.
-admin_token_sha256 = []
-# Broker-facing endpoints answer only these networks ([] answers nobody).
-broker_networks = ["127.0.0.0/8", "::1/128"]
-# Behind a reverse proxy: the proxies' addresses. Only their X-Forwarded-For is believed.
-trusted_proxies = []
-
-[emqx]
-# /emqx/authn refuses a CONNECT for which EMQX passed no certificate (empty or literal "${{cert_pem}}").
-# false: decide per device instead, only while every unexpired certificate of the device is active.
-require_certificate = true
-# Optional revocation push through the EMQX REST API: ban, node cache reset, kick (see the README).
-# base_url = "http://emqx:18083"
-# api_key = "iotauth"
-# The API secret is read from this environment variable, never from this file.
-api_secret_env = "IOTAUTH_EMQX_API_SECRET"
-ban = true
-reset_node_cache = true
-
-# Profiles: key policy, validity and topic rights. Templates may use {{device_id}}
-# and {{profile}}; everything not allowed here is denied.
-[profiles.default]
-validity_days = 365
-key_types = ["p256", "p384"]
-publish = ["devices/{{device_id}}/telemetry/#", "devices/{{device_id}}/state"]
-subscribe = ["devices/{{device_id}}/commands/#"]
-
-# A back-end service that reads every device's telemetry and sends commands.
-[profiles.ingest]
-validity_days = 90
-key_types = ["p256", "p384"]
-publish = ["devices/+/commands/#"]
-subscribe = ["devices/+/telemetry/#", "devices/+/state"]
-
-[profiles.ingest.limits]
-max_subscriptions = 1000
-'''

@@ -265,3 +265,23 @@ class PushUnauthorized(PushError):
 
 class PushRejected(PushError):
     """The broker's API refused this one request for good (another 4xx): audited, then skipped."""
+
+
+class RabbitmqApiError(IotAuthError):
+    """No node of the RabbitMQ cluster's management API could carry out a kick."""
+
+
+class RabbitmqApiRefused(RabbitmqApiError):
+    """The management API refused iotauth's identity (401/403): nothing is kicked until that is fixed.
+
+    RabbitMQ asks ``iotauth serve`` about that identity too, so a refusal also
+    means ``serve`` is unreachable from RabbitMQ or holds another secret.
+    """
+
+    def __init__(self, status: int, url: str) -> None:
+        super().__init__(
+            f"RabbitMQ's management API at {url} refused iotauth's identity (HTTP {status}): check that "
+            "'iotauth serve' is reachable from RabbitMQ (auth_http paths in rabbitmq.conf) and reads the same "
+            "admin secret ($IOTAUTH_RABBITMQ_ADMIN_SECRET or <home>/rabbitmq/admin.secret)"
+        )
+        self.status = status

@@ -18,6 +18,9 @@ command -v cc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 # CA keys on a PKCS#11 token: the suite initialises its own SoftHSM2 tokens (a real PKCS#11 module).
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || missing="$missing softhsm2"
+# The RabbitMQ suite starts its own 3-node cluster (private epmd, ports and data in a temp dir), so a
+# packaged rabbitmq service that apt may start on a systemd host does not get in its way.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
 if [ -n "${IOTAUTH_EXTRA_DEB:-}" ]; then missing="$missing $IOTAUTH_EXTRA_DEB"; fi
 
 if [ -z "$missing" ]; then

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from iotauth.config import Home, default_config_text, parse_settings
-from iotauth.errors import ConfigError
+from iotauth.config import Home, parse_settings
+from iotauth.config_text import default_config_text
+from iotauth.errors import ConfigError, InvalidIdentity
 
 
 def test_default_config_has_default_and_ingest_profiles() -> None:
@@ -83,3 +84,31 @@ def test_ca_key_uris_default_to_the_home_files_and_are_checked() -> None:
         parse_settings({"trust_domain": "t.test", "ca": {"issuing_key_uri": "pkcs11:token=a;object=b?pin-value=1"}})
     with pytest.raises(ConfigError, match="must start with 'file:' or 'pkcs11:'"):
         parse_settings({"trust_domain": "t.test", "ca": {"root_key_uri": "/etc/root.key"}})
+
+
+def test_rabbitmq_is_off_by_default_and_narrows_device_ids_when_on() -> None:
+    plain = parse_settings({"trust_domain": "x.test"})
+    assert not plain.rabbitmq.enabled and plain.check_device_id("a.b") == "a.b"
+    rabbit = parse_settings({"trust_domain": "x.test", "rabbitmq": {"enabled": True,
+                                                                    "management_urls": ["http://r1:15672"]}})
+    assert rabbit.rabbitmq.management_urls == ("http://r1:15672",) and rabbit.check_device_id("a_b-1") == "a_b-1"
+    with pytest.raises(InvalidIdentity, match=r"RabbitMQ: it reads '\.' as a topic level break"):
+        rabbit.check_device_id("a.b")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"provisioning": {"id_template": "sensor.{hardware_id}"}}, r"id_template 'sensor\.\{hardware_id\}' puts '\.'"),
+        ({"profiles": {"default": {"publish": ["devices/{device_id}/v1.0/#"]}}}, r"contains '\.' or '\*'"),
+        ({"profiles": {"p": {"subscribe": ["devices/*/x"]}}}, r"contains '\.' or '\*'"),
+        ({"rabbitmq": {"enabled": "yes"}}, "must be bool"),
+        ({"rabbitmq": {"enabled": True, "management_urls": ["rabbit:15672"]}}, "must be http"),
+    ],
+)
+def test_what_rabbitmq_cannot_express_is_refused_when_it_is_enabled(raw: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"trust_domain": "x.test", "rabbitmq": {"enabled": True}}
+    with pytest.raises(ConfigError, match=message):
+        parse_settings({**base, **raw})
+    if "rabbitmq" not in raw:  # the same settings are fine for a home without RabbitMQ
+        parse_settings({"trust_domain": "x.test", **raw})

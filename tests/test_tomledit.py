@@ -5,7 +5,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from iotauth.config import CaSettings, Home, default_config_text, parse_settings
+from iotauth.config import CaSettings, Home, parse_settings
+from iotauth.config_text import default_config_text
 from iotauth.tomledit import record_ca_settings
 
 

@@ -32,8 +32,13 @@ if TYPE_CHECKING:  # the demo pulls in the broker, paho and the station: load it
 )
 @click.option("--devices", type=click.IntRange(3, 16), default=3, show_default=True, help="Emulated devices.")
 @click.option("--keep", is_flag=True, help="Leave the home directory and the broker running until Ctrl-C.")
+@click.option(
+    "--rabbitmq",
+    is_flag=True,
+    help="The same lifecycle on a 3-node RabbitMQ cluster authorised by iotauth (needs rabbitmq-server).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the step results as JSON.")
-def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> None:
+def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, as_json: bool) -> None:
     """Run the whole lifecycle: CA, parallel serial provisioning, mTLS broker, live revocation.
 
     Exits non-zero if any step does not behave as described, so it doubles as a smoke test.
@@ -46,7 +51,7 @@ def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> Non
     home = Home(root / "home")
     logging.getLogger("iotauth").setLevel(logging.ERROR)  # the steps report what matters; kicks are expected
     view = LiveView()
-    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json))
+    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json, rabbitmq=rabbitmq))
     if as_json:
         emit_json(
             {
@@ -70,8 +75,9 @@ def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> Non
         raise click.exceptions.Exit(1)
 
 
-async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool) -> DemoRun:
+async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool, rabbitmq: bool) -> DemoRun:
     from iotauth.demo import StepResult, run_demo
+    from iotauth.demo.rabbitmq import run_rabbitmq_demo
 
     stop = asyncio.Event() if keep else None
     live = Live(get_renderable=lambda: Group(view.render()), console=err, refresh_per_second=8, transient=True)
@@ -85,7 +91,11 @@ async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: b
             mark = "[green]✓[/green]" if step.ok else "[red]✗[/red]"
             err.print(f"{mark} {step.name} [dim]({step.seconds:.2f} s)[/dim]  {step.detail}", highlight=False)
         if keep and step.name == "audit log verifies" and step.ok:
-            _explain_keep(home)
+            if rabbitmq:
+                err.print("\nThe cluster keeps running (Ctrl-C to stop); its MQTTS ports are listed above.",
+                          highlight=False)
+            else:
+                _explain_keep(home)
 
     def on_progress(update: object) -> None:
         if not provisioning["active"] and not quiet:
@@ -98,6 +108,9 @@ async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: b
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
     try:
+        if rabbitmq:
+            return await run_rabbitmq_demo(home, home.root.parent, devices=devices, on_step=on_step,
+                                           on_progress=on_progress, keep=stop)
         return await run_demo(home, devices=devices, on_step=on_step, on_progress=on_progress, keep=stop)
     finally:
         if provisioning["active"]:

@@ -9,7 +9,7 @@ import traceback
 import click
 
 from iotauth import __version__
-from iotauth.cli import audit, broker, ceremony, demo, devices, export, pki, provision, serve
+from iotauth.cli import audit, broker, ceremony, demo, devices, export, pki, provision, rabbitmq, serve
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
@@ -49,6 +49,7 @@ for command in (
     *demo.COMMANDS,
 ):
     cli.add_command(command)
+export.export.add_command(rabbitmq.export_rabbitmq)
 
 
 def message_for(exc: IotAuthError) -> str:

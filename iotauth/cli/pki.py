@@ -39,6 +39,11 @@ from iotauth.keystore import ca_passphrase, root_passphrase
               help="Where --offline-root writes the encrypted root key (outside the home).")
 @click.option("--root-passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the offline root's passphrase. [default: $IOTAUTH_ROOT_PASSPHRASE]")
+@click.option(
+    "--rabbitmq",
+    is_flag=True,
+    help="Devices will connect to RabbitMQ: [rabbitmq] enabled = true (no '.' in device ids).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_cli
 def init(
@@ -52,6 +57,7 @@ def init(
     offline_root: bool,
     root_key_out: Path | None,
     root_passphrase_file: Path | None,
+    rabbitmq: bool,
     as_json: bool,
 ) -> None:
     """Create the CA hierarchy, the broker certificate, iotauth.toml and the registry."""
@@ -73,6 +79,7 @@ def init(
             key_type=key_type,
             passphrase=passphrase,
             registry=ctx.registry_url,
+            rabbitmq=rabbitmq,
             actor=operator_actor(),
             keys=keys,
         )
@@ -88,6 +95,9 @@ def init(
         "issuing_key": result.issuing_key,
         "adopted_token_keys": list(result.adopted),
         "root_key_exported": str(result.root_key_exported) if result.root_key_exported else None,
+        "device_ids": "A-Z a-z 0-9 _ - (no '.': RabbitMQ reads it as a topic level break)"
+        if result.rabbitmq
+        else "A-Z a-z 0-9 . _ -",
     }
     if result.unencrypted_key_files:
         warn(

@@ -173,10 +173,17 @@ class Demo:
             note.append(f"127.0.0.1:{self.port}, client certificates required")
             self.run.facts["broker"] = f"127.0.0.1:{self.port}"
 
+    def device_port(self, index: int) -> int:
+        """Where device ``index`` connects (one broker here; a cluster spreads them over its nodes)."""
+        return self.port
+
+    def operator_port(self) -> int:
+        return self.port
+
     async def operator_client(self) -> MqttClient:
         """An 'ingest' service identity for the operator side, issued like any device."""
         assert self.authority is not None
-        client = MqttClient(self.port, await issue_operator_identity(self.authority, self.home))
+        client = MqttClient(self.operator_port(), await issue_operator_identity(self.authority, self.home))
         self.clients.append(client)
         return client
 
@@ -186,8 +193,8 @@ class Demo:
             if not await connect(watcher):
                 raise DemoFailed(f"operator subscriber refused: {watcher.connack_reason}")
             await asyncio.to_thread(watcher.subscribe, "devices/+/telemetry/#", 1, WAIT)
-            for board, device_id in zip(self.boards, self.device_ids, strict=True):
-                client = board.client(device_id, self.port)
+            for index, (board, device_id) in enumerate(zip(self.boards, self.device_ids, strict=True)):
+                client = board.client(device_id, self.device_port(index))
                 self.clients.append(client)
                 if not await connect(client):
                     raise DemoFailed(f"{device_id} refused: {client.connack_reason}")
@@ -199,23 +206,35 @@ class Demo:
         return watcher
 
     async def refuse_foreign_topic(self, watcher: MqttClient) -> None:
-        assert self.registry is not None
         attacker, victim = self.device_ids[0], self.device_ids[1]
         async with self.step("a device publishing to another device's topic is refused") as note:
             client = self.clients[1]
-            await asyncio.to_thread(client.publish, f"devices/{victim}/telemetry/temperature", "spoofed")
+            await asyncio.to_thread(client.publish, f"devices/{victim}/telemetry/temperature", "spoofed",
+                                    self.foreign_publish_qos)
+            sender = await self.sender_after_refusal(attacker, client)
             marker = f"devices/{attacker}/telemetry/marker"
-            await asyncio.to_thread(client.publish, marker, "after")
+            await asyncio.to_thread(sender.publish, marker, "after")
             if not await asyncio.to_thread(watcher.wait_for, lambda msgs: any(m.topic == marker for m in msgs), WAIT):
                 raise DemoFailed("the marker message never arrived")
             if any(m.payload == b"spoofed" for m in watcher.received):
                 raise DemoFailed(f"{attacker}'s message on {victim}'s topic was delivered")
-            denied = await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)
-            note.append(f"{attacker} -> devices/{victim}/...: not delivered; audit event #{denied}")
+            note.append(f"{attacker} -> devices/{victim}/...: not delivered; {await self.refusal_evidence(attacker)}")
+
+    foreign_publish_qos = 1
+
+    async def sender_after_refusal(self, attacker: str, client: MqttClient) -> MqttClient:
+        """Who sends the marker after the refused publish: iotauth's broker keeps the session open."""
+        return client
+
+    async def refusal_evidence(self, attacker: str) -> str:
+        return f"audit event #{await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)}"
+
+    def revocation_step(self, target: str) -> str:
+        return f"the operator revokes {target}: live session dropped, reconnect refused"
 
     async def revoke_live(self) -> None:
-        target, client = self.device_ids[-1], self.clients[-1]
-        async with self.step(f"the operator revokes {target}: live session dropped, reconnect refused") as note:
+        target, client = self.device_ids[-1], self.clients[len(self.device_ids)]  # clients[0] is the operator
+        async with self.step(self.revocation_step(target)) as note:
             command = [
                 sys.executable,
                 "-m",
@@ -238,15 +257,24 @@ class Demo:
             committed = await self._event_time(EventKind.DEVICE_REVOKED, target)
             latency = (client.disconnected_wall or committed) - committed
             _close(client)
-            retry = self.boards[-1].client(target, self.port)
-            self.clients.append(retry)
-            if await connect(retry):
-                raise DemoFailed(f"{target} reconnected after revocation")
+            evidence = await self.revocation_evidence(target)
+            refusal = await self.reconnect_refusal(target)
             note.append(
-                f"dropped {latency * 1000:.0f} ms after the revocation was committed; "
-                f"reconnect: {retry.connack_reason}"
+                f"dropped {latency * 1000:.0f} ms after the revocation was committed{evidence}; reconnect: {refusal}"
             )
             self.run.facts["revocation_to_disconnect_ms"] = round(latency * 1000, 1)
+
+    async def revocation_evidence(self, target: str) -> str:
+        """What else shows the revocation took effect (the broker's own kick is in the audit log anyway)."""
+        return ""
+
+    async def reconnect_refusal(self, target: str) -> str:
+        """How the revoked device's reconnect was refused; raise :class:`DemoFailed` if it got in."""
+        retry = self.boards[-1].client(target, self.device_port(len(self.boards) - 1))
+        self.clients.append(retry)
+        if await connect(retry):
+            raise DemoFailed(f"{target} reconnected after revocation")
+        return str(retry.connack_reason)
 
     async def verify_audit(self) -> None:
         assert self.registry is not None
@@ -295,7 +323,11 @@ async def run_demo(
     keep: asyncio.Event | None = None,
 ) -> DemoRun:
     """Run every step; stop at the first failure. With ``keep``, leave the broker up until it is set."""
-    demo = Demo(home, devices, on_step, on_progress)
+    return await run_steps(Demo(home, devices, on_step, on_progress), keep)
+
+
+async def run_steps(demo: Demo, keep: asyncio.Event | None) -> DemoRun:
+    """The lifecycle, in order, on whatever broker ``demo`` starts; closes everything it started."""
     try:
         await demo.initialise()
         await demo.start_devices()
@@ -308,7 +340,7 @@ async def run_demo(
         await demo.revoke_live()
         await demo.verify_audit()
         if keep is not None:
-            demo.run.facts["operator_credentials"] = str(operator_folder(home))
+            demo.run.facts["operator_credentials"] = str(operator_folder(demo.home))
             await keep.wait()
     except DemoFailed:
         pass

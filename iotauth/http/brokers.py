@@ -99,7 +99,7 @@ class BrokerFrontEnd:
             return Verdict(False, "the broker passed no client certificate (cert_pem) and one is required")
         if common_name in (None, ""):
             return Verdict(False, "no client certificate identity was passed by the broker")
-        return await self._device_only(device_id, unambiguous=without is WithoutCertificate.UNAMBIGUOUS)
+        return await self.device_level(device_id, unambiguous=without is WithoutCertificate.UNAMBIGUOUS)
 
     async def _by_certificate(self, der: bytes, device_id: str) -> Verdict:
         try:
@@ -125,7 +125,7 @@ class BrokerFrontEnd:
             return Verdict(False, "certificate expired")
         return Verdict(True, "ok", self._policy(credential.device.profile, device_id), expires)
 
-    async def _active_device(self, device_id: str) -> Device | Verdict:
+    async def active_device(self, device_id: str) -> Device | Verdict:
         try:
             device = await self.registry.get_device(device_id)
         except NotFound:
@@ -134,8 +134,8 @@ class BrokerFrontEnd:
             return Verdict(False, f"device {device.status.value}")
         return device
 
-    async def _device_only(self, device_id: str, *, unambiguous: bool) -> Verdict:
-        device = await self._active_device(device_id)
+    async def device_level(self, device_id: str, *, unambiguous: bool) -> Verdict:
+        device = await self.active_device(device_id)
         if isinstance(device, Verdict):
             return device
         now = datetime.now().astimezone()
@@ -175,7 +175,7 @@ class BrokerFrontEnd:
             return Verdict(False, f"client id: {exc}")
         if not isinstance(topic, str):
             return Verdict(False, "topic missing")
-        device = await self._active_device(device_id)
+        device = await self.active_device(device_id)
         if isinstance(device, Verdict):
             return device
         policy = self._policy(device.profile, device_id)

@@ -23,6 +23,7 @@ from iotauth.http.brokers import BrokerFrontEnd, broker_routes
 from iotauth.http.crl import CrlSource
 from iotauth.http.emqx import EmqxOptions, emqx_routes
 from iotauth.http.push import EmqxTarget
+from iotauth.http.rabbitmq import RabbitmqAuthorizer, rabbitmq_routes
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
 from iotauth.registry.expiry import expire_pending_forever
@@ -45,6 +46,7 @@ async def build_app(home: Home, registry: Registry, settings: Settings, options:
     app = create_app(await build_state(home, registry, settings, options))
     app.state.brokers = broker_front_end(home, registry, settings)
     app.state.emqx = EmqxOptions(require_certificate=settings.emqx.require_certificate)
+    app.state.rabbitmq = RabbitmqAuthorizer(app.state.brokers, home, settings.rabbitmq)
     return app
 
 
@@ -68,7 +70,7 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
         access=access,
         crl=CrlSource(authority, home),
         ocsp=load_ocsp_responder(home),
-        extra_routes=[*broker_routes(), *emqx_routes()],
+        extra_routes=[*broker_routes(), *emqx_routes(), *rabbitmq_routes()],
     )
 
 

@@ -63,6 +63,8 @@ class EventKind(StrEnum):
     PUSH_STARTED = "push.started"
     PUSH_DELIVERED = "push.delivered"
     PUSH_FAILED = "push.failed"
+    RABBITMQ_SESSION_KICKED = "rabbitmq.session.kicked"
+    RABBITMQ_KICK_FAILED = "rabbitmq.kick.failed"
 
 
 def device_status_changed(status: str) -> EventKind:
@@ -118,6 +120,11 @@ PUSH_RESTORES: frozenset[str] = frozenset({EventKind.DEVICE_ACTIVE})
 def written_by_push(kind: str) -> bool:
     """A push follower's own records (``push.*``): nothing for any follower to enforce."""
     return kind.startswith("push.")
+
+RABBITMQ_KICKS: frozenset[str] = frozenset({*DEVICE_KICKS, EventKind.CERTIFICATE_REVOKED})
+"""Events after which the RabbitMQ follower closes the device's connections cluster-wide. A revoked
+certificate counts: RabbitMQ decides per username, so the device's other sessions reconnect (the CRL,
+rewritten first, refuses the revoked certificate at the handshake)."""
 
 CRL_KIND_PREFIXES: tuple[str, ...] = ("certificate.", "device.")
 """Every certificate and device event may change the CRL (which lists revoked, pending and suspended

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from tests.fixtures.cli import iotauth, one_line_error
+from tests.fixtures.cli import CsrFactory, iotauth, one_line_error
 
 
 def test_issue_list_show_revoke_audit_roundtrip(cli_home: Path, csr_file: Path, tmp_path: Path) -> None:
@@ -132,3 +133,18 @@ def test_audit_verify_fails_on_tampering(cli_home: Path, csr_file: Path) -> None
     one_line_error(iotauth(cli_home, "audit", "verify", ok=False), "at event 2")
     report = iotauth(cli_home, "audit", "verify", "--json", ok=False)
     assert report.returncode == 1 and json.loads(report.stdout)["first_bad_id"] == 2
+
+
+def test_a_rabbitmq_home_says_why_a_device_id_is_refused(tmp_path: Path, csr_factory: CsrFactory) -> None:
+    home = tmp_path / "rabbit-home"
+    data = json.loads(iotauth(home, "init", "--rabbitmq", "--json").stdout)
+    assert "no '.'" in data["device_ids"] and "enabled = true" in (home / "iotauth.toml").read_text()
+    csr = tmp_path / "d.csr"
+    csr.write_bytes(csr_factory()[1].public_bytes(serialization.Encoding.PEM))
+    one_line_error(iotauth(home, "issue", "meter.7", "--csr", str(csr), ok=False),
+                   "[rabbitmq] enabled = true in iotauth.toml device ids use only A-Z a-z 0-9 _ -")
+    iotauth(home, "issue", "meter-7", "--csr", str(csr))
+    other = tmp_path / "plain-home"
+    other.mkdir()
+    (other / "iotauth.toml").write_text('trust_domain = "x.test"\n[rabbitmq]\nenabled = false\n')
+    one_line_error(iotauth(other, "init", "--rabbitmq", ok=False), "exists with [rabbitmq] enabled = false")

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from iotauth.authority import Authority
 from iotauth.config import Home, Settings, load_settings
 from iotauth.errors import ConfigError, InvalidIdentity, ProvisioningError
 from iotauth.provisioning.ids import IdTemplate, MappedIds, PooledIds, load_id_source
+from iotauth.provisioning.line import LineRequest, id_source
 from iotauth.provisioning.report import REPORT_FIELDS, append_report
 from iotauth.provisioning.results import ProvisionResult, Step
-from iotauth.provisioning.station import expand_ports
+from iotauth.provisioning.station import StationConfig, expand_ports
 from iotauth.registry import Registry
+from tests.fixtures.rabbitmq import enable_rabbitmq
 
 
 @pytest.mark.parametrize("template", [
@@ -171,3 +174,23 @@ def test_expand_ports(tmp_path: Path) -> None:
         str(tmp_path / "ttyUSB0"), str(tmp_path / "ttyUSB1")]
     with pytest.raises(ProvisioningError):
         expand_ports([str(tmp_path / "nothing*")])
+
+
+@pytest.mark.parametrize(("template", "ids"), [
+    ("sensor.{hardware_id}", None),
+    (None, "device_id\nok-1\nnot.ok\n"),
+    (None, "hardware_id,device_id\nAA:01,ok-1\nAA:02,not.ok\n"),
+])
+async def test_a_rabbitmq_home_refuses_dotted_ids_before_any_board(
+    template: str | None, ids: str | None, tmp_path: Path, home: Home, authority: Authority
+) -> None:
+    enable_rabbitmq(home)
+    authority.settings = load_settings(home)
+    path = None
+    if ids is not None:
+        path = tmp_path / "ids.csv"
+        path.write_text(ids)
+    request = LineRequest(ports=("/dev/null",), config=StationConfig(station="s", operator="o"), id_template=template,
+                          ids_file=path)
+    with pytest.raises(ConfigError, match="RabbitMQ"):
+        id_source(authority, request)

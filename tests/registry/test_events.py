@@ -11,6 +11,7 @@ from iotauth.registry.events import (
     EMQX_KICKS,
     HARMLESS_TO_SESSIONS,
     PUSH_RESTORES,
+    RABBITMQ_KICKS,
     changes_crl,
     changes_mosquitto_export,
     device_status_changed,
@@ -32,6 +33,7 @@ STORED = {
     "broker.registry.recovered", "broker.registry.reopened", "broker.policy.reloaded", "broker.policy.reload_failed",
     "broker.limit.exceeded", "broker.protocol.violation",
     "push.started", "push.delivered", "push.failed",
+    "rabbitmq.session.kicked", "rabbitmq.kick.failed",
 }
 
 
@@ -64,3 +66,6 @@ def test_other_followers() -> None:
     assert crl == {k for k in EventKind if k.value.startswith(("certificate.", "device."))}
     assert {k for k in EventKind if changes_mosquitto_export(k)} == crl
     assert changes_crl("device.some-future-kind")  # new device or certificate kinds fail safe
+    assert set(RABBITMQ_KICKS) == {"device.revoked", "device.suspended", "device.pending", "certificate.revoked"}
+    # The RabbitMQ follower's own records neither change the CRL nor ask for a kick: it never feeds itself.
+    assert not any(changes_crl(k) or k in RABBITMQ_KICKS for k in EventKind if k.value.startswith("rabbitmq."))

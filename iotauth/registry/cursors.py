@@ -11,18 +11,21 @@ replay are idempotent.
 
 from __future__ import annotations
 
-from iotauth.registry.backend import Tx
+import re
+
+from iotauth.registry.backend import SqlConnection, Tx
 
 PREFIX = "cursor:"
+_NAME = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}", re.ASCII)
 
 
 def _key(name: str) -> str:
-    if not name or len(name) > 100 or not name.isprintable():
-        raise ValueError(f"bad cursor name {name!r}")
+    if _NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid follower name {name!r}")
     return PREFIX + name
 
 
-async def read_cursor(tx: Tx, name: str) -> int | None:
+async def read_cursor(tx: Tx | SqlConnection, name: str) -> int | None:
     """The saved event id of follower ``name``, or ``None`` if it never saved one."""
     row = await tx.fetchone("SELECT value FROM meta WHERE key = ?", (_key(name),))
     return int(row[0]) if row else None

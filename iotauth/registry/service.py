@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
@@ -25,6 +24,7 @@ from iotauth.errors import Conflict, NotFound, RegistryError, RegistryReplaced
 from iotauth.identity import validate_device_id, validate_hardware_id, validate_profile_name
 from iotauth.registry import rows
 from iotauth.registry.backend import SqlConnection, Tx, WriteBatcher
+from iotauth.registry.cursors import advance_cursor, read_cursor
 from iotauth.registry.events import EventKind, device_status_changed
 from iotauth.registry.feed import EventFeed
 from iotauth.registry.issuance import Coalescer, IssuanceRequest, record_issuances
@@ -42,7 +42,6 @@ from iotauth.registry.store import Connections, Store, Unavailable
 
 T = TypeVar("T")
 log = logging.getLogger("iotauth.registry")
-_FOLLOWER_NAME = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}", re.ASCII)
 
 
 class Registry(EventFeed):
@@ -432,8 +431,7 @@ class Registry(EventFeed):
 
     async def follower_cursor(self, name: str) -> int | None:
         """The last event id the follower ``name`` (``push:emqx``) applied, or None before its first start."""
-        row = await self._reader.fetchone("SELECT value FROM meta WHERE key = ?", (_cursor_key(name),))
-        return int(row[0]) if row else None
+        return await read_cursor(self._reader, name)
 
     async def save_follower_cursor(self, name: str, event_id: int) -> None:
         """Record that ``name`` applied every event up to ``event_id``; a cursor never moves back.
@@ -442,16 +440,7 @@ class Registry(EventFeed):
         and the others re-apply what they have not seen, which followers must
         tolerate (their calls are idempotent).
         """
-        key = _cursor_key(name)
-
-        async def op(tx: Tx) -> None:
-            await tx.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value "
-                "WHERE CAST(meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)",
-                (key, str(int(event_id))),
-            )
-
-        await self.write(op)
+        await self.write(lambda tx: advance_cursor(tx, name, event_id))
 
     # -- audit log -------------------------------------------------------------------------
 
@@ -497,7 +486,3 @@ async def _close_quietly(connections: Connections) -> None:
         await connections.close()
     except Exception as exc:
         log.warning("closing the replaced registry database: %s", exc)
-def _cursor_key(name: str) -> str:
-    if _FOLLOWER_NAME.fullmatch(name) is None:
-        raise ValueError(f"invalid follower name {name!r}")
-    return f"cursor:{name}"

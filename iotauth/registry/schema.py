@@ -74,7 +74,19 @@ CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
 }
 _EVENT_ID: dict[Backend, str] = {"sqlite": "INTEGER", "postgresql": "BIGINT"}
 
+# Version 2: where each follower of the change feed (the Mosquitto follower, EMQX push, RabbitMQ kicker)
+# got to, so a restarted follower catches up from there instead of from "now". Not part of the audit chain.
+_FOLLOWER_CURSORS = """
+CREATE TABLE follower_cursors (
+    name     TEXT PRIMARY KEY,
+    event_id {event_id} NOT NULL
+);
+"""
+
 
 def migrations(backend: Backend) -> tuple[str, ...]:
     """Every migration script for ``backend``, oldest first."""
-    return (_TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend],)
+    return (
+        _TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend],
+        _FOLLOWER_CURSORS.replace("{event_id}", _EVENT_ID[backend]),
+    )

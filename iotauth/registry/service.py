@@ -9,6 +9,7 @@ processes and hosts, not just within this one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 
 from iotauth.certs import cert_time, timestamp
-from iotauth.errors import Conflict, NotFound
+from iotauth.errors import Conflict, NotFound, RegistryError
 from iotauth.identity import validate_device_id, validate_hardware_id, validate_profile_name
 from iotauth.registry import rows
 from iotauth.registry.backend import SqlConnection, Tx, WriteBatcher
@@ -304,6 +305,41 @@ class Registry(EventFeed):
 
         return await self.write(op)
 
+    # -- followers of the change feed -------------------------------------------------------
+
+    async def follower_cursor(self, name: str) -> int | None:
+        """The id of the last event the follower ``name`` applied, or None if it never saved one."""
+        row = await self._reader.fetchone(
+            "SELECT event_id FROM follower_cursors WHERE name = ?", (_follower_name(name),)
+        )
+        return int(row[0]) if row else None
+
+    async def save_follower_cursor(
+        self,
+        name: str,
+        event_id: int,
+        *,
+        actor: str,
+        records: Sequence[tuple[EventKind, str | None, dict[str, Any]]] = (),
+    ) -> None:
+        """Move follower ``name`` to ``event_id`` and append its audit ``records`` in the same transaction.
+
+        So what a follower did (its kicks, its syncs) is in the log exactly when
+        its position says those events were applied.
+        """
+        name = _follower_name(name)
+
+        async def op(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO follower_cursors (name, event_id) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET event_id = excluded.event_id",
+                (name, event_id),
+            )
+            for kind, device_id, data in records:
+                tx.event(kind, actor, device_id, data)
+
+        await self.write(op)
+
     # -- audit log -------------------------------------------------------------------------
 
     async def record_event(
@@ -315,6 +351,15 @@ class Registry(EventFeed):
             return tx.event(kind, actor, device_id, data)
 
         return await self.write(op)
+
+
+_FOLLOWER_NAME = re.compile(r"[a-z][a-z0-9:._-]{0,63}", re.ASCII)
+
+
+def _follower_name(name: str) -> str:
+    if not isinstance(name, str) or _FOLLOWER_NAME.fullmatch(name) is None:
+        raise RegistryError(f"invalid follower name {name!r}: 1-64 of a-z 0-9 : . _ -, starting with a letter")
+    return name
 
 
 async def _set_device_status(

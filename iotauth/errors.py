@@ -213,3 +213,11 @@ class BadRequest(IotAuthError):
 
 class DemoFailed(IotAuthError):
     """A step of ``iotauth demo`` did not behave as described."""
+
+
+class MosquittoControlError(IotAuthError):
+    """A managed Mosquitto did not do what the follower asked (a refused command, a CRL it did not load)."""
+
+
+class MosquittoUnavailable(MosquittoControlError):
+    """Mosquitto (its control listener, or its process) cannot be reached, or the connection broke mid-batch."""

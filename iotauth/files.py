@@ -29,8 +29,12 @@ def write_secret(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
-def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_public(path: Path, data: bytes, mode: int = 0o644, group: int | None = None) -> None:
     """Atomically replace ``path`` with ``data`` (write to a temp file, fsync, rename).
+
+    ``group``: hand the file to this group id (owner root) before it appears,
+    so a reader running as that group never finds it unreadable (a broker
+    that drops to its own account, reloading a CRL).
 
     A target that exists but is not a regular file (``/dev/stdout``, a FIFO, a
     device) is written to directly: renaming over it would replace the device
@@ -48,6 +52,8 @@ def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, mode)
+        if group is not None:
+            os.chown(tmp, 0, group)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

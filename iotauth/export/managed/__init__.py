@@ -1,0 +1,1 @@
+"""Managed Mosquitto: iotauth keeps a running Mosquitto in step with the registry."""

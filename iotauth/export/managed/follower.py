@@ -1,0 +1,421 @@
+"""``iotauth mosquitto follow DIR``: keep a running Mosquitto in step with the registry.
+
+The follower reads the registry's change feed from its saved position
+(:class:`~iotauth.registry.follower.FeedCursor`: SQLite polled, PostgreSQL
+NOTIFY) and, for each batch of events, brings the devices they name in step:
+
+1. **grants** first: roles and clients for devices that are (again) active or
+   changed profile. A profile change is one kick of that device (``modifyClient``).
+2. **the door**: a new CRL, proven loaded with a canary
+   (:mod:`~iotauth.export.managed.crl`). Revoked, suspended and pending
+   certificates are refused at the handshake from here on.
+3. **withdrawals** only then: each session of a revoked, suspended or pending
+   device is kicked and its client deleted (a disabled client would keep its
+   rights on reconnect). A device kicked before step 2 could reconnect
+   through the old CRL and keep that session; after it, it cannot.
+   A revoked certificate of a device that stays active kicks that device's
+   session once, so it reconnects with its current certificate.
+4. stale roles are deleted; then the audit records (every kick, every sync)
+   and the new position are committed together.
+
+On start, after every reconnect (a restarted Mosquitto, a broken connection),
+after any failed batch and every ``reconcile_every`` seconds it **reconciles**
+the whole registry against everything Mosquitto holds. If Mosquitto refuses
+the follower's credentials it has lost iotauth's state (a truncated or
+replaced state file): the follower writes the state file again from the
+registry and, with a restart command, restarts Mosquitto; a change too large
+for the control API (which rewrites the whole state file per command) takes
+the same path when a restart command is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from iotauth.authority import Authority
+from iotauth.certs import now_utc
+from iotauth.config import Home, load_settings
+from iotauth.errors import IotAuthError, MosquittoControlError, MosquittoUnavailable, NotFound, RegistryError
+from iotauth.export.managed.control import DynsecControl
+from iotauth.export.managed.crl import CrlProof, CrlPublisher
+from iotauth.export.managed.layout import ManagedFiles, ManagedSettings
+from iotauth.export.managed.process import MosquittoProcess
+from iotauth.export.managed.state import (
+    ClientState,
+    DeviceRole,
+    Plan,
+    RoleState,
+    bootstrap_state,
+    desired_role,
+    desired_roles,
+    kick_commands,
+    marker_command,
+    plan,
+    reserved_repairs,
+    withdrawal_commands,
+)
+from iotauth.files import write_public
+from iotauth.policy import PolicySet
+from iotauth.registry import AuditEvent, DeviceStatus, EventKind
+from iotauth.registry.events import MOSQUITTO_KICKS, changes_mosquitto_state
+from iotauth.registry.follower import Backoff, FeedCursor, FollowerRecord, to_apply
+
+log = logging.getLogger("iotauth.mosquitto")
+
+ACTOR = "iotauth-mosquitto"
+EXISTS, MISSING = ("already exists",), ("already exists", "not found")
+LISTED = 100  # device ids listed in one reconcile record; the counts are always complete
+
+
+@dataclass(frozen=True)
+class FollowerOptions:
+    poll_interval: float = 0.05
+    reconcile_every: float = 600.0
+    crl_refresh_every: float = 3600.0
+    rebuild_threshold: int = 600  # commands; above it (with a restart command) the state file is rebuilt instead
+    grant_batch: int = 50
+    withdraw_batch: int = 20  # devices per control message; each costs two state-file saves
+    lost_after_refusals: int = 2
+    retry_initial: float = 0.2
+    retry_max: float = 5.0
+    crl_retry: float = 10.0  # seconds between attempts while no CRL is seen in force
+    config_check_every: float = 1.0  # seconds between looks at iotauth.toml (topic policies)
+
+
+class MosquittoFollower:
+    """One follower for one managed Mosquitto (``DIR``)."""
+
+    def __init__(
+        self,
+        *,
+        home: Home,
+        authority: Authority,
+        policies: PolicySet,
+        files: ManagedFiles,
+        settings: ManagedSettings,
+        password: str,
+        process: MosquittoProcess,
+        crl: CrlPublisher,
+        options: FollowerOptions = FollowerOptions(),
+        on_ready: Callable[[dict[str, Any]], None] = lambda _status: None,
+    ) -> None:
+        self.home = home
+        self.authority = authority
+        self.registry = authority.registry
+        self.policies = policies
+        self.files = files
+        self.settings = settings
+        self._password = password
+        self.process = process
+        self.crl = crl
+        self.options = options
+        self.on_ready = on_ready
+        self.control = DynsecControl(settings.admin_host, settings.admin_port, password)
+        self.cursor = FeedCursor(self.registry, f"mosquitto:{settings.export_id}", ACTOR)
+        self._seen_connects = 0
+        self._reconcile: str | None = "start"
+        self._ready_reported = False
+        self._rebuilt_at_refusals: int | None = None
+        self._unproven: set[str] = set()  # withdrawn while no CRL was seen in force: kick again once one is
+        self._next_reconcile = 0.0
+        self._next_crl = 0.0
+        self._saved_at = 0.0
+        self._backoff = Backoff(options.retry_initial, options.retry_max)
+        self._config_stamp = self._stamp()
+        self._next_config_check = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Follow until cancelled."""
+        await self.cursor.load()
+        self.control.start()
+        try:
+            while True:
+                try:
+                    await self._step()
+                except RegistryError as exc:
+                    delay = self._backoff.delay()
+                    log.error("registry unreadable (%s); retrying in %.1f s", exc, delay)
+                    await asyncio.sleep(delay)
+        finally:
+            await self.control.stop()
+
+    async def _step(self) -> None:
+        if not self.control.ready:
+            await self._without_control()
+            return
+        if self.control.connects != self._seen_connects:
+            if self._seen_connects:
+                self._reconcile = self._reconcile or "reconnected"
+            self._seen_connects = self.control.connects
+            self._rebuilt_at_refusals = None
+        loop_time = asyncio.get_running_loop().time()
+        if loop_time >= self._next_config_check:
+            self._next_config_check = loop_time + self.options.config_check_every
+            self.check_policies()
+        if self._reconcile is None and loop_time >= self._next_reconcile:
+            self._reconcile = "periodic"
+        if self._reconcile is not None:
+            await self._guarded(self.reconcile(self._reconcile))
+            return
+        batch = await self.cursor.pending()
+        if batch:
+            await self._guarded(self.apply(batch))
+            return
+        if loop_time >= self._next_crl:
+            await self._guarded(self._refresh_crl())
+        if loop_time - self._saved_at > 5 and self.cursor.saved != self.cursor.position:
+            await self.cursor.advance(self.cursor.position)
+            self._saved_at = loop_time
+        await self.cursor.wait(self.options.poll_interval)
+
+    async def _guarded(self, work: Any) -> None:
+        """Run one unit of work; a Mosquitto failure schedules a reconcile instead of crashing the follower."""
+        try:
+            await work
+        except MosquittoUnavailable as exc:
+            log.warning("Mosquitto unavailable (%s): will reconcile once it is back", exc)
+        except MosquittoControlError as exc:
+            log.error("%s: reconciling", exc)
+        else:
+            self._backoff.reset()
+            return
+        self._reconcile = self._reconcile or "recovery"
+        await asyncio.sleep(self._backoff.delay())
+
+    def check_policies(self, force: bool = False) -> bool:
+        """Reload the topic policies if ``iotauth.toml`` changed (or ``force``: SIGHUP); reconcile if they did.
+
+        A profile's rules are its devices' roles: changed rules mean new role
+        names, so each device of that profile is moved to its new role (one
+        kick each). A file that does not parse is logged and the old policies stay.
+        """
+        stamp = self._stamp()
+        if stamp == self._config_stamp and not force:
+            return False
+        self._config_stamp = stamp
+        try:
+            policies = PolicySet.from_profiles(load_settings(self.home).profiles.values())
+        except IotAuthError as exc:
+            log.error("not reloading the topic policies: %s", exc)
+            return False
+        if policies == self.policies:
+            return False
+        log.warning("topic policies changed in %s: reconciling Mosquitto's roles", self.home.config_file)
+        self.policies = policies
+        self._reconcile = self._reconcile or "policy-reloaded"
+        return True
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            info = self.home.config_file.stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_size
+
+    async def _without_control(self) -> None:
+        """Wait for the control connection; if Mosquitto keeps refusing our credentials, rebuild its state."""
+        refusals = self.control.refusals
+        if refusals >= self.options.lost_after_refusals and self._rebuilt_at_refusals is None:
+            self._rebuilt_at_refusals = refusals
+            log.error("Mosquitto refuses the follower's credentials (%s): it runs without iotauth's state",
+                      self.control.last_refusal)
+            await self.rebuild("Mosquitto lost iotauth's state (control login refused)")
+            return
+        if not await self.control.wait_ready(2.0) and not self._ready_reported:
+            log.warning("waiting for Mosquitto's control listener at %s:%d", self.settings.admin_host,
+                        self.settings.admin_port)
+
+    # -- event batches ----------------------------------------------------------------------
+
+    async def apply(self, batch: Sequence[AuditEvent]) -> None:
+        """Bring the devices named by ``batch`` in step, then save the position with the audit records."""
+        events = [e for e in to_apply(batch) if changes_mosquitto_state(e.kind)]
+        scope: dict[str, AuditEvent] = {}
+        reasons: dict[str, tuple[str, AuditEvent]] = {}
+        for event in events:
+            if event.device_id:
+                scope[event.device_id] = event
+                reason = MOSQUITTO_KICKS.get(event.kind)
+                if reason is not None:
+                    reasons[event.device_id] = (reason, event)
+        if not events:
+            self.cursor.position = batch[-1].id
+            return
+        desired: dict[str, DeviceRole] = {}
+        for device_id in scope:
+            try:
+                role = desired_role(await self.registry.get_device(device_id), self.policies)
+            except NotFound:
+                role = None
+            if role is not None:
+                desired[device_id] = role
+        clients, roles = await self._current(scope, desired)
+        todo = plan(desired, clients, roles, scope=scope, kick_missing=[d for d in reasons if d not in desired])
+        kicks = sorted(d for d in reasons if d in desired and d in clients and d not in todo.changed)
+        proof = await self._converge(todo, kicks)
+        records = [FollowerRecord(EventKind.MOSQUITTO_DEVICE_SYNCED, d, {
+            "action": "created" if d in todo.created else "changed", "role": desired[d].rolename,
+            "event_id": scope[d].id, "event": scope[d].kind}) for d in sorted({*todo.created, *todo.changed})]
+        for device_id in [*todo.withdraw, *kicks]:
+            reason, event = reasons.get(device_id, ("device-not-active", scope[device_id]))
+            records.append(self._kick_record(device_id, reason, proof, event_id=event.id, event=event.kind))
+        await self.cursor.advance(batch[-1].id, records)
+        self._saved_at = asyncio.get_running_loop().time()
+
+    async def _current(
+        self, scope: Mapping[str, object], desired: Mapping[str, DeviceRole]
+    ) -> tuple[dict[str, ClientState], dict[str, RoleState]]:
+        """What Mosquitto holds for the devices in ``scope`` (their clients, their roles, the wanted roles)."""
+        names = sorted(scope)
+        wanted = sorted({r.rolename for r in desired.values()})
+        answers = await self.control.query([{"command": "getClient", "username": n} for n in names]
+                                           + [{"command": "getRole", "rolename": r} for r in wanted])
+        clients = {n: ClientState.from_json(a["client"]) for n, a in zip(names, answers, strict=False) if a}
+        roles = {r: RoleState.from_json(a["role"]) for r, a in zip(wanted, answers[len(names):], strict=True) if a}
+        for client in clients.values():  # roles a client holds that we did not fetch: candidates for cleanup
+            for rolename in client.roles:
+                roles.setdefault(rolename, RoleState(rolename, frozenset()))
+        return clients, roles
+
+    async def _converge(self, todo: Plan, kicks: Sequence[str]) -> CrlProof | None:
+        """Grants, then a proven CRL, then withdrawals and kicks, then cleanup. Returns the CRL proof."""
+        await self.control.run(todo.grants, batch=self.options.grant_batch, tolerate=EXISTS)
+        proof = await self._publish_crl()
+        if proof is None or not proof.proven:
+            self._unproven.update(todo.withdraw)
+        await self._withdraw(todo.withdraw, todo.existing)
+        if kicks:
+            await self.control.run(kick_commands(kicks), tolerate=MISSING)
+        await self.control.run(todo.cleanup, batch=self.options.grant_batch, tolerate=MISSING)
+        return proof
+
+    async def _withdraw(self, devices: Sequence[str], existing: set[str]) -> None:
+        size = self.options.withdraw_batch
+        for start in range(0, len(devices), size):
+            chunk = devices[start : start + size]
+            await self.control.run(withdrawal_commands(chunk, existing), batch=3 * size, tolerate=MISSING)
+
+    async def _publish_crl(self) -> CrlProof | None:
+        """A new CRL, proven in force; None (and a loud log) when Mosquitto's process cannot be signalled."""
+        try:
+            proof = await self.crl.publish()
+        except MosquittoUnavailable as exc:
+            log.error("could not reload Mosquitto's CRL (%s): withdrawn devices are kicked and lose their rights, "
+                      "but their certificates are not refused until a CRL is loaded", exc)
+            self._next_crl = asyncio.get_running_loop().time() + self.options.crl_retry
+            return None
+        self._next_crl = asyncio.get_running_loop().time() + (
+            self.options.crl_refresh_every if proof.proven else self.options.crl_retry)
+        if not proof.proven:
+            await self.cursor.advance(self.cursor.position, [FollowerRecord(
+                EventKind.MOSQUITTO_CRL_UNPROVEN, None, {**proof.as_dict(), "last_probe": str(proof.last_probe)})])
+        return proof
+
+    async def _refresh_crl(self) -> None:
+        """Re-sign before nextUpdate (an expired CRL refuses everyone); re-kick what an unproven CRL let in."""
+        proof = await self._publish_crl()
+        if proof is None or not proof.proven or not self._unproven:
+            return
+        again = [d for d in sorted(self._unproven) if await self._still_withdrawn(d)]
+        await self._withdraw(again, set())
+        self._unproven.clear()
+        if again:
+            await self.cursor.advance(self.cursor.position, [
+                self._kick_record(d, "crl-now-in-force", proof) for d in again])
+
+    async def _still_withdrawn(self, device_id: str) -> bool:
+        try:
+            device = await self.registry.get_device(device_id)
+        except NotFound:
+            return True
+        return desired_role(device, self.policies) is None
+
+    @staticmethod
+    def _kick_record(device_id: str, reason: str, proof: CrlProof | None, **extra: Any) -> FollowerRecord:
+        data: dict[str, Any] = {"reason": reason, **extra}
+        data.update(proof.as_dict() if proof is not None else {"crl_proven": False})
+        return FollowerRecord(EventKind.MOSQUITTO_SESSION_KICKED, device_id, data)
+
+    # -- the whole registry -----------------------------------------------------------------
+
+    async def reconcile(self, trigger: str) -> None:
+        """Compare every client and role in Mosquitto with the registry and fix every difference."""
+        started = time.monotonic()
+        head = await self.cursor.head()
+        desired = desired_roles(await self.registry.list_devices(DeviceStatus.ACTIVE), self.policies)
+        listed = await self.control.query([{"command": "listClients", "verbose": True}])
+        listed += await self.control.query([{"command": "listRoles", "verbose": True}])
+        listed += await self.control.query([{"command": "getDefaultACLAccess"}])
+        if any(answer is None for answer in listed):
+            raise MosquittoControlError("Mosquitto did not list its clients, roles or default access")
+        clients = {c.username: c for c in map(ClientState.from_json, listed[0]["clients"])}  # type: ignore[index]
+        roles = {r.rolename: r for r in map(RoleState.from_json, listed[1]["roles"])}  # type: ignore[index]
+        access = {a["acltype"]: bool(a.get("allow")) for a in listed[2]["acls"]}  # type: ignore[index]
+        todo = plan(desired, clients, roles)
+        repairs, strangers = reserved_repairs(clients, roles, access)
+        todo.withdraw += strangers
+        todo.existing.update(strangers)
+        if todo.commands + len(repairs) > self.options.rebuild_threshold and self.process.restart_command:
+            await self.rebuild(f"{todo.commands} changes ({trigger})")
+            return
+        await self.control.run(repairs)
+        proof = await self._converge(todo, [])
+        marker = marker_command(clients, str(head))
+        if marker is not None:
+            await self.control.run([marker])
+        seconds = time.monotonic() - started
+        summary = {"trigger": trigger, "to_event": head, "devices": len(desired), "created": len(todo.created),
+                   "changed": len(todo.changed), "removed": len(todo.withdraw),
+                   "repaired_roles": len(todo.repaired_roles), "repairs": len(repairs),
+                   "commands": todo.commands + len(repairs), "seconds": round(seconds, 3),
+                   "created_ids": todo.created[:LISTED], "changed_ids": todo.changed[:LISTED],
+                   **(proof.as_dict() if proof is not None else {"crl_proven": False})}
+        records = [FollowerRecord(EventKind.MOSQUITTO_RECONCILED, None, summary)]
+        records += [self._kick_record(d, "reconcile", proof, trigger=trigger) for d in todo.withdraw]
+        await self.cursor.advance(head, records)
+        self._saved_at = asyncio.get_running_loop().time()
+        self._reconcile = None
+        self._next_reconcile = asyncio.get_running_loop().time() + self.options.reconcile_every
+        log.info("reconciled (%s): %d devices, %d commands in %.2f s", trigger, len(desired), summary["commands"],
+                 seconds)
+        if not self._ready_reported:
+            self._ready_reported = True
+            self.on_ready({"following": str(self.files.directory), "devices": len(desired), "event_id": head,
+                           "control": f"{self.settings.admin_host}:{self.settings.admin_port}",
+                           "listener": f"{self.settings.device_host}:{self.settings.device_port}",
+                           "mosquitto_pid": self.process.pid(), "reconcile_seconds": round(seconds, 3)})
+
+    async def rebuild(self, reason: str) -> None:
+        """Write Mosquitto's whole state (and a fresh CRL) from the registry; restart Mosquitto if we can."""
+        head = await self.cursor.head()
+        desired = desired_roles(await self.registry.list_devices(DeviceStatus.ACTIVE), self.policies)
+        group = self.crl.group
+        document = bootstrap_state(self._password, desired.values(), str(head))
+        write_public(self.files.state, json.dumps(document, separators=(",", ":")).encode(),
+                     mode=0o660 if group is not None else 0o600, group=group)
+        try:
+            published = await self.authority.build_crl(extra=self.crl.canaries.revoked(now_utc()))
+            write_public(self.files.crl, published.crl.public_bytes(serialization.Encoding.PEM),
+                         mode=0o640 if group is not None else 0o644, group=group)
+        except IotAuthError as exc:
+            log.error("could not refresh the CRL for the rebuilt state: %s", exc)
+        restarted = await self.process.restart()
+        await self.cursor.advance(self.cursor.position, [FollowerRecord(EventKind.MOSQUITTO_STATE_REBUILT, None, {
+            "reason": reason, "devices": len(desired), "generation": head, "restarted": restarted})])
+        if not restarted:
+            log.error("rebuilt %s from the registry (%d devices): RESTART MOSQUITTO to load it (or give the follower "
+                      "--restart-command)", self.files.state, len(desired))
+            return
+        self._reconcile = "rebuilt"
+        await self.control.wait_ready(30.0)
+

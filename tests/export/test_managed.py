@@ -347,3 +347,16 @@ def _connack(port: int, username: str | None, password: str | None) -> int:
         sock.sendall(bytes([0x10, len(body)]) + body)
         answer = sock.recv(4)
     return answer[3]
+
+
+def test_with_a_postgresql_registry_notify_drives_the_kick(managed_factory: object, pg_registry: str) -> None:
+    env: ManagedEnv = managed_factory(registry_url=pg_registry,  # type: ignore[operator]
+                                      follower_args=("--poll-interval", "30"))  # NOTIFY, not polling
+    creds = env.issue("pg-1")
+    device = env.connect(creds)
+    mark = env.last_event_id()
+    assert env.cli("revoke", "pg-1").returncode == 0
+    device.wait_disconnected(15)
+    device.close()
+    assert env.wait_event("mosquitto.session.kicked", "pg-1", after=mark).data["crl_proven"]
+    assert refused(env, creds)

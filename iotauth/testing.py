@@ -378,9 +378,9 @@ class FollowerRunner:
     """``iotauth mosquitto follow DIR --json`` as a process; ``status`` is its one line once in step."""
 
     def __init__(self, home: Path, directory: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        executable = Path(sys.executable).parent / "iotauth"
-        self.command = [str(executable) if executable.exists() else "iotauth", "--home", str(home), "mosquitto",
-                        "follow", str(directory), "--json", "-v", *args]
+        self.home, self.directory, self.args = home, directory, args
+        self.command = [sys.executable, "-m", "iotauth.cli.main", "--home", str(home), "mosquitto", "follow",
+                        str(directory), "--json", "-v", *args]
         self.env = {k: v for k, v in os.environ.items() if k != "IOTAUTH_REGISTRY"}
         self.env.update(env or {})
         self.process: subprocess.Popen[str] | None = None
@@ -414,6 +414,10 @@ class FollowerRunner:
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+
+    def again(self) -> FollowerRunner:
+        """A new runner with the same arguments (after :meth:`kill` or :meth:`stop`)."""
+        return FollowerRunner(self.home, self.directory, *self.args, env=self.env)
 
     def stop(self) -> int:
         if self.process is None:

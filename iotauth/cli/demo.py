@@ -32,8 +32,16 @@ if TYPE_CHECKING:  # the demo pulls in the broker, paho and the station: load it
 )
 @click.option("--devices", type=click.IntRange(3, 16), default=3, show_default=True, help="Emulated devices.")
 @click.option("--keep", is_flag=True, help="Leave the home directory and the broker running until Ctrl-C.")
+@click.option(
+    "--broker",
+    type=click.Choice(["iotauth", "mosquitto"]),
+    default="iotauth",
+    show_default=True,
+    help="iotauth: 'iotauth broker'. mosquitto: a managed Mosquitto (needs the mosquitto package) kept in step "
+    "by 'iotauth mosquitto follow'.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the step results as JSON.")
-def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> None:
+def demo(directory: Path | None, devices: int, keep: bool, broker: str, as_json: bool) -> None:
     """Run the whole lifecycle: CA, parallel serial provisioning, mTLS broker, live revocation.
 
     Exits non-zero if any step does not behave as described, so it doubles as a smoke test.
@@ -46,7 +54,7 @@ def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> Non
     home = Home(root / "home")
     logging.getLogger("iotauth").setLevel(logging.ERROR)  # the steps report what matters; kicks are expected
     view = LiveView()
-    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json))
+    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json, broker=broker))
     if as_json:
         emit_json(
             {
@@ -70,7 +78,7 @@ def demo(directory: Path | None, devices: int, keep: bool, as_json: bool) -> Non
         raise click.exceptions.Exit(1)
 
 
-async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool) -> DemoRun:
+async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool, broker: str) -> DemoRun:
     from iotauth.demo import StepResult, run_demo
 
     stop = asyncio.Event() if keep else None
@@ -98,7 +106,8 @@ async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: b
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
     try:
-        return await run_demo(home, devices=devices, on_step=on_step, on_progress=on_progress, keep=stop)
+        return await run_demo(home, devices=devices, on_step=on_step, on_progress=on_progress, keep=stop,
+                              broker=broker)
     finally:
         if provisioning["active"]:
             live.stop()

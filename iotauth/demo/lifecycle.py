@@ -21,6 +21,7 @@ from iotauth.broker.runtime import BrokerOptions
 from iotauth.broker.server import Broker
 from iotauth.config import Home
 from iotauth.demo.home import issue_operator_identity, operator_folder, use_broker_port
+from iotauth.demo.mosquitto import ManagedMosquitto
 from iotauth.errors import ConnectRefused, DemoFailed, IotAuthError
 from iotauth.provisioning.line import LineRequest, run_line
 from iotauth.provisioning.report import append_report
@@ -81,12 +82,15 @@ class Board:
         return MqttClient(broker_port, files)
 
 
-async def connect(client: MqttClient) -> bool:
-    """True on CONNACK 0, False when the broker refuses; no answer at all fails the step."""
+async def connect(client: MqttClient, *, at_handshake: bool = False) -> bool:
+    """True on CONNACK 0, False when the broker refuses; no answer at all fails the step.
+
+    ``at_handshake``: a refusal during TLS (Mosquitto refuses revoked certificates there) counts as one.
+    """
     try:
         await asyncio.to_thread(client.connect, WAIT)
     except ConnectRefused as exc:
-        if exc.code is None:
+        if exc.code is None and not at_handshake:
             raise
         return False
     return True
@@ -99,10 +103,17 @@ class Demo:
     """One demo run; each ``step_*`` method checks what it claims and returns a detail line."""
 
     def __init__(
-        self, home: Home, devices: int, on_step: Callable[[StepResult], None], on_progress: Callable[[Progress], None]
+        self,
+        home: Home,
+        devices: int,
+        on_step: Callable[[StepResult], None],
+        on_progress: Callable[[Progress], None],
+        broker: str = "iotauth",
     ) -> None:
         self.home = home
         self.count = devices
+        self.broker_kind = broker
+        self.mosquitto: ManagedMosquitto | None = None
         self.on_step = on_step
         self.on_progress = on_progress
         self.run = DemoRun(home.root)
@@ -173,10 +184,21 @@ class Demo:
             note.append(f"127.0.0.1:{self.port}, client certificates required")
             self.run.facts["broker"] = f"127.0.0.1:{self.port}"
 
+    async def start_mosquitto(self) -> None:
+        assert self.authority is not None
+        async with self.step("start Mosquitto under iotauth's control (managed) and its follower") as note:
+            self.mosquitto = await ManagedMosquitto.start(self.home, self.authority, self.port)
+            note.append(f"127.0.0.1:{self.port}, dynamic-security plugin kept in step by "
+                        f"'iotauth mosquitto follow' (pid {self.mosquitto.pid})")
+            self.run.facts["broker"] = f"mosquitto 127.0.0.1:{self.port}"
+
     async def operator_client(self) -> MqttClient:
         """An 'ingest' service identity for the operator side, issued like any device."""
         assert self.authority is not None
+        mark = await self.registry.last_event_id() if self.registry is not None else 0
         client = MqttClient(self.port, await issue_operator_identity(self.authority, self.home))
+        if self.mosquitto is not None:  # the follower gives it its client and role first
+            await self._wait_for_event(EventKind.MOSQUITTO_DEVICE_SYNCED, client.client_id, after=mark)
         self.clients.append(client)
         return client
 
@@ -210,6 +232,9 @@ class Demo:
                 raise DemoFailed("the marker message never arrived")
             if any(m.payload == b"spoofed" for m in watcher.received):
                 raise DemoFailed(f"{attacker}'s message on {victim}'s topic was delivered")
+            if self.mosquitto is not None:  # Mosquitto drops it silently: there is no denial to audit
+                note.append(f"{attacker} -> devices/{victim}/...: not delivered (Mosquitto's dynamic-security ACL)")
+                return
             denied = await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)
             note.append(f"{attacker} -> devices/{victim}/...: not delivered; audit event #{denied}")
 
@@ -240,11 +265,15 @@ class Demo:
             _close(client)
             retry = self.boards[-1].client(target, self.port)
             self.clients.append(retry)
-            if await connect(retry):
+            if await connect(retry, at_handshake=self.mosquitto is not None):
                 raise DemoFailed(f"{target} reconnected after revocation")
+            kick = ""
+            if self.mosquitto is not None:
+                kicked = await self._wait_for_event(EventKind.MOSQUITTO_SESSION_KICKED, target)
+                kick = f"; CRL proven in force before the kick (audit event #{kicked})"
             note.append(
                 f"dropped {latency * 1000:.0f} ms after the revocation was committed; "
-                f"reconnect: {retry.connack_reason}"
+                f"reconnect: {retry.connack_reason or 'refused at the TLS handshake'}{kick}"
             )
             self.run.facts["revocation_to_disconnect_ms"] = round(latency * 1000, 1)
 
@@ -265,11 +294,11 @@ class Demo:
                 return datetime.fromisoformat(event.ts).timestamp()
         raise DemoFailed(f"no {kind} audit event for {device_id}")
 
-    async def _wait_for_event(self, kind: EventKind, device_id: str) -> int:
+    async def _wait_for_event(self, kind: EventKind, device_id: str, after: int = 0) -> int:
         assert self.registry is not None
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
-            for event in reversed(await self.registry.events(device_id=device_id)):
+            for event in reversed(await self.registry.events(device_id=device_id, after_id=after)):
                 if event.kind == kind:
                     return event.id
             await asyncio.sleep(0.05)
@@ -280,6 +309,8 @@ class Demo:
             await asyncio.to_thread(_close, client)
         if self.broker is not None:
             await self.broker.shutdown()
+        if self.mosquitto is not None:
+            await asyncio.to_thread(self.mosquitto.stop)
         for board in self.boards:
             board.stop()
         if self.registry is not None:
@@ -293,16 +324,23 @@ async def run_demo(
     on_step: Callable[[StepResult], None] = lambda _step: None,
     on_progress: Callable[[Progress], None] = lambda _progress: None,
     keep: asyncio.Event | None = None,
+    broker: str = "iotauth",
 ) -> DemoRun:
-    """Run every step; stop at the first failure. With ``keep``, leave the broker up until it is set."""
-    demo = Demo(home, devices, on_step, on_progress)
+    """Run every step; stop at the first failure. With ``keep``, leave the broker up until it is set.
+
+    ``broker``: ``iotauth`` (``iotauth broker``) or ``mosquitto`` (a managed Mosquitto and its follower).
+    """
+    demo = Demo(home, devices, on_step, on_progress, broker)
     try:
         await demo.initialise()
         await demo.start_devices()
         await demo.provision()
         for board in demo.boards:  # the boards keep their flash; the serial side is done
             board.stop()
-        await demo.start_broker()
+        if broker == "mosquitto":
+            await demo.start_mosquitto()
+        else:
+            await demo.start_broker()
         watcher = await demo.telemetry()
         await demo.refuse_foreign_topic(watcher)
         await demo.revoke_live()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from iotauth.config import Home
@@ -54,3 +56,30 @@ async def test_demo_fails_when_the_broker_lets_a_device_write_to_another(tmp_pat
     failed = [step for step in run.steps if not step.ok]
     assert [step.name for step in failed] == ["a device publishing to another device's topic is refused"]
     assert "was delivered" in failed[0].detail
+
+
+def test_demo_runs_the_same_lifecycle_on_managed_mosquitto() -> None:
+    # Not under pytest's private tree: Mosquitto started as root reads its files as 'mosquitto'.
+    parent = Path(tempfile.mkdtemp(prefix="iotauth-demo-test-"))
+    parent.chmod(0o755)
+    base = parent / "d"
+    result = subprocess.run(
+        [iotauth_executable(), "demo", "--broker", "mosquitto", "--dir", str(base), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, report
+    names = [step["name"] for step in report["steps"]]
+    assert names == [
+        *EXPECTED_STEPS[:3],
+        "start Mosquitto under iotauth's control (managed) and its follower",
+        *EXPECTED_STEPS[4:],
+    ]
+    revoke = report["steps"][6]["detail"]
+    assert "refused at the TLS handshake" in revoke and "CRL proven in force before the kick" in revoke
+    assert report["facts"]["broker"].startswith("mosquitto ")
+    shutil.rmtree(parent, ignore_errors=True)

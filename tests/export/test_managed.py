@@ -7,6 +7,7 @@ process), and devices connecting with paho over mTLS.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import time
 
 import pytest
 
+from iotauth.config import Home
 from iotauth.errors import ConnectRefused
 from iotauth.export.managed.state import ADMIN_USERNAME
 from iotauth.testing import MqttClient
@@ -360,3 +362,42 @@ def test_with_a_postgresql_registry_notify_drives_the_kick(managed_factory: obje
     device.close()
     assert env.wait_event("mosquitto.session.kicked", "pg-1", after=mark).data["crl_proven"]
     assert refused(env, creds)
+
+
+def test_revocations_overtake_a_long_run_of_grants(managed_factory: object) -> None:
+    """Every saving control command rewrites Mosquitto's whole state file: with thousands of devices loaded,
+    200 new devices are a minute of commands, and a revocation must not wait behind them."""
+
+    def configure(home: Home, pki: Pki) -> None:
+        asyncio.run(_issue_many(home, [f"load-{n}" for n in range(2000)]))
+        pki.issue("ot-1")
+
+    env: ManagedEnv = managed_factory(configure)  # type: ignore[operator]
+    creds = _creds(env, "ot-1")
+    device = env.connect(creds)
+    mark = env.last_event_id()
+    asyncio.run(_issue_many(env.home, [f"new-{n}" for n in range(200)]))
+    assert env.cli("revoke", "ot-1").returncode == 0
+    kicked = env.wait_event("mosquitto.session.kicked", "ot-1", after=mark)
+    device.wait_disconnected(15)
+    device.close()
+    synced_before_kick = [e for e in env.events("mosquitto.device.synced") if mark < e.id < kicked.id]
+    assert kicked.data["overtook"] is True and kicked.data["crl_proven"]
+    assert len(synced_before_kick) < 200  # the kick did not wait for the grants queued ahead of it
+    wait_for(lambda: len([e for e in env.events("mosquitto.device.synced") if e.id > mark]) >= 200, 600,
+             "every new device synced")
+    assert refused(env, creds)
+    assert len(env.events("mosquitto.session.kicked", "ot-1")) == 1  # applied again later, without a second kick
+
+
+async def _issue_many(home: Home, device_ids: list[str]) -> None:
+    from iotauth.authority import open_authority
+    from iotauth.pki.keys import generate_private_key
+    from iotauth.registry import open_registry
+
+    async with await open_registry(home.registry_db) as registry:
+        authority = await open_authority(home, registry)
+        for start in range(0, len(device_ids), 500):
+            await asyncio.gather(*(authority.issue_for_key(generate_private_key("p256").public_key(), d,
+                                                           activate=True, actor="test")
+                                   for d in device_ids[start:start + 500]))

@@ -4,17 +4,21 @@ The follower reads the registry's change feed from its saved position
 (:class:`~iotauth.registry.follower.FeedCursor`: SQLite polled, PostgreSQL
 NOTIFY) and, for each batch of events, brings the devices they name in step:
 
-1. **grants** first: roles and clients for devices that are (again) active or
-   changed profile. A profile change is one kick of that device (``modifyClient``).
-2. **the door**: a new CRL, proven loaded with a canary
+1. **the door** first: a new CRL, proven loaded with a canary
    (:mod:`~iotauth.export.managed.crl`). Revoked, suspended and pending
    certificates are refused at the handshake from here on.
-3. **withdrawals** only then: each session of a revoked, suspended or pending
+2. **withdrawals**, only then: each session of a revoked, suspended or pending
    device is kicked and its client deleted (a disabled client would keep its
-   rights on reconnect). A device kicked before step 2 could reconnect
-   through the old CRL and keep that session; after it, it cannot.
-   A revoked certificate of a device that stays active kicks that device's
-   session once, so it reconnects with its current certificate.
+   rights on reconnect). A device kicked before step 1 could reconnect
+   through the old CRL and keep that session; after it, it cannot. A revoked
+   certificate of a device that stays active kicks that device's session once,
+   so it reconnects with its current certificate.
+3. **grants**: roles and clients for devices that are (again) active or whose
+   profile rules changed, a few commands per message. A device the new CRL
+   lets in before its client exists has no rights until ``addClientRole`` (or
+   ``modifyClient``) kicks it into them. Every saving command rewrites
+   Mosquitto's whole state file, so revocations committed meanwhile overtake
+   the grants still queued.
 4. stale roles are deleted; then the audit records (every kick, every sync)
    and the new position are committed together.
 
@@ -34,7 +38,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +54,7 @@ from iotauth.export.managed.layout import ManagedFiles, ManagedSettings
 from iotauth.export.managed.process import MosquittoProcess
 from iotauth.export.managed.state import (
     ClientState,
+    Command,
     DeviceRole,
     Plan,
     RoleState,
@@ -73,6 +78,7 @@ log = logging.getLogger("iotauth.mosquitto")
 ACTOR = "iotauth-mosquitto"
 EXISTS, MISSING = ("already exists",), ("already exists", "not found")
 LISTED = 100  # device ids listed in one reconcile record; the counts are always complete
+URGENT = tuple(MOSQUITTO_KICKS)  # event kinds that overtake queued grants
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class FollowerOptions:
     reconcile_every: float = 600.0
     crl_refresh_every: float = 3600.0
     rebuild_threshold: int = 600  # commands; above it (with a restart command) the state file is rebuilt instead
-    grant_batch: int = 50
+    grant_batch: int = 12  # commands per control message (each saving command stalls Mosquitto)
     withdraw_batch: int = 20  # devices per control message; each costs two state-file saves
     lost_after_refusals: int = 2
     retry_initial: float = 0.2
@@ -128,6 +134,7 @@ class MosquittoFollower:
         self._next_reconcile = 0.0
         self._next_crl = 0.0
         self._saved_at = 0.0
+        self._overtaken: dict[str, int] = {}  # device -> the revocation event applied ahead of its batch
         self._backoff = Backoff(options.retry_initial, options.retry_max)
         self._config_stamp = self._stamp()
         self._next_config_check = 0.0
@@ -240,29 +247,22 @@ class MosquittoFollower:
     async def apply(self, batch: Sequence[AuditEvent]) -> None:
         """Bring the devices named by ``batch`` in step, then save the position with the audit records."""
         events = [e for e in to_apply(batch) if changes_mosquitto_state(e.kind)]
+        if not events:
+            self.cursor.position = batch[-1].id
+            return
         scope: dict[str, AuditEvent] = {}
         reasons: dict[str, tuple[str, AuditEvent]] = {}
         for event in events:
             if event.device_id:
                 scope[event.device_id] = event
                 reason = MOSQUITTO_KICKS.get(event.kind)
-                if reason is not None:
+                if reason is not None and event.id > self._overtaken.get(event.device_id, 0):
                     reasons[event.device_id] = (reason, event)
-        if not events:
-            self.cursor.position = batch[-1].id
-            return
-        desired: dict[str, DeviceRole] = {}
-        for device_id in scope:
-            try:
-                role = desired_role(await self.registry.get_device(device_id), self.policies)
-            except NotFound:
-                role = None
-            if role is not None:
-                desired[device_id] = role
+        desired = await self._desired(scope)
         clients, roles = await self._current(scope, desired)
         todo = plan(desired, clients, roles, scope=scope, kick_missing=[d for d in reasons if d not in desired])
         kicks = sorted(d for d in reasons if d in desired and d in clients and d not in todo.changed)
-        proof = await self._converge(todo, kicks)
+        proof = await self._converge(todo, kicks, after=batch[-1].id)
         records = [FollowerRecord(EventKind.MOSQUITTO_DEVICE_SYNCED, d, {
             "action": "created" if d in todo.created else "changed", "role": desired[d].rolename,
             "event_id": scope[d].id, "event": scope[d].kind}) for d in sorted({*todo.created, *todo.changed})]
@@ -270,10 +270,23 @@ class MosquittoFollower:
             reason, event = reasons.get(device_id, ("device-not-active", scope[device_id]))
             records.append(self._kick_record(device_id, reason, proof, event_id=event.id, event=event.kind))
         await self.cursor.advance(batch[-1].id, records)
+        self._overtaken = {d: i for d, i in self._overtaken.items() if i > batch[-1].id}
         self._saved_at = asyncio.get_running_loop().time()
 
+    async def _desired(self, devices: Iterable[str]) -> dict[str, DeviceRole]:
+        """The roles these devices should have now (a device that is not active, or unknown, has none)."""
+        desired: dict[str, DeviceRole] = {}
+        for device_id in devices:
+            try:
+                role = desired_role(await self.registry.get_device(device_id), self.policies)
+            except NotFound:
+                role = None
+            if role is not None:
+                desired[device_id] = role
+        return desired
+
     async def _current(
-        self, scope: Mapping[str, object], desired: Mapping[str, DeviceRole]
+        self, scope: Iterable[str], desired: Mapping[str, DeviceRole]
     ) -> tuple[dict[str, ClientState], dict[str, RoleState]]:
         """What Mosquitto holds for the devices in ``scope`` (their clients, their roles, the wanted roles)."""
         names = sorted(scope)
@@ -287,17 +300,63 @@ class MosquittoFollower:
                 roles.setdefault(rolename, RoleState(rolename, frozenset()))
         return clients, roles
 
-    async def _converge(self, todo: Plan, kicks: Sequence[str]) -> CrlProof | None:
-        """Grants, then a proven CRL, then withdrawals and kicks, then cleanup. Returns the CRL proof."""
-        await self.control.run(todo.grants, batch=self.options.grant_batch, tolerate=EXISTS)
+    async def _converge(self, todo: Plan, kicks: Sequence[str], *, after: int) -> CrlProof | None:
+        """A proven CRL, then withdrawals and kicks, then grants (overtaken by revocations), then cleanup.
+
+        ``after``: the last event this work covers; revocations committed after
+        it are applied between grant messages instead of waiting behind them.
+        """
         proof = await self._publish_crl()
         if proof is None or not proof.proven:
             self._unproven.update(todo.withdraw)
         await self._withdraw(todo.withdraw, todo.existing)
         if kicks:
             await self.control.run(kick_commands(kicks), tolerate=MISSING)
+        chunk: list[Command] = []
+        for _device, commands in todo.grant_groups:
+            chunk += commands
+            if len(chunk) >= self.options.grant_batch:
+                await self.control.run(chunk, tolerate=EXISTS)
+                chunk = []
+                await self._overtake(after)
+        await self.control.run(chunk, tolerate=EXISTS)
         await self.control.run(todo.cleanup, batch=self.options.grant_batch, tolerate=MISSING)
         return proof
+
+    async def _overtake(self, after: int) -> None:
+        """Apply revocations committed after event ``after`` now, ahead of the grants still queued.
+
+        Every saving control command rewrites Mosquitto's whole state file
+        (tens of ms at 10,000 devices), so a large batch of grants would
+        otherwise hold back a revocation for minutes. The overtaken events are
+        applied again, idempotently, when their own batch comes, without a second kick.
+        """
+        if not await self.registry.has_events(after_id=after, kind_prefixes=URGENT):
+            return
+        reasons: dict[str, tuple[str, AuditEvent]] = {}
+        for event in await self.registry.events(after_id=after, limit=1000):
+            reason = MOSQUITTO_KICKS.get(event.kind)
+            if reason is not None and event.device_id and event.id > self._overtaken.get(event.device_id, 0):
+                reasons[event.device_id] = (reason, event)
+        if not reasons:
+            return
+        desired = await self._desired(reasons)
+        clients, _ = await self._current(reasons, {})
+        withdraw = sorted(d for d in reasons if d not in desired)
+        kicks = sorted(d for d in reasons if d in desired and d in clients)
+        proof = await self._publish_crl()
+        if proof is None or not proof.proven:
+            self._unproven.update(withdraw)
+        await self._withdraw(withdraw, {d for d in withdraw if d in clients})
+        if kicks:
+            await self.control.run(kick_commands(kicks), tolerate=MISSING)
+        records = []
+        for device_id, (reason, event) in sorted(reasons.items()):
+            self._overtaken[device_id] = event.id
+            if device_id in withdraw or device_id in kicks:
+                records.append(self._kick_record(device_id, reason, proof, event_id=event.id, event=event.kind,
+                                                 overtook=True))
+        await self.cursor.advance(self.cursor.position, records)
 
     async def _withdraw(self, devices: Sequence[str], existing: set[str]) -> None:
         size = self.options.withdraw_batch
@@ -369,7 +428,7 @@ class MosquittoFollower:
             await self.rebuild(f"{todo.commands} changes ({trigger})")
             return
         await self.control.run(repairs)
-        proof = await self._converge(todo, [])
+        proof = await self._converge(todo, [], after=head)
         marker = marker_command(clients, str(head))
         if marker is not None:
             await self.control.run([marker])

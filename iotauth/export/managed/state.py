@@ -183,19 +183,25 @@ class RoleState:
 class Plan:
     """What to send, in three phases.
 
-    ``grants`` (roles, then clients) run *before* a new CRL opens the door to
-    a device; ``withdraw`` (device ids to kick and delete) runs only *after*
-    the new CRL is proven loaded, so a kicked device cannot get back in
-    through the old one; ``cleanup`` (stale roles) runs last.
+    ``withdraw`` (device ids to kick and delete) runs only *after* a new CRL
+    is proven loaded, so a kicked device cannot get back in through the old
+    one. ``grant_groups`` (per device: its role, then its client) follow, in
+    small messages that urgent revocations may overtake; a device the new CRL
+    already lets in before its client exists has no rights, and is kicked into
+    them by ``addClientRole``/``modifyClient``. ``cleanup`` (stale roles) runs last.
     """
 
-    grants: list[Command] = field(default_factory=list)
+    grant_groups: list[tuple[str, list[Command]]] = field(default_factory=list)
     withdraw: list[str] = field(default_factory=list)
     existing: set[str] = field(default_factory=set)
     cleanup: list[Command] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     repaired_roles: list[str] = field(default_factory=list)
+
+    @property
+    def grants(self) -> list[Command]:
+        return [command for _, commands in self.grant_groups for command in commands]
 
     @property
     def commands(self) -> int:
@@ -226,8 +232,6 @@ def plan(
     names = set(scope) if scope is not None else set(desired) | set(clients)
     must_kick = set(kick_missing)
     wanted_roles: set[str] = set()
-    role_commands: list[Command] = []
-    client_commands: list[Command] = []
     for name in sorted(names):
         if name.startswith(RESERVED_PREFIX):
             continue
@@ -242,31 +246,33 @@ def plan(
         rolename = role.rolename
         wanted_roles.add(rolename)
         have_role = roles.get(rolename)
+        commands: list[Command] = []
         repaired = False
         if have_role is None:
-            role_commands.append({"command": "createRole", "rolename": rolename, "acls": acl_json(role.acls)})
+            commands.append({"command": "createRole", "rolename": rolename, "acls": acl_json(role.acls)})
         elif have_role.acls != frozenset(role.acls):  # edited behind our back: rebuild (kicks its holder)
-            role_commands += [
+            commands += [
                 {"command": "deleteRole", "rolename": rolename},
                 {"command": "createRole", "rolename": rolename, "acls": acl_json(role.acls)},
             ]
             result.repaired_roles.append(rolename)
             repaired = True
         if current is None:
-            client_commands += [
+            commands += [
                 {"command": "createClient", "username": name},
                 {"command": "addClientRole", "username": name, "rolename": rolename},
             ]
             result.created.append(name)
         elif current.roles != (rolename,) or current.groups or current.disabled:
             if current.disabled:
-                client_commands.append({"command": "enableClient", "username": name})
-            client_commands.append({"command": "modifyClient", "username": name, "roles": [{"rolename": rolename}],
-                                    "groups": []})
+                commands.append({"command": "enableClient", "username": name})
+            commands.append({"command": "modifyClient", "username": name, "roles": [{"rolename": rolename}],
+                             "groups": []})
             result.changed.append(name)
         elif repaired:
-            client_commands.append({"command": "addClientRole", "username": name, "rolename": rolename})
-    result.grants = role_commands + client_commands
+            commands.append({"command": "addClientRole", "username": name, "rolename": rolename})
+        if commands:
+            result.grant_groups.append((name, commands))
     stale = {r for r in roles if owner_of_role(r) is not None and r not in wanted_roles}
     if scope is not None:  # only the roles of devices in scope
         stale = {r for r in stale if owner_of_role(r) in names}

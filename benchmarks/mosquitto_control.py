@@ -153,23 +153,47 @@ async def measure_reconcile(home: Home, managed: Managed, fleet: int) -> dict[st
     }
 
 
-async def measure_api_path(home: Home, managed: Managed, count: int) -> dict[str, Any]:
-    """``count`` new devices while the follower runs: grants go through the control API (3 commands each)."""
+async def measure_api_path(home: Home, managed: Managed, count: int, victims: dict[str, Creds]) -> dict[str, Any]:
+    """``count`` new devices while the follower runs: grants go through the control API (3 commands each).
+
+    While those grants run, ``victims`` (connected) are revoked one after another: revocations overtake the
+    queued grants, so their latency is measured under that load too.
+    """
     devices = [(f"api-{n}", "default") for n in range(count)]
+    sessions = {}
+    for device_id, creds in victims.items():
+        reader, writer, code = await open_mqtt(managed.port, client_context(home, creds), device_id)
+        assert code == 0, f"{device_id}: CONNACK {code}"
+        sessions[device_id] = (reader, writer)
+    latencies: list[float] = []
     async with await open_registry(home.registry_db) as registry:
         mark = await registry.last_event_id()
         started = time.monotonic()
-        await issue_creds(home, registry, devices, home.root.parent / "api")
+        issuing = asyncio.create_task(issue_creds(home, registry, devices, home.root.parent / "api"))
+        await asyncio.sleep(1.0)
+        for device_id, (reader, writer) in sessions.items():
+            await registry.revoke(device_id, RevocationReason.KEY_COMPROMISE, actor="bench")
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                await asyncio.wait_for(reader.read(), 30)
+            dropped = time.time()
+            event = [e for e in await registry.events(device_id=device_id) if e.kind == "device.revoked"][-1]
+            latencies.append((dropped - event_seconds(event.ts)) * 1000)
+            writer.close()
+            await asyncio.sleep(random.uniform(0.2, 0.5))
+        await issuing
         wanted = {d for d, _ in devices}
         while time.monotonic() - started < 1800:
-            synced = {e.device_id for e in await registry.events(after_id=mark)
-                      if e.kind == "mosquitto.device.synced"}
+            events = await registry.events(after_id=mark)
+            synced = {e.device_id for e in events if e.kind == "mosquitto.device.synced"}
             if wanted <= synced:
                 break
             await asyncio.sleep(0.2)
         seconds = time.monotonic() - started
+        overtaken = sum(1 for e in events if e.kind == "mosquitto.session.kicked" and e.data.get("overtook"))
     return {"new_devices": count, "seconds_until_all_synced": round(seconds, 2),
-            "commands": 3 * count, "ms_per_command": round(seconds / (3 * count) * 1000, 1)}
+            "commands": 3 * count, "ms_per_command": round(seconds / (3 * count) * 1000, 1),
+            "revocations_meanwhile": {"revocations": len(latencies), "p50_ms": round(statistics.median(latencies), 1),
+                                      "max_ms": round(max(latencies), 1), "kicks_that_overtook_grants": overtaken}}
 
 
 async def measure_cpu(home: Home, creds: dict[str, Creds], brokers: dict[str, BrokerUnderTest], messages: int,
@@ -223,7 +247,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     root = reachable_directory()
     small = [(f"rev-small-{n}", "default") for n in range(args.revocations)]
     large = [(f"rev-large-{n}", "default") for n in range(args.revocations)]
-    home, creds = await make_home(root, [("bench-dev", "default"), ("bench-ingest", "ingest"), *small, *large])
+    busy = [(f"rev-busy-{n}", "default") for n in range(args.busy_revocations)]
+    home, creds = await make_home(root, [("bench-dev", "default"), ("bench-ingest", "ingest"), *small, *large,
+                                         *busy])
     managed = Managed(home, root, "managed")
     plain: BrokerUnderTest | None = None
     result: dict[str, Any] = {"benchmark": "mosquitto_control", "date": time.strftime("%Y-%m-%d"),
@@ -240,7 +266,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["revocation_with_fleet_loaded"] = await measure_revocation(
             home, managed, {d: creds[d] for d, _ in large})
         result["revocation_with_fleet_loaded"]["devices_loaded"] = args.fleet
-        result["reconcile"]["control_api_path"] = await measure_api_path(home, managed, args.api_devices)
+        result["reconcile"]["control_api_path"] = await measure_api_path(
+            home, managed, args.api_devices, {d: creds[d] for d, _ in busy})
         plain = start_plain(home, root)
         result["broker_cpu"] = await measure_cpu(home, creds, {"managed": managed.as_broker(), "plain": plain},
                                                  args.messages, args.connects, args.rounds)
@@ -264,6 +291,7 @@ def main() -> None:
     parser.add_argument("--fleet", type=int, default=10_000, help="devices loaded for the reconcile and CPU runs")
     parser.add_argument("--revocations", type=int, default=40, help="revocations per state size")
     parser.add_argument("--api-devices", type=int, default=100, help="devices added through the control API")
+    parser.add_argument("--busy-revocations", type=int, default=5, help="revocations while those are added")
     parser.add_argument("--messages", type=int, default=300_000, help="messages per CPU run")
     parser.add_argument("--connects", type=int, default=150, help="connects per CPU run")
     parser.add_argument("--rounds", type=int, default=5)
@@ -271,7 +299,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.fleet, args.revocations, args.api_devices, args.messages, args.connects, args.rounds = (
-            1000, 10, 10, 10_000, 40, 2)
+            1000, 10, 30, 10_000, 40, 2)
+        args.busy_revocations = 2
     print(json.dumps(asyncio.run(run(args)), indent=2))
 
 

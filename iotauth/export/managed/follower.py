@@ -54,7 +54,6 @@ from iotauth.export.managed.layout import ManagedFiles, ManagedSettings
 from iotauth.export.managed.process import MosquittoProcess
 from iotauth.export.managed.state import (
     ClientState,
-    Command,
     DeviceRole,
     Plan,
     RoleState,
@@ -87,9 +86,11 @@ class FollowerOptions:
     reconcile_every: float = 600.0
     crl_refresh_every: float = 3600.0
     rebuild_threshold: int = 600  # commands; above it (with a restart command) the state file is rebuilt instead
-    grant_batch: int = 12  # commands per control message (each saving command stalls Mosquitto)
+    grant_batch: int = 50  # at most this many commands per control message
+    grant_stall: float = 0.1  # seconds one message of grants may stall Mosquitto (sizes adapt to it)
     withdraw_batch: int = 20  # devices per control message; each costs two state-file saves
     lost_after_refusals: int = 2
+    rebuild_retry: float = 60.0  # seconds before rebuilding again if Mosquitto still refuses the follower
     retry_initial: float = 0.2
     retry_max: float = 5.0
     crl_retry: float = 10.0  # seconds between attempts while no CRL is seen in force
@@ -129,11 +130,12 @@ class MosquittoFollower:
         self._seen_connects = 0
         self._reconcile: str | None = "start"
         self._ready_reported = False
-        self._rebuilt_at_refusals: int | None = None
+        self._rebuilt_at: float | None = None  # when the state was last rebuilt for refused logins
         self._unproven: set[str] = set()  # withdrawn while no CRL was seen in force: kick again once one is
         self._next_reconcile = 0.0
         self._next_crl = 0.0
         self._saved_at = 0.0
+        self._per_command = 0.01  # seconds one saving command takes in this Mosquitto (measured as it runs)
         self._overtaken: dict[str, int] = {}  # device -> the revocation event applied ahead of its batch
         self._backoff = Backoff(options.retry_initial, options.retry_max)
         self._config_stamp = self._stamp()
@@ -164,7 +166,7 @@ class MosquittoFollower:
             if self._seen_connects:
                 self._reconcile = self._reconcile or "reconnected"
             self._seen_connects = self.control.connects
-            self._rebuilt_at_refusals = None
+            self._rebuilt_at = None
         loop_time = asyncio.get_running_loop().time()
         if loop_time >= self._next_config_check:
             self._next_config_check = loop_time + self.options.config_check_every
@@ -232,8 +234,10 @@ class MosquittoFollower:
     async def _without_control(self) -> None:
         """Wait for the control connection; if Mosquitto keeps refusing our credentials, rebuild its state."""
         refusals = self.control.refusals
-        if refusals >= self.options.lost_after_refusals and self._rebuilt_at_refusals is None:
-            self._rebuilt_at_refusals = refusals
+        now = asyncio.get_running_loop().time()
+        if refusals >= self.options.lost_after_refusals and (
+                self._rebuilt_at is None or now - self._rebuilt_at > self.options.rebuild_retry):
+            self._rebuilt_at = now
             log.error("Mosquitto refuses the follower's credentials (%s): it runs without iotauth's state",
                       self.control.last_refusal)
             await self.rebuild("Mosquitto lost iotauth's state (control login refused)")
@@ -312,16 +316,27 @@ class MosquittoFollower:
         await self._withdraw(todo.withdraw, todo.existing)
         if kicks:
             await self.control.run(kick_commands(kicks), tolerate=MISSING)
-        chunk: list[Command] = []
-        for _device, commands in todo.grant_groups:
-            chunk += commands
-            if len(chunk) >= self.options.grant_batch:
-                await self.control.run(chunk, tolerate=EXISTS)
-                chunk = []
+        grants = todo.grants
+        done = 0
+        while done < len(grants):
+            chunk = grants[done : done + self._grant_size()]
+            started = time.monotonic()
+            await self.control.run(chunk, batch=len(chunk), tolerate=EXISTS)
+            self._per_command = 0.7 * self._per_command + 0.3 * (time.monotonic() - started) / len(chunk)
+            done += len(chunk)
+            if done < len(grants):
                 await self._overtake(after)
-        await self.control.run(chunk, tolerate=EXISTS)
-        await self.control.run(todo.cleanup, batch=self.options.grant_batch, tolerate=MISSING)
+        await self.control.run(todo.cleanup, batch=self._grant_size(), tolerate=MISSING)
         return proof
+
+    def _grant_size(self) -> int:
+        """Commands per message, so one message stalls Mosquitto for about ``grant_stall`` seconds at most.
+
+        Each saving command rewrites the whole state file: about 0.3 ms with a
+        few devices, 65 ms or more with 10,000. A revocation waits for the
+        message in progress, so at that size messages carry one command.
+        """
+        return max(1, min(self.options.grant_batch, int(self.options.grant_stall / max(self._per_command, 1e-4))))
 
     async def _overtake(self, after: int) -> None:
         """Apply revocations committed after event ``after`` now, ahead of the grants still queued.

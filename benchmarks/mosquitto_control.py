@@ -45,7 +45,7 @@ from broker_auth import connect_batch, fill_registry, open_mqtt, publish_run
 from harness import BrokerUnderTest, Creds, client_context, free_port, issue_creds, machine, make_home, percentile
 
 from iotauth.config import Home
-from iotauth.registry import TIMESTAMP_FORMAT, RevocationReason, open_registry
+from iotauth.registry import TIMESTAMP_FORMAT, Registry, RevocationReason, open_registry
 from iotauth.testing import FollowerRunner, MosquittoRunner
 
 IOTAUTH = str(Path(sys.executable).parent / "iotauth")
@@ -99,6 +99,18 @@ def event_seconds(ts: str) -> float:
     return datetime.strptime(ts, TIMESTAMP_FORMAT).replace(tzinfo=UTC).timestamp()
 
 
+async def revoke_and_wait(registry: Registry, device_id: str, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> float:
+    """Revoke a connected device; milliseconds from the committed revocation to its connection closing."""
+    await registry.revoke(device_id, RevocationReason.KEY_COMPROMISE, actor="bench")
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        await asyncio.wait_for(reader.read(), 30)
+    dropped = time.time()
+    event = [e for e in await registry.events(device_id=device_id) if e.kind == "device.revoked"][-1]
+    writer.close()
+    return (dropped - event_seconds(event.ts)) * 1000
+
+
 async def measure_revocation(home: Home, managed: Managed, victims: dict[str, Creds]) -> dict[str, Any]:
     latencies: list[float] = []
     async with await open_registry(home.registry_db) as registry:
@@ -106,13 +118,7 @@ async def measure_revocation(home: Home, managed: Managed, victims: dict[str, Cr
             reader, writer, code = await open_mqtt(managed.port, client_context(home, creds), device_id)
             assert code == 0, f"{device_id}: CONNACK {code}"
             await asyncio.sleep(random.uniform(0.05, 0.15))  # de-phase from the follower's poll timer
-            await registry.revoke(device_id, RevocationReason.KEY_COMPROMISE, actor="bench")
-            with contextlib.suppress(ssl.SSLError, ConnectionError):
-                await asyncio.wait_for(reader.read(), 10)
-            dropped = time.time()
-            event = [e for e in await registry.events(device_id=device_id) if e.kind == "device.revoked"][-1]
-            latencies.append((dropped - event_seconds(event.ts)) * 1000)
-            writer.close()
+            latencies.append(await revoke_and_wait(registry, device_id, reader, writer))
             # Reconnect refused? (the CRL was proven in force before the kick)
             _, again, code = await open_mqtt(managed.port, client_context(home, creds), device_id)
             again.close()
@@ -172,13 +178,7 @@ async def measure_api_path(home: Home, managed: Managed, count: int, victims: di
         issuing = asyncio.create_task(issue_creds(home, registry, devices, home.root.parent / "api"))
         await asyncio.sleep(1.0)
         for device_id, (reader, writer) in sessions.items():
-            await registry.revoke(device_id, RevocationReason.KEY_COMPROMISE, actor="bench")
-            with contextlib.suppress(ssl.SSLError, ConnectionError):
-                await asyncio.wait_for(reader.read(), 30)
-            dropped = time.time()
-            event = [e for e in await registry.events(device_id=device_id) if e.kind == "device.revoked"][-1]
-            latencies.append((dropped - event_seconds(event.ts)) * 1000)
-            writer.close()
+            latencies.append(await revoke_and_wait(registry, device_id, reader, writer))
             await asyncio.sleep(random.uniform(0.2, 0.5))
         await issuing
         wanted = {d for d, _ in devices}

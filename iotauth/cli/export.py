@@ -11,6 +11,7 @@ from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, out, success, warn
 from iotauth.config import parse_bind
 from iotauth.export import mosquitto
+from iotauth.export.managed.layout import ManagedFiles
 from iotauth.policy import PolicySet
 
 
@@ -106,16 +107,8 @@ def export_mosquitto(
         return files
 
     def report(files: mosquitto.ExportedFiles) -> None:
-        data = {
-            "config": str(files.config),
-            "ca": str(files.ca),
-            "certfile": str(files.certificate),
-            "keyfile": str(files.key),
-            "crlfile": str(files.crl),
-            "acl_file": str(files.acl),
-            "listener": f"{host}:{port}",
-            "reloaded_pid": reload_pid,
-        }
+        data = {**_common(files), "acl_file": str(files.acl), "listener": f"{host}:{port}",
+                "reloaded_pid": reload_pid}
         if as_json:
             emit_json(data)
         else:
@@ -123,6 +116,12 @@ def export_mosquitto(
             fields("files", data)
 
     run(ctx.with_authority(work, signing_optional=True))
+
+
+def _common(files: mosquitto.ExportedFiles | ManagedFiles) -> dict[str, str]:
+    """The files both modes write, as the report names them."""
+    return {"config": str(files.config), "ca": str(files.ca), "certfile": str(files.certificate),
+            "keyfile": str(files.key), "crlfile": str(files.crl)}
 
 
 async def _managed(
@@ -145,11 +144,7 @@ async def _managed(
                                 user=run_as, plugin=plugin, reset_state=reset_state)
     files = done.files
     data = {
-        "config": str(files.config),
-        "ca": str(files.ca),
-        "certfile": str(files.certificate),
-        "keyfile": str(files.key),
-        "crlfile": str(files.crl),
+        **_common(files),
         "dynamic_security": str(files.state),
         "state_written": done.state_written,
         "devices": done.devices,

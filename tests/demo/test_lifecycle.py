@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from iotauth.config import Home
 from iotauth.demo import TRUST_DOMAIN, run_demo
@@ -24,17 +25,19 @@ EXPECTED_STEPS = [
 ]
 
 
-def test_demo_runs_every_step(tmp_path: Path) -> None:
+def run_demo_cli(*args: str) -> dict[str, Any]:
+    """``iotauth demo ... --json`` as a process; its report (which must say every step passed)."""
     result = subprocess.run(
-        [iotauth_executable(), "demo", "--dir", str(tmp_path / "d"), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+        [iotauth_executable(), "demo", *args, "--json"], capture_output=True, text=True, timeout=240, check=False
     )
     assert "Traceback" not in result.stderr
-    report = json.loads(result.stdout)
+    report: dict[str, Any] = json.loads(result.stdout)
     assert result.returncode == 0, report
+    return report
+
+
+def test_demo_runs_every_step(tmp_path: Path) -> None:
+    report = run_demo_cli("--dir", str(tmp_path / "d"))
     assert [step["name"] for step in report["steps"]] == EXPECTED_STEPS
     assert all(step["ok"] for step in report["steps"])
     assert report["facts"]["devices"] == ["sensor-DEMO-0001", "sensor-DEMO-0002", "sensor-DEMO-0003"]
@@ -62,17 +65,7 @@ def test_demo_runs_the_same_lifecycle_on_managed_mosquitto() -> None:
     # Not under pytest's private tree: Mosquitto started as root reads its files as 'mosquitto'.
     parent = Path(tempfile.mkdtemp(prefix="iotauth-demo-test-"))
     parent.chmod(0o755)
-    base = parent / "d"
-    result = subprocess.run(
-        [iotauth_executable(), "demo", "--broker", "mosquitto", "--dir", str(base), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr
-    report = json.loads(result.stdout)
-    assert result.returncode == 0, report
+    report = run_demo_cli("--broker", "mosquitto", "--dir", str(parent / "d"))
     names = [step["name"] for step in report["steps"]]
     assert names == [
         *EXPECTED_STEPS[:3],

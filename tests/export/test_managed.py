@@ -179,19 +179,16 @@ def test_suspend_drops_the_session_and_resume_restores_access(managed: ManagedEn
 
 
 def test_a_profile_change_updates_rights(managed_factory: object) -> None:
-    def configure(home: object, pki: Pki) -> None:
-        pki.issue("prof-1")
-
-    env: ManagedEnv = managed_factory(configure)  # type: ignore[operator]
-    creds = _creds(env, "prof-1")
+    env: ManagedEnv = managed_factory("prof-1")  # type: ignore[operator]
+    creds = env.devices["prof-1"]
     device = env.connect(creds)
     assert device.subscribe("devices/prof-1/alerts/#") == [REFUSED]
     config = env.home.config_file
     text = config.read_text()
     assert 'subscribe = ["devices/{device_id}/commands/#"]' in text
+    mark = env.last_event_id()
     config.write_text(text.replace('subscribe = ["devices/{device_id}/commands/#"]',
                                    'subscribe = ["devices/{device_id}/alerts/#"]', 1))
-    mark = env.last_event_id()
     reconciled = env.wait_event("mosquitto.reconciled", after=mark)
     assert reconciled.data["trigger"] == "policy-reloaded" and reconciled.data["changed"] == 1
     device.wait_disconnected(15)  # moved to its new role: one kick, then it reconnects with the new rights
@@ -205,12 +202,8 @@ def test_a_profile_change_updates_rights(managed_factory: object) -> None:
 
 
 def test_killing_mosquitto_and_changing_the_registry_meanwhile_ends_in_step(managed_factory: object) -> None:
-    def configure(home: object, pki: Pki) -> None:
-        pki.issue("kill-1")
-        pki.issue("kill-2")
-
-    env: ManagedEnv = managed_factory(configure, supervise=False)  # type: ignore[operator]
-    one, two = _creds(env, "kill-1"), _creds(env, "kill-2")
+    env: ManagedEnv = managed_factory("kill-1", "kill-2", supervise=False)  # type: ignore[operator]
+    one, two = env.devices["kill-1"], env.devices["kill-2"]
     env.mosquitto.kill()
     assert env.cli("revoke", "kill-1").returncode == 0
     three = env.pki.issue("kill-3")
@@ -226,11 +219,8 @@ def test_killing_mosquitto_and_changing_the_registry_meanwhile_ends_in_step(mana
 
 
 def test_killing_the_follower_and_revoking_meanwhile_ends_in_step(managed_factory: object) -> None:
-    def configure(home: object, pki: Pki) -> None:
-        pki.issue("fk-1")
-
-    env: ManagedEnv = managed_factory(configure)  # type: ignore[operator]
-    creds = _creds(env, "fk-1")
+    env: ManagedEnv = managed_factory("fk-1")  # type: ignore[operator]
+    creds = env.devices["fk-1"]
     device = env.connect(creds)
     env.follower.kill()  # kill -9: no clean shutdown
     assert env.cli("revoke", "fk-1").returncode == 0
@@ -244,11 +234,8 @@ def test_killing_the_follower_and_revoking_meanwhile_ends_in_step(managed_factor
 
 
 def test_lost_state_is_rebuilt_from_the_registry_and_mosquitto_restarted(managed_factory: object) -> None:
-    def configure(home: object, pki: Pki) -> None:
-        pki.issue("lost-1")
-
-    env: ManagedEnv = managed_factory(configure)  # type: ignore[operator]
-    creds = _creds(env, "lost-1")
+    env: ManagedEnv = managed_factory("lost-1")  # type: ignore[operator]
+    creds = env.devices["lost-1"]
     # A crash during one of Mosquitto 2.0.11's in-place saves leaves a truncated file: it starts with no clients.
     env.mosquitto.supervise = False
     env.mosquitto.kill()
@@ -271,11 +258,8 @@ def test_lost_state_is_rebuilt_from_the_registry_and_mosquitto_restarted(managed
 def test_a_crl_mosquitto_cannot_load_is_noticed_and_the_device_is_kicked_again_once_it_can(
     managed_factory: object,
 ) -> None:
-    def configure(home: object, pki: Pki) -> None:
-        pki.issue("crl-1")
-
-    env: ManagedEnv = managed_factory(configure)  # type: ignore[operator]
-    creds = _creds(env, "crl-1")
+    env: ManagedEnv = managed_factory("crl-1")  # type: ignore[operator]
+    creds = env.devices["crl-1"]
     device = env.connect(creds)
     env.directory.chmod(0o700)  # Mosquitto (as 'mosquitto') can no longer open the CRL at SIGHUP
     try:
@@ -314,18 +298,6 @@ def test_the_admin_credentials_stay_secret_and_on_loopback(managed: ManagedEnv) 
     result = managed.cli("export", "mosquitto", "--managed", "--out", str(managed.base / "other"),
                          "--admin-bind", "0.0.0.0:1884")
     assert result.returncode != 0 and "loopback" in result.stderr
-
-
-def _creds(env: ManagedEnv, device_id: str) -> DeviceCreds:
-    """The credentials ``configure`` issued (the Pki wrote them under its directory)."""
-    key = next(env.pki.directory.glob(f"{device_id}-*.key"))
-    cert = key.with_suffix(".crt")
-    from cryptography import x509
-
-    from iotauth.certs import fingerprint, serial_hex
-
-    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
-    return DeviceCreds(device_id, cert, key, env.home.chain_file, serial_hex(parsed), fingerprint(parsed))
 
 
 def _try_connect(env: ManagedEnv, creds: DeviceCreds) -> MqttClient | None:
@@ -370,10 +342,9 @@ def test_revocations_overtake_a_long_run_of_grants(managed_factory: object) -> N
 
     def configure(home: Home, pki: Pki) -> None:
         asyncio.run(_issue_many(home, [f"load-{n}" for n in range(2000)]))
-        pki.issue("ot-1")
 
-    env: ManagedEnv = managed_factory(configure)  # type: ignore[operator]
-    creds = _creds(env, "ot-1")
+    env: ManagedEnv = managed_factory("ot-1", configure=configure)  # type: ignore[operator]
+    creds = env.devices["ot-1"]
     device = env.connect(creds)
     mark = env.last_event_id()
     asyncio.run(_issue_many(env.home, [f"new-{n}" for n in range(200)]))

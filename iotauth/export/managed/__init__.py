@@ -12,6 +12,7 @@ reconnect.
 * :mod:`.crl` -- CRLs with canaries: sign, check, write, SIGHUP, prove;
 * :mod:`.process` -- the Mosquitto process: verified pid, SIGHUP, restart command;
 * :mod:`.layout` -- the export's files, modes, owners and the follower's credentials;
+* :mod:`.enforce` -- applies a plan in the one safe order (CRL, kicks, grants overtaken by revocations);
 * :mod:`.follower` -- the feed follower: batches, reconciles, rebuilds, audit;
 * :mod:`.service` -- assembles a follower for one export directory.
 """

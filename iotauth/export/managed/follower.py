@@ -35,10 +35,11 @@ the same path when a restart command is configured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,24 +48,25 @@ from cryptography.hazmat.primitives import serialization
 from iotauth.authority import Authority
 from iotauth.certs import now_utc
 from iotauth.config import Home, load_settings
-from iotauth.errors import IotAuthError, MosquittoControlError, MosquittoUnavailable, NotFound, RegistryError
+from iotauth.errors import (
+    IotAuthError,
+    MosquittoControlError,
+    MosquittoUnavailable,
+    RegistryError,
+)
 from iotauth.export.managed.control import DynsecControl
-from iotauth.export.managed.crl import CrlProof, CrlPublisher
+from iotauth.export.managed.crl import CrlPublisher
+from iotauth.export.managed.enforce import Enforcer, valid
 from iotauth.export.managed.layout import ManagedFiles, ManagedSettings
 from iotauth.export.managed.process import MosquittoProcess
 from iotauth.export.managed.state import (
     ClientState,
-    DeviceRole,
-    Plan,
     RoleState,
     bootstrap_state,
-    desired_role,
     desired_roles,
-    kick_commands,
     marker_command,
     plan,
     reserved_repairs,
-    withdrawal_commands,
 )
 from iotauth.files import write_public
 from iotauth.policy import PolicySet
@@ -75,9 +77,7 @@ from iotauth.registry.follower import Backoff, FeedCursor, FollowerRecord, to_ap
 log = logging.getLogger("iotauth.mosquitto")
 
 ACTOR = "iotauth-mosquitto"
-EXISTS, MISSING = ("already exists",), ("already exists", "not found")
 LISTED = 100  # device ids listed in one reconcile record; the counts are always complete
-URGENT = tuple(MOSQUITTO_KICKS)  # event kinds that overtake queued grants
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,12 @@ class MosquittoFollower:
         self._reconcile: str | None = "start"
         self._ready_reported = False
         self._rebuilt_at: float | None = None  # when the state was last rebuilt for refused logins
-        self._unproven: set[str] = set()  # withdrawn while no CRL was seen in force: kick again once one is
         self._next_reconcile = 0.0
-        self._next_crl = 0.0
         self._saved_at = 0.0
-        self._per_command = 0.01  # seconds one saving command takes in this Mosquitto (measured as it runs)
-        self._overtaken: dict[str, int] = {}  # device -> the revocation event applied ahead of its batch
+        self.enforce = Enforcer(registry=self.registry, policies=policies, control=self.control, crl=crl,
+                                cursor=self.cursor, grant_batch=options.grant_batch, grant_stall=options.grant_stall,
+                                withdraw_batch=options.withdraw_batch, crl_refresh_every=options.crl_refresh_every,
+                                crl_retry=options.crl_retry)
         self._backoff = Backoff(options.retry_initial, options.retry_max)
         self._config_stamp = self._stamp()
         self._next_config_check = 0.0
@@ -157,6 +157,9 @@ class MosquittoFollower:
                     await asyncio.sleep(delay)
         finally:
             await self.control.stop()
+            if self.cursor.saved != self.cursor.position:
+                with contextlib.suppress(Exception):  # best effort: the next start reconciles anyway
+                    await self.cursor.advance(self.cursor.position)
 
     async def _step(self) -> None:
         if not self.control.ready:
@@ -180,8 +183,8 @@ class MosquittoFollower:
         if batch:
             await self._guarded(self.apply(batch))
             return
-        if loop_time >= self._next_crl:
-            await self._guarded(self._refresh_crl())
+        if loop_time >= self.enforce.next_crl:
+            await self._guarded(self.enforce.refresh_crl())
         if loop_time - self._saved_at > 5 and self.cursor.saved != self.cursor.position:
             await self.cursor.advance(self.cursor.position)
             self._saved_at = loop_time
@@ -220,7 +223,7 @@ class MosquittoFollower:
         if policies == self.policies:
             return False
         log.warning("topic policies changed in %s: reconciling Mosquitto's roles", self.home.config_file)
-        self.policies = policies
+        self.policies = self.enforce.policies = policies
         self._reconcile = self._reconcile or "policy-reloaded"
         return True
 
@@ -257,168 +260,25 @@ class MosquittoFollower:
         scope: dict[str, AuditEvent] = {}
         reasons: dict[str, tuple[str, AuditEvent]] = {}
         for event in events:
-            if event.device_id:
+            if event.device_id and valid(event.device_id):
                 scope[event.device_id] = event
                 reason = MOSQUITTO_KICKS.get(event.kind)
-                if reason is not None and event.id > self._overtaken.get(event.device_id, 0):
+                if reason is not None and event.id > self.enforce.overtaken.get(event.device_id, 0):
                     reasons[event.device_id] = (reason, event)
-        desired = await self._desired(scope)
-        clients, roles = await self._current(scope, desired)
+        desired = await self.enforce.desired(scope)
+        clients, roles = await self.enforce.current(scope, desired)
         todo = plan(desired, clients, roles, scope=scope, kick_missing=[d for d in reasons if d not in desired])
         kicks = sorted(d for d in reasons if d in desired and d in clients and d not in todo.changed)
-        proof = await self._converge(todo, kicks, after=batch[-1].id)
+        proof = await self.enforce.converge(todo, kicks, after=batch[-1].id)
         records = [FollowerRecord(EventKind.MOSQUITTO_DEVICE_SYNCED, d, {
             "action": "created" if d in todo.created else "changed", "role": desired[d].rolename,
             "event_id": scope[d].id, "event": scope[d].kind}) for d in sorted({*todo.created, *todo.changed})]
         for device_id in [*todo.withdraw, *kicks]:
             reason, event = reasons.get(device_id, ("device-not-active", scope[device_id]))
-            records.append(self._kick_record(device_id, reason, proof, event_id=event.id, event=event.kind))
+            records.append(self.enforce.kick_record(device_id, reason, proof, event_id=event.id, event=event.kind))
         await self.cursor.advance(batch[-1].id, records)
-        self._overtaken = {d: i for d, i in self._overtaken.items() if i > batch[-1].id}
+        self.enforce.overtaken = {d: i for d, i in self.enforce.overtaken.items() if i > batch[-1].id}
         self._saved_at = asyncio.get_running_loop().time()
-
-    async def _desired(self, devices: Iterable[str]) -> dict[str, DeviceRole]:
-        """The roles these devices should have now (a device that is not active, or unknown, has none)."""
-        desired: dict[str, DeviceRole] = {}
-        for device_id in devices:
-            try:
-                role = desired_role(await self.registry.get_device(device_id), self.policies)
-            except NotFound:
-                role = None
-            if role is not None:
-                desired[device_id] = role
-        return desired
-
-    async def _current(
-        self, scope: Iterable[str], desired: Mapping[str, DeviceRole]
-    ) -> tuple[dict[str, ClientState], dict[str, RoleState]]:
-        """What Mosquitto holds for the devices in ``scope`` (their clients, their roles, the wanted roles)."""
-        names = sorted(scope)
-        wanted = sorted({r.rolename for r in desired.values()})
-        answers = await self.control.query([{"command": "getClient", "username": n} for n in names]
-                                           + [{"command": "getRole", "rolename": r} for r in wanted])
-        clients = {n: ClientState.from_json(a["client"]) for n, a in zip(names, answers, strict=False) if a}
-        roles = {r: RoleState.from_json(a["role"]) for r, a in zip(wanted, answers[len(names):], strict=True) if a}
-        for client in clients.values():  # roles a client holds that we did not fetch: candidates for cleanup
-            for rolename in client.roles:
-                roles.setdefault(rolename, RoleState(rolename, frozenset()))
-        return clients, roles
-
-    async def _converge(self, todo: Plan, kicks: Sequence[str], *, after: int) -> CrlProof | None:
-        """A proven CRL, then withdrawals and kicks, then grants (overtaken by revocations), then cleanup.
-
-        ``after``: the last event this work covers; revocations committed after
-        it are applied between grant messages instead of waiting behind them.
-        """
-        proof = await self._publish_crl()
-        if proof is None or not proof.proven:
-            self._unproven.update(todo.withdraw)
-        await self._withdraw(todo.withdraw, todo.existing)
-        if kicks:
-            await self.control.run(kick_commands(kicks), tolerate=MISSING)
-        grants = todo.grants
-        done = 0
-        while done < len(grants):
-            chunk = grants[done : done + self._grant_size()]
-            started = time.monotonic()
-            await self.control.run(chunk, batch=len(chunk), tolerate=EXISTS)
-            self._per_command = 0.7 * self._per_command + 0.3 * (time.monotonic() - started) / len(chunk)
-            done += len(chunk)
-            if done < len(grants):
-                await self._overtake(after)
-        await self.control.run(todo.cleanup, batch=self._grant_size(), tolerate=MISSING)
-        return proof
-
-    def _grant_size(self) -> int:
-        """Commands per message, so one message stalls Mosquitto for about ``grant_stall`` seconds at most.
-
-        Each saving command rewrites the whole state file: about 0.3 ms with a
-        few devices, 65 ms or more with 10,000. A revocation waits for the
-        message in progress, so at that size messages carry one command.
-        """
-        return max(1, min(self.options.grant_batch, int(self.options.grant_stall / max(self._per_command, 1e-4))))
-
-    async def _overtake(self, after: int) -> None:
-        """Apply revocations committed after event ``after`` now, ahead of the grants still queued.
-
-        Every saving control command rewrites Mosquitto's whole state file
-        (tens of ms at 10,000 devices), so a large batch of grants would
-        otherwise hold back a revocation for minutes. The overtaken events are
-        applied again, idempotently, when their own batch comes, without a second kick.
-        """
-        if not await self.registry.has_events(after_id=after, kind_prefixes=URGENT):
-            return
-        reasons: dict[str, tuple[str, AuditEvent]] = {}
-        for event in await self.registry.events(after_id=after, limit=1000):
-            reason = MOSQUITTO_KICKS.get(event.kind)
-            if reason is not None and event.device_id and event.id > self._overtaken.get(event.device_id, 0):
-                reasons[event.device_id] = (reason, event)
-        if not reasons:
-            return
-        desired = await self._desired(reasons)
-        clients, _ = await self._current(reasons, {})
-        withdraw = sorted(d for d in reasons if d not in desired)
-        kicks = sorted(d for d in reasons if d in desired and d in clients)
-        proof = await self._publish_crl()
-        if proof is None or not proof.proven:
-            self._unproven.update(withdraw)
-        await self._withdraw(withdraw, {d for d in withdraw if d in clients})
-        if kicks:
-            await self.control.run(kick_commands(kicks), tolerate=MISSING)
-        records = []
-        for device_id, (reason, event) in sorted(reasons.items()):
-            self._overtaken[device_id] = event.id
-            if device_id in withdraw or device_id in kicks:
-                records.append(self._kick_record(device_id, reason, proof, event_id=event.id, event=event.kind,
-                                                 overtook=True))
-        await self.cursor.advance(self.cursor.position, records)
-
-    async def _withdraw(self, devices: Sequence[str], existing: set[str]) -> None:
-        size = self.options.withdraw_batch
-        for start in range(0, len(devices), size):
-            chunk = devices[start : start + size]
-            await self.control.run(withdrawal_commands(chunk, existing), batch=3 * size, tolerate=MISSING)
-
-    async def _publish_crl(self) -> CrlProof | None:
-        """A new CRL, proven in force; None (and a loud log) when Mosquitto's process cannot be signalled."""
-        try:
-            proof = await self.crl.publish()
-        except MosquittoUnavailable as exc:
-            log.error("could not reload Mosquitto's CRL (%s): withdrawn devices are kicked and lose their rights, "
-                      "but their certificates are not refused until a CRL is loaded", exc)
-            self._next_crl = asyncio.get_running_loop().time() + self.options.crl_retry
-            return None
-        self._next_crl = asyncio.get_running_loop().time() + (
-            self.options.crl_refresh_every if proof.proven else self.options.crl_retry)
-        if not proof.proven:
-            await self.cursor.advance(self.cursor.position, [FollowerRecord(
-                EventKind.MOSQUITTO_CRL_UNPROVEN, None, {**proof.as_dict(), "last_probe": str(proof.last_probe)})])
-        return proof
-
-    async def _refresh_crl(self) -> None:
-        """Re-sign before nextUpdate (an expired CRL refuses everyone); re-kick what an unproven CRL let in."""
-        proof = await self._publish_crl()
-        if proof is None or not proof.proven or not self._unproven:
-            return
-        again = [d for d in sorted(self._unproven) if await self._still_withdrawn(d)]
-        await self._withdraw(again, set())
-        self._unproven.clear()
-        if again:
-            await self.cursor.advance(self.cursor.position, [
-                self._kick_record(d, "crl-now-in-force", proof) for d in again])
-
-    async def _still_withdrawn(self, device_id: str) -> bool:
-        try:
-            device = await self.registry.get_device(device_id)
-        except NotFound:
-            return True
-        return desired_role(device, self.policies) is None
-
-    @staticmethod
-    def _kick_record(device_id: str, reason: str, proof: CrlProof | None, **extra: Any) -> FollowerRecord:
-        data: dict[str, Any] = {"reason": reason, **extra}
-        data.update(proof.as_dict() if proof is not None else {"crl_proven": False})
-        return FollowerRecord(EventKind.MOSQUITTO_SESSION_KICKED, device_id, data)
 
     # -- the whole registry -----------------------------------------------------------------
 
@@ -443,7 +303,7 @@ class MosquittoFollower:
             await self.rebuild(f"{todo.commands} changes ({trigger})")
             return
         await self.control.run(repairs)
-        proof = await self._converge(todo, [], after=head)
+        proof = await self.enforce.converge(todo, [], after=head)
         marker = marker_command(clients, str(head))
         if marker is not None:
             await self.control.run([marker])
@@ -455,7 +315,7 @@ class MosquittoFollower:
                    "created_ids": todo.created[:LISTED], "changed_ids": todo.changed[:LISTED],
                    **(proof.as_dict() if proof is not None else {"crl_proven": False})}
         records = [FollowerRecord(EventKind.MOSQUITTO_RECONCILED, None, summary)]
-        records += [self._kick_record(d, "reconcile", proof, trigger=trigger) for d in todo.withdraw]
+        records += [self.enforce.kick_record(d, "reconcile", proof, trigger=trigger) for d in todo.withdraw]
         await self.cursor.advance(head, records)
         self._saved_at = asyncio.get_running_loop().time()
         self._reconcile = None

@@ -372,3 +372,9 @@ async def _issue_many(home: Home, device_ids: list[str]) -> None:
             await asyncio.gather(*(authority.issue_for_key(generate_private_key("p256").public_key(), d,
                                                            activate=True, actor="test")
                                    for d in device_ids[start:start + 500]))
+
+
+def test_a_second_follower_for_the_same_mosquitto_is_refused(managed: ManagedEnv) -> None:
+    result = managed.cli("mosquitto", "follow", str(managed.directory))
+    assert result.returncode == 1
+    assert f"another follower (pid {managed.follower.process.pid}) is already running" in result.stderr  # type: ignore[union-attr]

@@ -21,6 +21,7 @@ running Mosquitto owns it and would overwrite an edit at its next save.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -231,6 +232,25 @@ async def export_managed(
     _write(files.config, render_config(files, settings).encode(), gid)
     check_managed_access(files, account)
     return ManagedExport(files, settings, state_written, len(roles), generation)
+
+
+def lock_follower(files: ManagedFiles) -> int:
+    """Take the export's follower lock: one follower per Mosquitto. The returned descriptor holds it.
+
+    Two followers would each publish CRLs without the other's canaries and
+    prove nothing, and race each other's commands.
+    """
+    path = files.directory / "follower.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise ConfigError(f"another follower (pid {holder or '?'}) is already running for {files.directory}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def check_managed_access(files: ManagedFiles, account: Account | None) -> None:

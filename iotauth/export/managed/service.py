@@ -11,7 +11,13 @@ from iotauth.config import Home
 from iotauth.export.access import group_of, mosquitto_account
 from iotauth.export.managed.crl import Canaries, CrlPublisher
 from iotauth.export.managed.follower import FollowerOptions, MosquittoFollower
-from iotauth.export.managed.layout import ManagedFiles, ManagedSettings, check_managed_access, read_admin_password
+from iotauth.export.managed.layout import (
+    ManagedFiles,
+    ManagedSettings,
+    check_managed_access,
+    lock_follower,
+    read_admin_password,
+)
 from iotauth.export.managed.process import MosquittoProcess
 from iotauth.policy import PolicySet
 
@@ -36,6 +42,7 @@ def build_follower(
     authority.ca  # noqa: B018 - fail now, with the reason, if this Authority cannot sign
     account = mosquitto_account(settings.user)
     check_managed_access(files, account)
+    lock_follower(files)  # held until this process exits
     process = MosquittoProcess(files.config, files.pid, restart_command)
     crl = CrlPublisher(authority, files, process, (settings.probe_host, settings.device_port), group_of(account),
                        Canaries(home.chain_file))

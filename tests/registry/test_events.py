@@ -10,11 +10,14 @@ from iotauth.registry.events import (
     DEVICE_KICKS,
     EMQX_KICKS,
     HARMLESS_TO_SESSIONS,
+    MOSQUITTO_KICKS,
     changes_crl,
     changes_mosquitto_export,
+    changes_mosquitto_state,
     device_status_changed,
     topic_denied,
     written_by_broker,
+    written_by_follower,
 )
 
 STORED = {
@@ -29,6 +32,8 @@ STORED = {
     "broker.publish.denied", "broker.subscribe.denied", "broker.receive.denied", "broker.audit.suppressed",
     "broker.registry.recovered", "broker.policy.reloaded", "broker.policy.reload_failed",
     "broker.limit.exceeded", "broker.protocol.violation",
+    "mosquitto.session.kicked", "mosquitto.device.synced", "mosquitto.reconciled", "mosquitto.state.rebuilt",
+    "mosquitto.crl.unproven",
 }
 
 
@@ -59,3 +64,12 @@ def test_other_followers() -> None:
     assert crl == {k for k in EventKind if k.value.startswith(("certificate.", "device."))}
     assert {k for k in EventKind if changes_mosquitto_export(k)} == crl
     assert changes_crl("device.some-future-kind")  # new device or certificate kinds fail safe
+
+
+def test_the_mosquitto_follower_kicks_on_what_the_broker_kicks_and_on_revoked_certificates() -> None:
+    assert dict(MOSQUITTO_KICKS) == {**DEVICE_KICKS, "certificate.revoked": "certificate-revoked"}
+    assert {k for k in EventKind if changes_mosquitto_state(k)} == {k for k in EventKind if changes_crl(k)}
+    assert changes_mosquitto_state("certificate.some-future-kind")  # a later kind re-reads the device: fails safe
+    # Records written by brokers and followers about their own work are never work for a follower.
+    assert all(written_by_follower(k) == k.value.startswith(("broker.", "mosquitto.")) for k in EventKind)
+    assert not any(changes_mosquitto_state(k) for k in EventKind if written_by_follower(k))

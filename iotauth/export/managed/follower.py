@@ -131,6 +131,7 @@ class MosquittoFollower:
         self._reconcile: str | None = "start"
         self._ready_reported = False
         self._rebuilt_at: float | None = None  # when the state was last rebuilt for refused logins
+        self._waiting_logged = -1e9
         self._next_reconcile = 0.0
         self._saved_at = 0.0
         self.enforce = Enforcer(registry=self.registry, policies=policies, control=self.control, crl=crl,
@@ -245,9 +246,10 @@ class MosquittoFollower:
                       self.control.last_refusal)
             await self.rebuild("Mosquitto lost iotauth's state (control login refused)")
             return
-        if not await self.control.wait_ready(2.0) and not self._ready_reported:
-            log.warning("waiting for Mosquitto's control listener at %s:%d", self.settings.admin_host,
-                        self.settings.admin_port)
+        if not await self.control.wait_ready(2.0) and now - self._waiting_logged > 30:
+            self._waiting_logged = now
+            log.warning("waiting for Mosquitto's control listener at %s:%d (%s)", self.settings.admin_host,
+                        self.settings.admin_port, self.control.last_refusal or "not reachable")
 
     # -- event batches ----------------------------------------------------------------------
 

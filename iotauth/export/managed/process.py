@@ -102,6 +102,7 @@ class MosquittoProcess:
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+            await process.wait()
             log.error("the restart command did not finish within %.0f s", timeout)
             return False
         if process.returncode != 0:

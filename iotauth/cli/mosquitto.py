@@ -65,7 +65,7 @@ def follow(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("iotauth").setLevel(logging.INFO if verbose else logging.WARNING)
     command = shlex.split(restart_command) if restart_command else None
-    refresh = max(60.0, ctx.settings().crl_next_update.total_seconds() / 2)
+    refresh = max(5.0, ctx.settings().crl_next_update.total_seconds() / 2)  # well before nextUpdate
     options = FollowerOptions(poll_interval=poll_interval, reconcile_every=reconcile_every,
                               crl_refresh_every=refresh, rebuild_threshold=rebuild_threshold)
 

@@ -15,6 +15,7 @@ import ssl
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ from iotauth.config import Home
 from iotauth.errors import ConnectRefused
 from iotauth.export.managed.state import ADMIN_USERNAME
 from iotauth.testing import MqttClient
-from tests.fixtures.broker import DeviceCreds, Pki, event_time, wait_for
+from tests.fixtures.broker import DeviceCreds, Pki, event_time, iotauth_cli, wait_for
 from tests.fixtures.mosquitto import ManagedEnv
 
 REFUSED = 128  # SUBACK failure (MQTT 3.1.1)
@@ -378,3 +379,13 @@ def test_a_second_follower_for_the_same_mosquitto_is_refused(managed: ManagedEnv
     result = managed.cli("mosquitto", "follow", str(managed.directory))
     assert result.returncode == 1
     assert f"another follower (pid {managed.follower.process.pid}) is already running" in result.stderr  # type: ignore[union-attr]
+
+
+def test_follow_says_what_is_missing(home: Home, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    result = iotauth_cli(home, "mosquitto", "follow", str(plain))
+    assert result.returncode == 1
+    assert "is not a managed Mosquitto export (no managed.json)" in result.stderr
+    assert "run 'iotauth export mosquitto --managed --out DIR' first" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

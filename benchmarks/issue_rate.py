@@ -10,7 +10,11 @@ Prints JSON with:
   (query, entry objects, signature), as ``iotauth crl`` does it;
 * ``crl_100k_rebuild_after_one_revocation_seconds``: the next build after one
   more revocation, as the long-running ``iotauth serve`` does it (entry
-  objects are reused between builds).
+  objects are reused between builds);
+* ``token``: the same issuance with the issuing key on a PKCS#11 token (SoftHSM2,
+  a token this script initialises in a temporary directory), next to the file
+  key above, in the same run: ``ratio_token_to_file`` (goal >= 0.5), and the
+  signatures per second each key gives on its own.
 
 Usage: python benchmarks/issue_rate.py [--count N] [--concurrency C]
 """
@@ -20,22 +24,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import resource
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from iotauth.authority import open_authority
-from iotauth.bootstrap import initialise_home
+from iotauth.authority import Authority, open_authority
+from iotauth.bootstrap import KeyPlan, initialise_home
 from iotauth.certs import now_utc
 from iotauth.config import Home
 from iotauth.pki.ca import revoked_entry
-from iotauth.pki.keys import generate_private_key
+from iotauth.pki.keys import PrivateKey, generate_private_key
 from iotauth.registry import RevocationReason, open_registry
+
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+PIN = "246810"
 
 
 def _cpu() -> float:
@@ -61,16 +72,9 @@ async def run(count: int, concurrency: int) -> dict[str, object]:
             authority.ca.issue(csr, f"raw-{n}", profile)
         raw_rate = (count // 2) / (time.perf_counter() - started)
 
-        started, cpu = time.perf_counter(), _cpu()
-        for start in range(0, count, concurrency):
-            await asyncio.gather(
-                *[
-                    authority.issue(csr, f"dev-{start + n}", actor="bench")
-                    for n, csr in enumerate(csrs[start : start + concurrency])
-                ]
-            )
-        elapsed, cpu_used = time.perf_counter() - started, _cpu() - cpu
+        elapsed, cpu_used = await _issue_all(authority, csrs, concurrency)
         assert len(await registry.list_devices()) == count
+        file_signatures = _signatures_per_second(authority.ca.issuing_key)
 
         await _fill_revoked(registry, 100_000)
         now = now_utc()
@@ -105,6 +109,73 @@ async def run(count: int, concurrency: int) -> dict[str, object]:
         "crl_100k_rebuild_after_one_revocation_seconds": round(crl_rebuild, 3),
         "goal_crl_seconds": 1.5,
         "audit_chain_ok": audit_ok,
+        "token": await _token_run(csrs, concurrency, count / elapsed, file_signatures),
+    }
+
+
+async def _issue_all(authority: Authority, csrs: list[x509.CertificateSigningRequest],
+                     concurrency: int) -> tuple[float, float]:
+    started, cpu = time.perf_counter(), _cpu()
+    for start in range(0, len(csrs), concurrency):
+        await asyncio.gather(
+            *[
+                authority.issue(csr, f"dev-{start + n}", actor="bench")
+                for n, csr in enumerate(csrs[start : start + concurrency])
+            ]
+        )
+    return time.perf_counter() - started, _cpu() - cpu
+
+
+def _signatures_per_second(key: PrivateKey, seconds: float = 1.0) -> float:
+    """ECDSA signatures per second with ``key`` alone (a token key includes its verify-before-return)."""
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        key.sign(b"tbs", ec.ECDSA(hashes.SHA256()))
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def _softhsm_token() -> Path | None:
+    """A SoftHSM2 token 'bench' in a temporary directory, for this process and its children (None: no SoftHSM2)."""
+    if not Path(SOFTHSM).exists() or shutil.which("softhsm2-util") is None:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="iotauth-bench-hsm-"))
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ.update({"SOFTHSM2_CONF": str(conf), "IOTAUTH_PKCS11_PIN": PIN})
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin", PIN, "--so-pin",
+                    "13579135"], check=True, capture_output=True)
+    return root
+
+
+async def _token_run(csrs: list[x509.CertificateSigningRequest], concurrency: int, file_rate: float,
+                     file_signatures: float) -> dict[str, object]:
+    """The same issuance with the issuing key on a SoftHSM2 token initialised here."""
+    root = _softhsm_token()
+    if root is None:
+        return {"skipped": "SoftHSM2 is not installed (scripts/install-system-deps.sh)"}
+    home = Home(root / "home")
+    uri = f"pkcs11:token=bench;object=issuing?module-path={SOFTHSM}"
+    await initialise_home(home, "bench.test", ["localhost"], passphrase=None, actor="bench",
+                          keys=KeyPlan(issuing_key_uri=uri))
+    async with await open_registry(home.registry_db) as registry:
+        authority = await open_authority(home, registry)
+        elapsed, cpu_used = await _issue_all(authority, csrs, concurrency)
+        assert len(await registry.list_devices()) == len(csrs)
+        token_signatures = _signatures_per_second(authority.ca.issuing_key)
+    rate = len(csrs) / elapsed
+    return {
+        "module": SOFTHSM,
+        "key": uri,
+        "issued_per_second_file_key": round(file_rate, 1),
+        "issued_per_second_token_key": round(rate, 1),
+        "ratio_token_to_file": round(rate / file_rate, 3),
+        "goal_ratio": 0.5,
+        "cpu_ms_per_issuance_token_key": round(cpu_used / len(csrs) * 1000, 3),
+        "token_signatures_per_second": round(token_signatures, 1),
+        "file_key_signatures_per_second": round(file_signatures, 1),
     }
 
 

@@ -9,9 +9,9 @@ tested exactly as it runs on the line:
 * ``--state DIR`` is the device's flash: hardware id, private key, CSR,
   certificate object, config and the committed mark are files there, each
   replaced atomically, so provisioning survives a restart (or a SIGKILL)
-  exactly as on a device. For convenience it also exports ``cert.pem``,
-  ``chain.pem``, ``fullchain.pem``, ``ca.pem``, ``key.pem`` and
-  ``device.json`` for an MQTT client to use.
+  exactly as on a device. For convenience it also exports ``key.pem``,
+  ``cert.pem``, ``chain.pem``, ``fullchain.pem``, ``ca.pem`` and
+  ``config.json`` for an MQTT client to use (:attr:`Flash.EXPORTS`).
 * Keys are real (P-256 by default), CSRs and PROVE signatures are real.
 * ``--baud N`` paces both directions at N baud (10 bits per byte, 8N1) and
   ``--keygen-ms N`` makes key generation take N ms, so benchmarks see the
@@ -20,6 +20,12 @@ tested exactly as it runs on the line:
   of a step; see :data:`FAULT_KINDS`.
 * ``--boards N`` emulates a fixture that is fed N boards in turn: after a
   board commits, the next HELLO meets a fresh blank board (for benchmarks).
+* ``--keygen-command CMD`` makes keys and CSRs with a real device stack
+  instead (``firmware_tools/mbedtls/keygen_csr.c`` compiled against mbedTLS):
+  the emulator stays the reference device, the key material is the library's.
+* ``--violate RULE`` breaks one rule of PROTOCOL.md on purpose (see
+  :data:`VIOLATIONS`), so ``python -m firmware_tools.conformance`` can be seen
+  to fail against it.
 
 The wire codec is the station's own (:mod:`iotauth.provisioning.codec`): one
 codec in code, byte for byte.
@@ -33,7 +39,10 @@ import json
 import os
 import secrets
 import select
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,6 +117,12 @@ FAULT_KINDS = {
     "disconnect": "execute the request, then vanish from the line without replying (exit status 3)",
     "reboot": "execute the request, then reset: RAM (retransmit cache, partial uploads) is lost, flash kept",
     "nak": "refuse without executing: ERROR FLASH_WRITE for writes, BUSY otherwise",
+    "badcsr": "GENERATE_KEY: the new key's stored CSR carries a broken signature (a firmware bug)",
+}
+VIOLATIONS = {
+    "cache": "execute a retransmitted request again instead of resending the cached reply (section 2)",
+    "precedence": "answer LOCKED before UNSUPPORTED (section 3.9)",
+    "keep-buffer": "keep a completed upload's buffer after its validation failed (section 3.3)",
 }
 _WRITES = {MsgType.GENERATE_KEY, MsgType.PUT_KEY, MsgType.PUT_CERT, MsgType.PUT_CONFIG, MsgType.COMMIT, MsgType.ERASE}
 _LIMITS = {MsgType.PUT_KEY: MAX_KEY_OBJECT, MsgType.PUT_CERT: MAX_CERT_OBJECT, MsgType.PUT_CONFIG: MAX_CONFIG_OBJECT}
@@ -216,6 +231,27 @@ class Options:
     key_types: KeyTypes = KeyTypes.P256 | KeyTypes.P384
     max_payload: int = MAX_PAYLOAD
     keygen_seconds: float = 0.0
+    keygen_command: tuple[str, ...] = ()
+    violations: frozenset[str] = frozenset()  # rules deliberately broken (see VIOLATIONS)
+
+
+def external_keygen(command: Sequence[str], key_type: KeyType, subject: str, workdir: Path) -> tuple[bytes, bytes]:
+    """Run a device stack's own key generator: ``COMMAND TYPE SUBJECT_CN DIR`` writes DIR/key.der and DIR/csr.der.
+
+    This is how the emulator stays the reference device while its key and CSR
+    come from real firmware code (``firmware_tools/mbedtls/keygen_csr.c``
+    compiled against mbedTLS). The private key is DER (PKCS#8 or SEC1); the
+    directory is private to the device's flash and removed afterwards.
+    """
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix=".keygen-"))
+    try:
+        done = subprocess.run([*command, key_type.profile_name, subject, str(out)],  # noqa: S603 - the operator's own tool
+                              capture_output=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise Refused(ErrorCode.BUSY, f"key generator failed ({done.returncode})")
+        return (out / "key.der").read_bytes(), (out / "csr.der").read_bytes()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 class Device:
@@ -227,6 +263,7 @@ class Device:
         self.options = options
         self._uploads: dict[MsgType, _Upload] = {}
         self._key: PrivateKeyTypes | None = None
+        self.break_next_csr = False  # the badcsr fault
 
     def reboot(self) -> None:
         """Lose RAM, keep flash."""
@@ -309,6 +346,8 @@ class Device:
             raise Refused(ErrorCode.LOCKED, "device is committed; ERASE first")
 
     def _generate(self, msg: GenerateKey) -> Csr:
+        if "precedence" in self.options.violations:
+            self._unlocked()  # rule-breaking: LOCKED checked before UNSUPPORTED
         if not self.options.capabilities & Capability.KEYGEN:
             raise Refused(ErrorCode.UNSUPPORTED, "this device cannot generate keys; use PUT_KEY")
         if not self.options.key_types & msg.key_type.flag:
@@ -323,17 +362,25 @@ class Device:
             raise Refused(ErrorCode.BAD_STATE, "a key of another type is stored; set REPLACE")
         csr = self._csr(key)
         if msg.offset >= len(csr):
-            raise Refused(ErrorCode.BAD_OFFSET, f"offset {msg.offset} is past the CSR's end", 0)
+            raise Refused(ErrorCode.BAD_OFFSET, f"offset {msg.offset} is past the CSR's end", len(csr))
         chunk = csr[msg.offset : msg.offset + self.options.max_payload - 4]
         return Csr(len(csr), msg.offset, chunk)
 
     def _new_key(self, key_type: KeyType) -> PrivateKeyTypes:
         started = time.monotonic()
-        key = generate_key(key_type)
+        csr = None
+        if self.options.keygen_command:
+            der, csr = external_keygen(self.options.keygen_command, key_type, self.identity.hardware_id[:64],
+                                       self.flash.root)
+            key = serialization.load_der_private_key(der, password=None)
+        else:
+            key = generate_key(key_type)
         remaining = self.options.keygen_seconds - (time.monotonic() - started)
         if remaining > 0:
             time.sleep(remaining)
         self._store_key(key)
+        if csr is not None:
+            self.flash.write("csr.der", csr)
         return key
 
     def _store_key(self, key: PrivateKeyTypes) -> None:
@@ -362,6 +409,9 @@ class Device:
         else:
             raise Refused(ErrorCode.BAD_STATE, "stored key cannot sign")
         der = csr.public_bytes(serialization.Encoding.DER)
+        if self.break_next_csr:  # flip the signature's last byte: still DER, no longer a valid signature
+            self.break_next_csr = False
+            der = der[:-1] + bytes([der[-1] ^ 0x01])
         self.flash.write("csr.der", der)
         return der
 
@@ -378,7 +428,8 @@ class Device:
         if msg.offset == 0:
             upload = self._uploads[kind] = _Upload(msg.total)
         if upload is None or upload.total != msg.total:
-            raise Refused(ErrorCode.BAD_OFFSET, "no upload in progress; restart at offset 0", 0)
+            self._uploads.pop(kind, None)  # a changed total ends the upload: the host restarts at 0
+            raise Refused(ErrorCode.BAD_OFFSET, "no upload of this total in progress; restart at offset 0", 0)
         end = msg.offset + len(msg.data)
         if msg.offset == len(upload.data):
             upload.data += msg.data
@@ -388,7 +439,8 @@ class Device:
         if len(upload.data) < upload.total:
             return ack(len(upload.data), False)
         obj = bytes(upload.data)
-        del self._uploads[kind]
+        if "keep-buffer" not in self.options.violations:
+            del self._uploads[kind]  # complete: stored, or refused at validation; either way the buffer is gone
         self._store(kind, obj)
         return ack(len(obj), True, sha256(obj))
 
@@ -401,6 +453,8 @@ class Device:
             self._store_config(obj)
 
     def _parse_key(self, obj: bytes) -> PrivateKeyTypes:
+        if not _is_pkcs8(obj):
+            raise Refused(ErrorCode.BAD_PAYLOAD, "KEY object is not PKCS#8 (a bare SEC1 key is not accepted)")
         try:
             key = serialization.load_der_private_key(obj, password=None)
         except (ValueError, TypeError):
@@ -475,6 +529,18 @@ class Device:
         self.flash.remove("committed", *Flash.ITEMS, *Flash.EXPORTS)
         self.reboot()
         return Erased()
+
+
+def _is_pkcs8(obj: bytes) -> bool:
+    """PrivateKeyInfo starts SEQUENCE { INTEGER version, SEQUENCE algorithm, ... }; SEC1 has an OCTET STRING second."""
+    try:
+        pos = 2 + (obj[1] & 0x7F if obj[1] & 0x80 else 0)
+        if obj[0] != 0x30 or obj[pos] != 0x02:
+            return False
+        pos += 2 + obj[pos + 1]
+        return obj[pos] == 0x30
+    except IndexError:
+        return False
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -624,19 +690,25 @@ class Emulator:
 
     def _on_frame(self, frame: Frame) -> bool:
         """Handle one frame; True if the device reset and pending input must be discarded."""
-        if self._cache is not None and self._cache[:2] == (frame.seq, frame.crc):
+        options = self.device.options
+        if self._cache is not None and self._cache[:2] == (frame.seq, frame.crc) and "cache" not in options.violations:
             self._log(f"retransmit seq={frame.seq}: cached reply")
             self.line.write(self._cache[2])
             return False
         try:
-            if len(frame.payload) > self.device.options.max_payload:
+            if frame.version == PROTOCOL_VERSION and frame.type not in REQUESTS:
+                raise ProtocolError("unknown-type", f"type 0x{frame.type:02x} is not a request")
+            if len(frame.payload) > options.max_payload:
                 raise ProtocolError("oversize", "payload exceeds this device's maximum")
             msg = parse_message(frame)
-            if msg.TYPE not in REQUESTS:
-                raise ProtocolError("unknown-type", f"{msg.TYPE.name} is not a request")
+            if frame.seq == SEQ_UNSOLICITED:
+                raise ProtocolError("bad-payload", "seq 0 is reserved for the device; request not executed")
         except ProtocolError as exc:
             refusal = Error(ERROR_FOR_PROTOCOL_CODE.get(exc.code, ErrorCode.BAD_PAYLOAD), 0, str(exc)[:200])
-            self._reply(frame, refusal)
+            if frame.seq == SEQ_UNSOLICITED:  # never executed, never cached (PROTOCOL.md section 2)
+                self.line.write(refusal.encode(SEQ_UNSOLICITED))
+            else:
+                self._reply(frame, refusal)
             return False
         if isinstance(msg, Hello):
             self.boards.on_hello()
@@ -644,6 +716,8 @@ class Emulator:
         self._log(f"rx {msg.TYPE.name} seq={frame.seq}" + (f" fault={fault}" if fault else ""))
         if fault == "stall":
             self._stall()
+        if fault == "badcsr":
+            self.device.break_next_csr = True
         if fault == "nak":
             code = ErrorCode.FLASH_WRITE if msg.TYPE in _WRITES else ErrorCode.BUSY
             self._reply(frame, Error(code, 0, "injected fault"))
@@ -757,12 +831,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--firmware", default=DEFAULT_FIRMWARE)
     parser.add_argument("--baud", type=int, default=0, help="emulate this link speed (0: as fast as the pty)")
     parser.add_argument("--keygen-ms", type=float, default=0.0, help="emulated key generation time")
+    parser.add_argument("--keygen-command", metavar="CMD",
+                        help="make keys and CSRs with this program instead (e.g. the mbedTLS keygen_csr helper): "
+                             "it is run as CMD TYPE SUBJECT_CN DIR and writes DIR/key.der and DIR/csr.der")
     parser.add_argument("--no-keygen", action="store_true", help="a device that cannot make keys (host-key mode)")
     parser.add_argument("--no-put-key", action="store_true", help="a device that refuses host-generated keys")
     parser.add_argument("--key-types", type=_key_types, default=KeyTypes.P256 | KeyTypes.P384,
                         help="comma list of p256, p384, ed25519 (default p256,p384)")
     parser.add_argument("--max-payload", type=int, default=MAX_PAYLOAD, help="largest frame payload (64-1024)")
     parser.add_argument("--fault", type=parse_fault, action="append", default=[], metavar="KIND:STEP[:N]")
+    parser.add_argument("--violate", action="append", default=[], choices=sorted(VIOLATIONS), metavar="RULE",
+                        help="break a protocol rule on purpose, to see a conformance check fail: "
+                             + "; ".join(f"{k}: {v}" for k, v in VIOLATIONS.items()))
     parser.add_argument("--stall-ms", type=float, default=0.0, help="length of a stall fault (0: until killed)")
     parser.add_argument("--boot-ms", type=float, default=50.0, help="time a reboot fault keeps the device deaf")
     parser.add_argument("--boards", type=int, default=1, help="boards fed to this fixture in turn (benchmarks)")
@@ -779,7 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         capabilities |= Capability.KEYGEN
     if not args.no_put_key:
         capabilities |= Capability.PUT_KEY
-    options = Options(capabilities, args.key_types, args.max_payload, args.keygen_ms / 1000.0)
+    options = Options(capabilities, args.key_types, args.max_payload, args.keygen_ms / 1000.0,
+                      tuple(shlex.split(args.keygen_command)) if args.keygen_command else (),
+                      frozenset(args.violate))
     boards = Boards(args.state, args.hardware_id, args.model, args.firmware, options, args.boards)
     if args.pty:
         master, path, slave = open_pty()

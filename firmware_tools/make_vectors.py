@@ -16,6 +16,9 @@ File formats (all byte strings are lower-case hex):
   "invalid": [{"name", "type", "payload", "error"}]}``. ``fields`` uses the
   names of PROTOCOL.md; flags and enums are integers.
 * ``objects.json``: certificate bundles, config records and PROVE examples.
+* ``behaviour.json``: device-behaviour cases (requests, expected replies and
+  resulting state), replayed on a real device by ``python -m firmware_tools.conformance``;
+  the format is described in :mod:`firmware_tools.behaviour`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from cobs import cobs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from firmware_tools.behaviour import behaviour_vectors
 from iotauth.provisioning.codec import MAX_ENCODED, MAX_PAYLOAD, encode, raw_frame
 from iotauth.provisioning.messages import (
     Capability,
@@ -236,7 +240,7 @@ def write_all(target: Path = VECTORS) -> None:
         "invalid": invalid_payloads(),
     }
     for name, data in (("frames.json", {"cases": frame_cases()}), ("messages.json", messages),
-                       ("objects.json", object_vectors())):
+                       ("objects.json", object_vectors()), ("behaviour.json", behaviour_vectors())):
         (target / name).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 

@@ -14,6 +14,7 @@ from iotauth.errors import (
     PolicyDenied,
     ProvisioningError,
     RegistryError,
+    TokenError,
 )
 from iotauth.identity import validate_device_id
 
@@ -33,6 +34,7 @@ __all__ = [
     "PolicyDenied",
     "ProvisioningError",
     "RegistryError",
+    "TokenError",
     "__version__",
     "validate_device_id",
 ]

@@ -20,28 +20,28 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from iotauth import castore
-from iotauth.certs import now_utc, pem, public_key_sha256
+from iotauth.certs import now_utc, pem, public_key_sha256, serial_hex
 from iotauth.config import Home, Profile, Settings, load_settings
-from iotauth.errors import Conflict, IotAuthError, PkiError
-from iotauth.identity import validate_device_id, validate_hardware_id
+from iotauth.errors import Conflict, IotAuthError, NotFound, PkiError
+from iotauth.identity import validate_hardware_id
 from iotauth.pki.ca import CertificateAuthority, revoked_entry
-from iotauth.registry import CertificateRecord, Device, Registry, RevocationReason, RevokedSerial
-
-PASSPHRASE_ENV = "IOTAUTH_CA_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
-
-
-def ca_passphrase() -> bytes | None:
-    """The CA key passphrase from ``$IOTAUTH_CA_PASSPHRASE``, if set."""
-    value = os.environ.get(PASSPHRASE_ENV)
-    return value.encode() if value else None
+from iotauth.registry import (
+    CertificateRecord,
+    CertificateStatus,
+    Device,
+    Registry,
+    RevocationReason,
+    RevokedSerial,
+)
 
 
 def operator_actor() -> str:
@@ -60,6 +60,8 @@ class Issued:
     certificate: x509.Certificate
     record: CertificateRecord
     chain: tuple[x509.Certificate, ...]
+    reused: bool = False
+    """The certificate was issued earlier for the same device and key (an idempotent retry)."""
 
     @property
     def pem(self) -> bytes:
@@ -68,9 +70,20 @@ class Issued:
 
 @dataclass(frozen=True)
 class PublishedCrl:
+    """The current issuing CA's CRL; ``also``: PEM CRLs of the previous issuing CAs and the root (after a rollover).
+
+    ``pem`` is the bundle relying parties that read files load (every CA in a
+    device's chain needs a CRL there); ``crl`` alone is the DER answer.
+    """
+
     crl: x509.CertificateRevocationList
     number: int
     entries: int
+    also: tuple[bytes, ...] = field(default=())
+
+    @property
+    def pem(self) -> bytes:
+        return self.crl.public_bytes(serialization.Encoding.PEM) + b"".join(self.also)
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,9 @@ class Authority:
         settings: profiles and CRL lifetime.
         signing_unavailable: why there is no CA (locked or unreadable key); status
             changes still work, signing raises this error.
+        previous: issuing CAs replaced by a rollover and still trusted; each
+            signs a CRL for the certificates it issued.
+        root_crl: the root's CRL (PEM), published beside the others.
     """
 
     def __init__(
@@ -118,10 +134,14 @@ class Authority:
         settings: Settings,
         *,
         signing_unavailable: PkiError | None = None,
+        previous: tuple[CertificateAuthority, ...] = (),
+        root_crl: bytes | None = None,
     ) -> None:
         if ca is None and signing_unavailable is None:
             raise PkiError("an Authority without a CA needs the reason it has none")
         self._ca = ca
+        self.previous = previous
+        self.root_crl = root_crl
         self.signing_unavailable = signing_unavailable
         self.registry = registry
         self.settings = settings
@@ -149,11 +169,22 @@ class Authority:
         activate: bool = True,
         actor: str,
         now: datetime | None = None,
+        idempotent: bool = False,
+        exclusive: bool = False,
     ) -> Issued:
-        """Issue from a CSR (proof of possession); identity comes only from the arguments."""
+        """Issue from a CSR (proof of possession); identity comes only from the arguments.
+
+        Args:
+            idempotent: a retry of the same request (same device, same key) returns the
+                certificate already issued for it instead of a second one (``iotauth issue``:
+                an operator retrying after an error must not put two certificates in the field).
+                Decided inside the registry's write transaction, so concurrent retries agree.
+            exclusive: one board per hardware id (see :meth:`Registry.record_issuance`).
+        """
         device_id, chosen = self._check_identity(device_id, profile, hardware_id)
         cert = self.ca.issue(csr, device_id, chosen, hardware_id=hardware_id, now=now)
-        return await self._record(cert, device_id, profile, hardware_id, activate, actor)
+        return await self._record(cert, device_id, profile, hardware_id, activate, actor, reuse=idempotent,
+                                  exclusive=exclusive)
 
     async def issue_for_key(
         self,
@@ -164,11 +195,13 @@ class Authority:
         hardware_id: str | None = None,
         activate: bool = False,
         actor: str,
+        exclusive: bool = False,
     ) -> Issued:
         """Issue for a host-generated key (possession is proven later by the device's PROVE)."""
         device_id, chosen = self._check_identity(device_id, profile, hardware_id)
         cert = self.ca.issue_for_key(public_key, device_id, chosen, hardware_id=hardware_id)
-        return await self._record(cert, device_id, profile, hardware_id, activate, actor, {"key_source": "host"})
+        return await self._record(cert, device_id, profile, hardware_id, activate, actor, {"key_source": "host"},
+                                  exclusive=exclusive)
 
     async def check_public_key_free(self, public_key: CertificatePublicKeyTypes, device_id: str) -> None:
         """Refuse early (before signing) a key that already belongs to another device."""
@@ -177,7 +210,7 @@ class Authority:
                 raise Conflict(f"duplicate public key: it already belongs to device {record.device_id!r}")
 
     def _check_identity(self, device_id: str, profile: str, hardware_id: str | None) -> tuple[str, Profile]:
-        validate_device_id(device_id)
+        self.settings.check_device_id(device_id)  # the home's alphabet: narrower when RabbitMQ is enabled
         if hardware_id is not None:
             validate_hardware_id(hardware_id)
         return device_id, self.settings.profile(profile)
@@ -191,6 +224,9 @@ class Authority:
         activate: bool,
         actor: str,
         details: dict[str, str] | None = None,
+        *,
+        reuse: bool = False,
+        exclusive: bool = False,
     ) -> Issued:
         record = await self.registry.record_issuance(
             cert,
@@ -200,7 +236,11 @@ class Authority:
             activate=activate,
             actor=actor,
             details=details,
+            reuse=reuse,
+            exclusive=exclusive,
         )
+        if record.serial != serial_hex(cert):  # the one issued before; the new one is never handed out
+            return Issued(x509.load_pem_x509_certificate(record.pem.encode()), record, self.ca.chain, reused=True)
         return Issued(cert, record, self.ca.chain)
 
     # -- status changes --------------------------------------------------------------------
@@ -252,30 +292,62 @@ class Authority:
         revoked = [*self._crl_entries.values(), *extra]
         number = await self.registry.next_crl_number()
         crl = ca.sign_crl(revoked, number, self.settings.crl_next_update, at)
-        return PublishedCrl(crl, number, len(revoked))
+        # A previous issuing CA lists the same entries: serials are random 159-bit numbers, so an entry for another
+        # CA's certificate can never match one of its own, and one list is cheaper than sorting by issuer.
+        also = tuple(
+            old.sign_crl(revoked, number, self.settings.crl_next_update, at).public_bytes(serialization.Encoding.PEM)
+            for old in self.previous
+        )
+        return PublishedCrl(crl, number, len(revoked), also + ((self.root_crl,) if self.root_crl else ()))
 
     async def publish_crl(self, home: Home, now: datetime | None = None) -> PublishedCrl:
         """Build the CRL and atomically replace ``ca/crl.pem`` and ``ca/crl.der`` in ``home``."""
         published = await self.build_crl(now)
-        castore.publish_crl(home, published.crl)
+        castore.publish_crl(home, published.crl, also=published.also)
         return published
 
 
 async def open_authority(home: Home, registry: Registry, *, signing_optional: bool = False) -> Authority:
-    """Load settings and the CA from ``home`` and attach ``registry``.
+    """Load settings and the CA from ``home`` (:func:`iotauth.castore.load_ca`) and attach ``registry``.
 
     Args:
         signing_optional: if the CA key cannot be used (encrypted and no or a
-            wrong ``$IOTAUTH_CA_PASSPHRASE``, or unreadable), return an
-            Authority that cannot sign instead of raising. Status changes work
-            without it; CRL consumers then fall back to the CRL last published.
-            This is the one place that decides what a locked CA means.
+            wrong ``$IOTAUTH_CA_PASSPHRASE``; a token absent, or no or a wrong
+            PIN; unreadable), return an Authority that cannot sign instead of
+            raising. Status changes work without it; CRL consumers then fall
+            back to the CRL last published. This is the one place that decides
+            what a locked CA means.
     """
     settings = load_settings(home)
     try:
-        ca = castore.load_ca(home, settings, ca_passphrase())
+        ca = castore.load_ca(home, settings)
+        previous = castore.load_previous_cas(home, settings)
+        root_crl = castore.read_root_crl(home)
     except PkiError as exc:
         if not signing_optional:
             raise
         return Authority(None, registry, settings, signing_unavailable=exc)
-    return Authority(ca, registry, settings)
+    arl = root_crl.public_bytes(serialization.Encoding.PEM) if root_crl is not None else None
+    return Authority(ca, registry, settings, previous=previous, root_crl=arl)
+
+
+async def certificate_pem(registry: Registry, device_id: str, serial: str | None, chain: Path | None) -> str:
+    """A device's certificate as PEM, as the registry holds it: to fetch again what was issued.
+
+    Args:
+        serial: this certificate of the device; by default its newest unrevoked one.
+        chain: append this CA certificate file (the issuing CA) to the PEM.
+    """
+    certificates = await registry.certificates_of(device_id)
+    if serial is not None:
+        chosen = [c for c in certificates if c.serial == serial.lower()]
+        if not chosen:
+            raise NotFound(f"device {device_id!r} has no certificate {serial}")
+    else:
+        chosen = [c for c in certificates if c.status is not CertificateStatus.REVOKED]
+        if not chosen:
+            raise NotFound(f"device {device_id!r} has no unrevoked certificate (use --serial for a revoked one)")
+    text = chosen[-1].pem
+    if chain is not None:
+        text += castore.read_certificate(chain).public_bytes(serialization.Encoding.PEM).decode()
+    return text

@@ -9,6 +9,7 @@ the registry and the configuration together.
 from __future__ import annotations
 
 import os
+import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -17,9 +18,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from iotauth.errors import ConfigError, InvalidIdentity
-from iotauth.identity import validate_profile_name, validate_trust_domain
+from iotauth.errors import ConfigError, InvalidIdentity, KeyUriError
+from iotauth.identity import RABBITMQ_RESERVED, validate_device_id, validate_profile_name, validate_trust_domain
 from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
+from iotauth.pki.signer import OFFLINE, parse_key_uri
 
 HOME_ENV = "IOTAUTH_HOME"
 REGISTRY_ENV = "IOTAUTH_REGISTRY"
@@ -102,12 +104,31 @@ class Home:
         return self.root / "registry.db"
 
     @property
+    def previous_dir(self) -> Path:
+        """Issuing CAs replaced by ``iotauth ceremony sign-issuing``, trusted until they expire."""
+        return self.ca_dir / "previous"
+
+    @property
+    def root_crl_pem(self) -> Path:
+        """The root's CRL (the ARL: revoked issuing CAs), signed by ``iotauth ceremony crl``."""
+        return self.ca_dir / "root-crl.pem"
+
+    @property
+    def root_crl_der(self) -> Path:
+        return self.ca_dir / "root-crl.der"
+
+    @property
     def crl_pem(self) -> Path:
         return self.ca_dir / "crl.pem"
 
     @property
     def crl_der(self) -> Path:
         return self.ca_dir / "crl.der"
+
+    @property
+    def rabbitmq_admin_secret(self) -> Path:
+        """The password iotauth's RabbitMQ management identity uses (0600; see :mod:`iotauth.rabbitmq`)."""
+        return self.root / "rabbitmq" / "admin.secret"
 
     @property
     def is_initialised(self) -> bool:
@@ -176,15 +197,56 @@ class ServeSettings:
     bind: str = "127.0.0.1:8443"
     admin_token_sha256: tuple[str, ...] = ()
     broker_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    trusted_proxies: tuple[str, ...] = ()
+    """Peers whose ``X-Forwarded-For`` names the client; none by default (the TCP peer is the client)."""
 
 
 @dataclass(frozen=True)
 class EmqxSettings:
-    """``[emqx]``: optional REST API used to kick revoked clients off an EMQX cluster."""
+    """``[emqx]``: how ``/emqx/authn`` treats a missing certificate, and the optional revocation push.
 
+    Attributes:
+        require_certificate: refuse a CONNECT for which EMQX passed no ``cert_pem``.
+        base_url, api_key, api_secret_env: the REST API the push calls (off when ``base_url`` is unset).
+        ban: also ban revoked and suspended devices by client id, so no cache can re-admit them.
+        reset_node_cache: reset EMQX's authn/authz node caches (6.2+) before each batch of kicks.
+    """
+
+    require_certificate: bool = True
     base_url: str | None = None
     api_key: str | None = None
     api_secret_env: str = "IOTAUTH_EMQX_API_SECRET"  # noqa: S105 - names the variable holding it
+    ban: bool = True
+    reset_node_cache: bool = True
+
+
+@dataclass(frozen=True)
+class CaSettings:
+    """``[ca]``: where the CA keys live, as key URIs (:mod:`iotauth.pki.signer`); never a PIN or a passphrase.
+
+    ``root_key_uri`` is ``"offline"`` when ``init --offline-root`` exported the
+    root key out of the home. ``pkcs11_module`` is the PKCS#11 module for
+    ``pkcs11:`` URIs that carry no ``module-path``.
+    """
+
+    issuing_key_uri: str = "file:ca/issuing.key"
+    root_key_uri: str = "file:ca/root.key"
+    pkcs11_module: str | None = None
+
+
+@dataclass(frozen=True)
+class RabbitmqSettings:
+    """``[rabbitmq]``: this home's devices connect to a RabbitMQ cluster authorised by ``iotauth serve``.
+
+    ``enabled`` narrows the device id alphabet (no ``.``; see
+    :func:`~iotauth.identity.validate_device_id`) and switches on the
+    ``/rabbitmq/*`` endpoints; ``management_urls`` are the nodes the
+    revocation follower kicks devices through (any one that answers).
+    """
+
+    enabled: bool = False
+    management_urls: tuple[str, ...] = ()
+    admin_secret_env: str = "IOTAUTH_RABBITMQ_ADMIN_SECRET"  # noqa: S105 - names the variable holding it
 
 
 @dataclass(frozen=True)
@@ -199,12 +261,18 @@ class Settings:
     crl_url: str | None = None
     ocsp_url: str | None = None
     pending_ttl: timedelta = timedelta(hours=1)
-    id_template: str = "sensor-{hardware_id}"
+    id_template: str = "sensor-{hardware_id|safe}"
     broker_host: str = "localhost"
     broker_port: int = 8883
     serve: ServeSettings = ServeSettings()
     emqx: EmqxSettings = EmqxSettings()
+    ca: CaSettings = CaSettings()
     intake_limits: IntakeLimits = field(default_factory=IntakeLimits)
+    rabbitmq: RabbitmqSettings = RabbitmqSettings()
+
+    def check_device_id(self, value: object) -> str:
+        """Validate a device id for this home: the safe alphabet, narrowed when RabbitMQ is enabled."""
+        return validate_device_id(value, rabbitmq=self.rabbitmq.enabled)
 
     def profile(self, name: str) -> Profile:
         """Return the named profile or raise a :class:`ConfigError` listing the known ones."""
@@ -240,19 +308,21 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     broker = reader.table("broker")
     serve = reader.table("serve")
     emqx = reader.table("emqx")
+    ca = _parse_ca(reader.table("ca"))
+    rabbitmq = _parse_rabbitmq(reader.table("rabbitmq"))
     intake, session_limits = parse_limits(broker.table("limits").raw, f"{source}: [broker.limits]")
     profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits)}
     for name, table in reader.table("profiles").raw.items():
         profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source),
                                         session_limits)
-    return Settings(
+    settings = Settings(
         trust_domain=trust_domain,
         profiles=MappingProxyType(profiles),
         crl_next_update=timedelta(hours=crl.get("next_update_hours", float, 24.0, minimum=0.01)),
         crl_url=crl.get("distribution_url", str, None) or None,
         ocsp_url=ocsp.get("url", str, None) or None,
         pending_ttl=timedelta(minutes=provisioning.get("pending_ttl_minutes", float, 60.0, minimum=0.0)),
-        id_template=provisioning.get("id_template", str, "sensor-{hardware_id}"),
+        id_template=provisioning.get("id_template", str, "sensor-{hardware_id|safe}"),
         broker_host=broker.get("host", str, "localhost"),
         broker_port=broker.get("port", int, 8883, minimum=1),
         serve=ServeSettings(
@@ -267,14 +337,72 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
                     serve,
                 )
             ),
+            trusted_proxies=tuple(_strings(serve.get("trusted_proxies", list, []), "serve.trusted_proxies", serve)),
         ),
         emqx=EmqxSettings(
+            require_certificate=emqx.get("require_certificate", bool, EmqxSettings.require_certificate),
             base_url=emqx.get("base_url", str, None) or None,
             api_key=emqx.get("api_key", str, None) or None,
             api_secret_env=emqx.get("api_secret_env", str, EmqxSettings.api_secret_env),
+            ban=emqx.get("ban", bool, EmqxSettings.ban),
+            reset_node_cache=emqx.get("reset_node_cache", bool, EmqxSettings.reset_node_cache),
         ),
+        ca=ca,
         intake_limits=intake,
+        rabbitmq=rabbitmq,
     )
+    if rabbitmq.enabled:
+        _check_rabbitmq_compatible(settings, source)
+    return settings
+
+
+def _parse_rabbitmq(table: _Reader) -> RabbitmqSettings:
+    urls = tuple(_strings(table.get("management_urls", list, []), "rabbitmq.management_urls", table))
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{table.source}: rabbitmq.management_urls must be http(s) URLs, got {url!r}")
+    return RabbitmqSettings(
+        enabled=table.get("enabled", bool, False),
+        management_urls=urls,
+        admin_secret_env=table.get("admin_secret_env", str, RabbitmqSettings.admin_secret_env),
+    )
+
+
+def _check_rabbitmq_compatible(settings: Settings, source: str) -> None:
+    """What RabbitMQ cannot express is refused when the setting is made, not found missing in the field."""
+    try:
+        literal = "".join(part for part, *_ in string.Formatter().parse(settings.id_template))
+    except ValueError:
+        literal = settings.id_template  # malformed: the station reports it; '.' is still refused here
+    if RABBITMQ_RESERVED in literal:
+        raise ConfigError(
+            f"{source}: [provisioning] id_template {settings.id_template!r} puts '.' into device ids, which RabbitMQ "
+            "reads as a topic level break ([rabbitmq] enabled = true); use '-' or '_'"
+        )
+    for profile in settings.profiles.values():
+        for rule in (*profile.publish, *profile.subscribe):
+            if "." in rule or "*" in rule:
+                raise ConfigError(
+                    f"{source}: profiles.{profile.name} rule {rule!r} contains '.' or '*', which RabbitMQ's MQTT "
+                    "plugin turns into a level break or a wildcard ([rabbitmq] enabled = true); such a rule could "
+                    "never match there"
+                )
+
+
+def _parse_ca(table: _Reader) -> CaSettings:
+    """``[ca]``, each URI checked now: a malformed one, or one carrying a PIN, stops every command at once."""
+    ca = CaSettings(
+        issuing_key_uri=table.get("issuing_key_uri", str, CaSettings.issuing_key_uri),
+        root_key_uri=table.get("root_key_uri", str, CaSettings.root_key_uri),
+        pkcs11_module=table.get("pkcs11_module", str, None) or None,
+    )
+    try:
+        parse_key_uri(ca.issuing_key_uri)
+        if ca.root_key_uri != OFFLINE:
+            parse_key_uri(ca.root_key_uri)
+    except KeyUriError as exc:
+        raise ConfigError(f"{table.source}: [ca] {exc}") from exc
+    return ca
 
 
 def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> Profile:
@@ -331,91 +459,8 @@ class _Reader:
         value = self.raw[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{self.source}: {key!r} must be {kind.__name__}, got {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self.source}: {key!r} must be at least {minimum}, got {value!r}")
         return value
-
-
-def default_config_text(trust_domain: str) -> str:
-    """The commented ``iotauth.toml`` that ``iotauth init`` writes."""
-    return f'''# iotauth configuration. See README.md, "Configuration reference".
-trust_domain = "{trust_domain}"
-
-[crl]
-# How long a published CRL stays valid (nextUpdate). Republish before it lapses.
-next_update_hours = 24
-# Optional URL written into each device certificate's CRL distribution point.
-# distribution_url = "http://pki.example.com/crl.der"
-
-[ocsp]
-# Optional OCSP responder URL written into each device certificate's AIA.
-# url = "http://pki.example.com/ocsp"
-
-[provisioning]
-# Pending certificates whose delivery never reached COMMIT are revoked after this.
-pending_ttl_minutes = 60
-# Device ids assigned by the station; {{hardware_id}} and {{model}} are available.
-id_template = "sensor-{{hardware_id}}"
-
-[broker]
-# Written to devices by the station (PUT_CONFIG).
-host = "localhost"
-port = 8883
-
-[broker.limits]
-# Before authentication: what anyone on the network can make 'iotauth broker' hold.
-max_pending = 4096               # connections in the TLS handshake or waiting for CONNECT, in total
-max_pending_per_address = 64     # ... per source address
-max_pending_per_network = 256    # ... per /24 (IPv4) or /64 (IPv6)
-max_waiting_per_address = 1024   # beyond those, connections wait unread (no TLS work) for their source's turn
-max_waiting = 16384
-failures_per_second = 20.0       # new connections per address that never authenticate (refunded on success)
-failure_burst = 200
-handshake_timeout = 10.0         # seconds; both deadlines shrink to min_timeout as the pending total fills up
-connect_timeout = 10.0
-min_timeout = 1.0
-max_connect_bytes = 65536
-# After authentication, per session (override any of these in [profiles.NAME.limits]).
-max_packet_size = 262144         # bytes, fixed header included
-max_subscriptions = 100
-max_filters_per_subscribe = 16
-max_inflight = 32                # unacknowledged QoS 1/2 messages in each direction
-max_queued = 1000                # QoS 1/2 messages kept for a persistent session while it is offline
-max_queued_bytes = 4194304
-max_retained = 100               # retained messages a device may own
-
-[serve]
-# 'iotauth serve' (HTTP: EMQX / mosquitto-go-auth authorizer, CRL, OCSP, admin API).
-bind = "127.0.0.1:8443"
-# SHA-256 of admin API tokens ('iotauth serve token' makes one). No token, no admin API.
-admin_token_sha256 = []
-# Broker-facing endpoints answer only these networks.
-broker_networks = ["127.0.0.0/8", "::1/128"]
-
-[emqx]
-# Optional: kick revoked clients through the EMQX REST API (DELETE /api/v5/clients/{{clientid}}).
-# base_url = "http://emqx:18083"
-# api_key = "iotauth"
-# The API secret is read from this environment variable, never from this file.
-api_secret_env = "IOTAUTH_EMQX_API_SECRET"
-
-# Profiles: key policy, validity and topic rights. Templates may use {{device_id}}
-# and {{profile}}; everything not allowed here is denied.
-[profiles.default]
-validity_days = 365
-key_types = ["p256", "p384"]
-publish = ["devices/{{device_id}}/telemetry/#", "devices/{{device_id}}/state"]
-subscribe = ["devices/{{device_id}}/commands/#"]
-
-# A back-end service that reads every device's telemetry and sends commands.
-[profiles.ingest]
-validity_days = 90
-key_types = ["p256", "p384"]
-publish = ["devices/+/commands/#"]
-subscribe = ["devices/+/telemetry/#", "devices/+/state"]
-
-[profiles.ingest.limits]
-max_subscriptions = 1000
-'''

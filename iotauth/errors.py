@@ -28,6 +28,30 @@ class CaLocked(PkiError):
     """The CA key is encrypted and the passphrase is missing or wrong."""
 
 
+class KeyUriError(PkiError):
+    """A CA key URI (``file:`` or ``pkcs11:``) is malformed, or carries a secret it must not carry."""
+
+
+class TokenError(PkiError):
+    """A PKCS#11 module or token failed; the message names the module, the token or the object."""
+
+
+class TokenLoginFailed(TokenError, CaLocked):
+    """The token's user PIN is missing, wrong or locked: the CA is locked, exactly like a missing passphrase."""
+
+
+class TokenMissing(TokenError):
+    """No token (or more than one) matches the URI's token attributes, or the module cannot be loaded."""
+
+
+class TokenObjectMissing(TokenError):
+    """The token holds no private key (or more than one) matching the URI's ``object`` / ``id``."""
+
+
+class MechanismRefused(TokenError):
+    """The token refuses the mechanism iotauth needs (CKM_ECDSA, or EC key generation)."""
+
+
 class CsrRejected(PkiError):
     """A certificate request failed proof of possession or key policy."""
 
@@ -86,8 +110,16 @@ class RegistryMissing(RegistryError):
         self.path = path
 
 
+class RegistryReplaced(RegistryError):
+    """The database at the registry's location is another registry than the one opened (another instance id)."""
+
+
 class AuditChainBroken(RegistryError):
     """The hash-chained audit log does not verify."""
+
+
+class AnchorError(IotAuthError):
+    """An audit anchor (the log's head kept outside the home) cannot be read, written or understood."""
 
 
 class ProvisioningError(IotAuthError):
@@ -207,12 +239,52 @@ class ConnectRefused(IotAuthError):
         self.code = code
 
 
+class OutputNotWritten(IotAuthError):
+    """A file the operator asked for could not be written; the message says what is already done and how to recover."""
+
+
 class BadRequest(IotAuthError):
     """An HTTP request body or parameter is malformed (HTTP 400)."""
 
 
 class DemoFailed(IotAuthError):
     """A step of ``iotauth demo`` did not behave as described."""
+
+
+class PushError(IotAuthError):
+    """A call that keeps an external broker in step with the registry (a kick, a ban) did not succeed."""
+
+
+class PushUnavailable(PushError):
+    """The broker's API could not be reached or answered 5xx/429: retried with backoff, never skipped."""
+
+
+class PushUnauthorized(PushError):
+    """The broker's API refused iotauth's credentials (401/403): loud, unhealthy, retried until fixed."""
+
+
+class PushRejected(PushError):
+    """The broker's API refused this one request for good (another 4xx): audited, then skipped."""
+
+
+class RabbitmqApiError(IotAuthError):
+    """No node of the RabbitMQ cluster's management API could carry out a kick."""
+
+
+class RabbitmqApiRefused(RabbitmqApiError):
+    """The management API refused iotauth's identity (401/403): nothing is kicked until that is fixed.
+
+    RabbitMQ asks ``iotauth serve`` about that identity too, so a refusal also
+    means ``serve`` is unreachable from RabbitMQ or holds another secret.
+    """
+
+    def __init__(self, status: int, url: str) -> None:
+        super().__init__(
+            f"RabbitMQ's management API at {url} refused iotauth's identity (HTTP {status}): check that "
+            "'iotauth serve' is reachable from RabbitMQ (auth_http paths in rabbitmq.conf) and reads the same "
+            "admin secret ($IOTAUTH_RABBITMQ_ADMIN_SECRET or <home>/rabbitmq/admin.secret)"
+        )
+        self.status = status
 
 
 class MosquittoControlError(IotAuthError):

@@ -5,6 +5,13 @@ MQTT client id, topic templates and file names. So it is checked by exactly one
 function, :func:`validate_device_id`, against an alphabet that cannot express a
 path separator, an MQTT wildcard or level separator, a ``$`` system prefix, a
 NUL byte, whitespace or a Unicode look-alike.
+
+Deployments that use RabbitMQ narrow the alphabet further (``rabbitmq=True``,
+from ``[rabbitmq] enabled`` in iotauth.toml): RabbitMQ's MQTT plugin turns
+every ``/`` of a topic into ``.`` and checks and routes the result, so a ``.``
+inside a device id is a level break there, and device ``x.y``'s topics are
+``x``'s subtree. The other characters RabbitMQ treats specially in routing
+keys and login names (``*``, ``#``, ``:``) are outside the alphabet already.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from iotauth.errors import InvalidIdentity
 
 DEVICE_ID_MAX = 64
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}", re.ASCII)
+RABBITMQ_RESERVED = "."  # the routing-key level separator; see the module docstring
 # Hardware ids come from device silicon (MACs, IMEIs, serials), so ':' is allowed.
 _HARDWARE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", re.ASCII)
 _PROFILE = re.compile(r"[a-z][a-z0-9_-]{0,31}", re.ASCII)
@@ -31,14 +39,26 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], rule: str) -> str
     return value
 
 
-def validate_device_id(value: object) -> str:
-    """Return ``value`` if it is a safe device id, else raise :class:`InvalidIdentity`."""
-    return _check(
+def validate_device_id(value: object, *, rabbitmq: bool = False) -> str:
+    """Return ``value`` if it is a safe device id, else raise :class:`InvalidIdentity`.
+
+    Args:
+        rabbitmq: also refuse what RabbitMQ cannot keep apart (``.``); the
+            home's setting, see :meth:`iotauth.config.Settings.check_device_id`.
+    """
+    checked = _check(
         "device id",
         value,
         _DEVICE_ID,
         "use 1-64 characters from A-Z a-z 0-9 . _ - and do not start with '.' or '-'",
     )
+    if rabbitmq and RABBITMQ_RESERVED in checked:
+        raise InvalidIdentity(
+            f"invalid device id {checked!r} for RabbitMQ: it reads '.' as a topic level break, so this device "
+            f"would share the topics of {checked.split('.')[0]!r}; with [rabbitmq] enabled = true in iotauth.toml "
+            "device ids use only A-Z a-z 0-9 _ -"
+        )
+    return checked
 
 
 def validate_hardware_id(value: object) -> str:

@@ -7,8 +7,20 @@ missing=""
 command -v mosquitto_pub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing="$missing mosquitto"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+# tests/upstream applies docs/upstream/*.patch to a copy of amqtt (patch is not in every minimal image).
+command -v patch >/dev/null 2>&1 || missing="$missing patch"
+# nginx's DAV module stores the audit anchors that 'iotauth audit anchor' PUTs to a URL.
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
+# Real device stacks: the suite compiles firmware_tools/mbedtls/keygen_csr.c against mbedTLS 2.28.
+command -v cc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+[ -f /usr/include/mbedtls/x509_csr.h ] || missing="$missing libmbedtls-dev"
 # The registry suite runs against a real PostgreSQL server started by the tests themselves.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+# CA keys on a PKCS#11 token: the suite initialises its own SoftHSM2 tokens (a real PKCS#11 module).
+[ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || missing="$missing softhsm2"
+# The RabbitMQ suite starts its own 3-node cluster (private epmd, ports and data in a temp dir), so a
+# packaged rabbitmq service that apt may start on a systemd host does not get in its way.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
 if [ -n "${IOTAUTH_EXTRA_DEB:-}" ]; then missing="$missing $IOTAUTH_EXTRA_DEB"; fi
 
 if [ -z "$missing" ]; then

@@ -4,7 +4,13 @@
   library, and ``iotauth.errors``, ``iotauth.identity`` and ``iotauth.certs``;
   never the configuration, the registry or the file layout of a home.
 * ``iotauth.registry`` does not import ``iotauth.pki``.
+* Only ``iotauth.hsm`` imports the PKCS#11 binding, and only ``iotauth.keystore`` imports ``iotauth.hsm``
+  (the signer seam: everything else gets key objects).
 * ``iotauth.policy`` imports only the standard library, ``iotauth.identity`` and ``iotauth.errors``.
+* amqtt stays behind its wall: ``iotauth.broker.amqtt_host`` is the only module of the
+  package that imports ``amqtt`` (the guard, the gate and the engine never touch amqtt
+  objects), and loading the native broker or the CLI loads no amqtt at all. Tests,
+  examples and benchmarks (which run stock amqtt as a baseline) may import it.
 * A CLI command module imports no other CLI module but the shared ``render``
   and ``context`` helpers (``main`` assembles the commands).
 * No module imports itself through a cycle.
@@ -14,6 +20,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from collections.abc import Iterator
 from functools import cache
@@ -94,9 +101,32 @@ def test_registry_does_not_import_pki(name: str) -> None:
     assert {t for t in internal(imports_of(name)) if within(t, "iotauth.pki")} == set()
 
 
+def test_only_the_keystore_reaches_a_token() -> None:
+    binding = {name for name in modules() if "pkcs11" in external(imports_of(name))}
+    assert binding == {"iotauth.hsm"}
+    assert {name for name in modules() if "iotauth.hsm" in internal(imports_of(name))} == {"iotauth.keystore"}
+
+
 def test_policy_imports_only_identity_and_errors() -> None:
     assert internal(imports_of("iotauth.policy")) <= {"iotauth.identity", "iotauth.errors"}
     assert external(imports_of("iotauth.policy")) - STDLIB == set()
+
+
+AMQTT_WALL = "iotauth.broker.amqtt_host"
+
+
+@pytest.mark.parametrize("name", sorted(m for m in modules() if m != AMQTT_WALL))
+def test_only_the_wall_imports_amqtt(name: str) -> None:
+    assert "amqtt" not in external(imports_of(name)), f"{name} imports amqtt: move that code into {AMQTT_WALL}"
+
+
+def test_the_native_broker_and_the_cli_load_no_amqtt() -> None:
+    """Behind the static rule: importing them (and what they import) leaves amqtt unloaded."""
+    code = ("import sys, iotauth.cli.main, iotauth.broker, iotauth.broker.server, iotauth.http; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'amqtt'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("name", CLI)
@@ -143,3 +173,4 @@ def test_the_checks_see_the_package() -> None:
     assert "iotauth.certs" in internal(imports_of("iotauth.pki.ca"))
     assert "iotauth.registry.rows" in internal(imports_of("iotauth.registry.issuance"))  # ``from pkg import sub``
     assert "iotauth.provisioning.results" in internal(imports_of("iotauth.cli.render"))
+    assert "amqtt" in external(imports_of(AMQTT_WALL))  # the wall rule sees amqtt where it is

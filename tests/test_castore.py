@@ -28,18 +28,21 @@ async def test_init_never_overwrites_an_existing_ca(home: Home) -> None:
     assert home.issuing_key.read_bytes() == before
 
 
-async def test_passphrase_encrypts_ca_keys_and_is_required(tmp_path: Path) -> None:
+async def test_passphrase_encrypts_ca_keys_and_is_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = Home(tmp_path / "enc")
     await initialise_home(target, TRUST_DOMAIN, ["localhost"], key_type="p384", passphrase=b"s3cret", actor="t")
     for path in (target.root_key, target.issuing_key):
         assert b"ENCRYPTED PRIVATE KEY" in path.read_bytes()
     assert b"ENCRYPTED" not in target.server_key.read_bytes()  # the broker must start unattended
     settings = load_settings(target)
+    monkeypatch.delenv("IOTAUTH_CA_PASSPHRASE", raising=False)
     with pytest.raises(CaLocked, match="set IOTAUTH_CA_PASSPHRASE"):
-        load_ca(target, settings, None)
+        load_ca(target, settings)
+    monkeypatch.setenv("IOTAUTH_CA_PASSPHRASE", "guess")
     with pytest.raises(CaLocked, match="wrong IOTAUTH_CA_PASSPHRASE"):
-        load_ca(target, settings, b"guess")
-    ca = load_ca(target, settings, b"s3cret")
+        load_ca(target, settings)
+    monkeypatch.setenv("IOTAUTH_CA_PASSPHRASE", "s3cret")
+    ca = load_ca(target, settings)
     assert isinstance(ca.issuing_key, ec.EllipticCurvePrivateKey)
     assert ca.issuing_key.curve.name == "secp384r1"
 
@@ -54,7 +57,7 @@ def test_unreadable_certificates_name_the_file(tmp_path: Path) -> None:
 
 async def test_published_crl_is_what_the_ca_signed(home: Home) -> None:
     settings = load_settings(home)
-    ca = load_ca(home, settings, None)
+    ca = load_ca(home, settings)
     crl = ca.sign_crl([], 7, settings.crl_next_update)
     publish_crl(home, crl)
     assert home.crl_pem.read_bytes().startswith(b"-----BEGIN X509 CRL-----")

@@ -22,3 +22,24 @@ def test_ruff() -> None:
 def test_mypy_strict() -> None:
     result = _run("mypy", "iotauth", "firmware_tools")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_merge_conflict_markers_are_committed() -> None:
+    """A marker once slipped into scripts/install-system-deps.sh, which only CI runs: check every tracked file."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if listed.returncode != 0:
+        return  # not a git checkout (an sdist): nothing to check
+    markers = ("<<<<<<< ", ">>>>>>> ", "=======\n")
+    bad = []
+    for name in listed.stdout.splitlines():
+        path = ROOT / name
+        if not path.is_file() or path.suffix in {".json", ".ods"}:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        for number, line in enumerate(text.splitlines(keepends=True), 1):
+            if line.startswith(markers[:2]) or line == markers[2]:
+                bad.append(f"{name}:{number}")
+    assert not bad, f"merge conflict markers: {bad}"

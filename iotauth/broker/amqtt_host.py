@@ -14,38 +14,76 @@ plugins (see ``examples/amqtt_config.yaml``)::
 The gate authenticates every connection before amqtt sees a byte of it; the
 guard keeps each admitted connection honest (revocation, expiry, reload).
 Identity, policy and revocation therefore hold here exactly as in the native
-engine. What amqtt itself does after admission -- keep-alive, QoS redelivery,
-limits after authentication -- is amqtt's, with its known gaps (see
-``docs/upstream/``): choose the native engine where those matter.
+engine (the security tests run on both: ``iotauth broker --engine amqtt``).
+What amqtt itself does after admission -- keep-alive, QoS redelivery, limits
+after authentication -- is amqtt's, with its known gaps; the fixes that
+belong in amqtt are in ``docs/upstream/``. Choose the native engine where
+those matter.
 
 This module is kept in one piece on purpose: it *is* the wall, and every touch
 of amqtt's internals must live in exactly one place. Everything below depends
-on amqtt 0.12's internals. Each one is pinned by
-``tests/broker/test_amqtt_contract.py``, so an amqtt upgrade fails there, in
-one place. The internals, and why each is used:
+on amqtt 0.12.1. Each internal, what amqtt must do with it (-> why the host
+uses it); every item is pinned by a test in ``tests/broker/test_amqtt_contract.py``,
+which also checks each signature, so an amqtt upgrade fails there:
 
-=====================================  =====================================================
-``Broker._client_connected``           refuse any connection the gate did not admit
-``Broker.external_connected``          hand an admitted connection to amqtt
-``Broker._topic_filtering``            ask the session's compiled policy, without a task per packet
-``Broker.plugins_manager._topic_plugins``  AND the verdicts of the operator's other topic plugins
-``Broker.add_subscription``            track each session's own filters (re-checked on resume/reload)
-``Broker._del_subscription``, ``_del_all_subscriptions``, ``_subscriptions``  drop withdrawn filters
-``Broker._publish_retained_messages_for_subscription``  serve only the session's own filters; RECEIVE per message
-``Broker._retained_messages``, ``_matches``, ``_get_handler``  (used by the method above)
-``Broker._publish_session_retained_messages``  first call after CONNACK: re-check a resumed session
-``Broker._handle_disconnect``          drop a will the policy or a revocation does not allow
-``Broker._sessions``, ``_cleanup_session``  find and forget a device's session on revocation
-``Broker.listeners_config``            refuse any listener type but ``external``
-``Session.attributes``, ``client_id``, ``will_flag``, ``will_topic``, ``parent``, ``retained_messages``
-=====================================  =====================================================
+* ``Broker.external_connected(reader, writer, name)`` runs a connection's whole
+  life, then returns -> :class:`AmqttHost` hands an admitted connection over and
+  releases its binding when it ends.
+* ``Broker._client_connected(name, reader, writer)`` is the one door; nothing of
+  amqtt runs if it does not call up -> refuse a connection the gate did not
+  admit, or whose admission was revoked before amqtt ran (amqtt changes
+  sessions before it authenticates).
+* ``Broker._topic_filtering(session, topic, action)`` decides every SUBSCRIBE,
+  PUBLISH and delivery -> ask the session's compiled policy, without a task
+  per packet; ``Action`` values are iotauth's policy actions.
+* ``plugins_manager._topic_plugins`` / ``.plugins`` list the plugin instances in
+  config order -> AND the verdicts of the operator's other topic plugins.
+* A topic plugin's ``None`` denies; an auth plugin's ``None`` abstains (no
+  boolean at all refuses) -> iotauth's plugin answers ``False`` when in doubt.
+* Auth plugins run in tasks copied from the connection's task and receive the
+  Session amqtt keeps (on a persistent resume, the cached one) -> :data:`ADMISSION`
+  gives the plugin *this* connection's binding, attached to the kept session.
+* A plugin's ``Config`` dataclass is built strictly into ``context.config``
+  -> :attr:`IotAuthPlugin.options`.
+* ``Broker.add_subscription((filter, qos), session)`` runs per filter and its
+  codes make the SUBACK -> track each session's own filters.
+* ``_del_subscription`` (leaves an empty list in ``_subscriptions``) and
+  ``_del_all_subscriptions`` remove filters -> keep that record right;
+  ``prune`` deletes what the policy no longer covers.
+* ``_publish_retained_messages_for_subscription((filter, qos), session)`` runs
+  per granted filter -- and on every CONNACK for *every* client's filters, with
+  no RECEIVE check -> the override serves only the session's own filters and
+  checks RECEIVE per message (upstream: ``docs/upstream/retained-acl.patch``),
+  using ``_retained_messages`` (topic -> ``.topic``/``.data``/``.qos``),
+  ``_matches`` and ``_get_handler(session).mqtt_publish``.
+* ``_publish_session_retained_messages(session)`` is the first call after
+  CONNACK 0, before any packet is handled -> re-check a resumed session's
+  filters and offline queue (``Session.retained_messages``) against today's policy.
+* ``_handle_disconnect`` reads ``Session.will_flag`` when a connection ends
+  -> drop a will that the policy or a revocation does not allow.
+* ``_sessions`` (client id -> (Session, handler)) and ``_cleanup_session``
+  (closes, forgets) -> :meth:`IotAuthBroker.bound` / :meth:`~IotAuthBroker.forget`.
+* ``listeners_config[name].type`` / ``.bind`` -> only ``external`` listeners,
+  each with a ``bind`` (amqtt serves no other).
+* ``Session.attributes``, ``client_id``, ``will_flag``, ``will_topic``, ``parent``
+  -> the binding and the filters live on the session, which a persistent
+  resume re-uses (``parent`` 1).
+* ``ReaderAdapter``/``WriterAdapter`` ask for no more than ``ReplayReader`` and
+  :class:`LinkWriter` implement, and ``ConnectPacket`` reads the CONNECT that
+  :func:`~iotauth.broker.mqtt.encode_connect` wrote exactly as the gate decided it.
 
 Upgrade checklist (run it for every amqtt release before widening the pin):
 
-1. Read the diff of ``amqtt/broker.py`` and ``amqtt/session.py`` for every name in the table.
-2. Run ``pytest tests/broker/test_amqtt_contract.py``: each test states one assumption.
-3. Run the security tests against this host (``pytest tests/broker -k amqtt``).
-4. Check whether an upstream fix in ``docs/upstream/`` landed; if so, drop the override it replaces.
+1. Read the diff of ``amqtt/broker.py``, ``amqtt/session.py``, ``amqtt/plugins/manager.py``,
+   ``amqtt/mqtt/protocol/*`` and ``amqtt/adapters.py`` for every name in the table.
+2. Run ``pytest tests/broker/test_amqtt_contract.py``: each failure names one assumption, and the
+   row above says which override depends on it. Change the override, never the test's assumption,
+   unless amqtt's new behaviour is safe for that row.
+3. Run the security tests on this host: ``pytest tests/broker -k amqtt`` (and ``tests/examples``).
+4. Run ``pytest tests/upstream``. A fix that landed upstream makes its "stock amqtt shows the bug"
+   test fail: drop the override it made unnecessary (the table says which), drop the patch and its
+   write-up from ``docs/upstream/``, and update the gaps named in ``iotauth broker --help``.
+   A patch that no longer applies must be re-made against the new release.
 5. Only then widen ``amqtt>=0.12.1,<0.13`` in ``pyproject.toml``.
 """
 
@@ -84,6 +122,8 @@ log = logging.getLogger("iotauth.broker")
 BINDING_KEY = "iotauth.binding"
 FILTERS_KEY = "iotauth.filters"
 PLUGIN_PATH = "iotauth.broker.IotAuthPlugin"
+READ_LIMIT = 64 * 1024  # bytes a connection may have unread before its link is paused: twice this
+CLOSE_GRACE = 5.0  # seconds amqtt gets to wind down its connections at shutdown
 
 
 ADMISSION: ContextVar[Binding | None] = ContextVar("iotauth_admission", default=None)
@@ -207,16 +247,28 @@ class ReplayReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type 
 
 
 class LinkWriter(WriterAdapter):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt's writer interface over a gate link."""
+    """amqtt's writer interface over a gate link, with the flow control amqtt expects of ``drain``.
 
-    def __init__(self, link: Link) -> None:
+    amqtt writes each packet and then awaits ``drain()``, as with asyncio's
+    ``StreamWriter``: while the link's transport is above its write limit
+    (the client reads slower than the broker writes), ``drain`` waits for it
+    to come back down -- or for the connection to end -- so that amqtt, not
+    the socket buffer, holds what a slow client has not taken yet.
+    """
+
+    def __init__(self, link: Link, feed: _Feed) -> None:
         self._link = link
+        self._feed = feed
 
     def write(self, data: bytes) -> None:
         self._link.write(data)
 
     async def drain(self) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the link flushes what was written at the start of the next iteration
+        feed = self._feed
+        while not feed.lost and not self._link.writable():
+            feed.drained.clear()
+            await feed.drained.wait()
 
     def get_peer_info(self) -> tuple[str, int] | None:
         """amqtt refuses a connection without peer information (it only logs it)."""
@@ -227,23 +279,38 @@ class LinkWriter(WriterAdapter):  # type: ignore[misc]  # amqtt ships no type in
         return None  # identity comes from the gate's binding, never from amqtt's view of TLS
 
     async def close(self) -> None:
+        self._feed.end()
         self._link.close()
 
 
 class _Feed:
-    """The link's receiver once amqtt owns the connection: bytes into a StreamReader amqtt reads."""
+    """The link's receiver once amqtt owns the connection: bytes into the StreamReader amqtt reads.
+
+    The StreamReader pauses the link while more than :data:`READ_LIMIT` x 2
+    bytes wait unread (amqtt handles one packet at a time, so a fast client
+    cannot fill the broker's memory), and resumes it as amqtt reads on.
+    """
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         self.reader = reader
+        self.lost = False
+        self.drained = asyncio.Event()  # set whenever the link can take writes again, or is gone
 
     def data_received(self, data: bytes) -> None:
-        self.reader.feed_data(data)
+        if not self.lost:
+            self.reader.feed_data(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.reader.feed_eof()
+        self.end()
+
+    def end(self) -> None:
+        if not self.lost:
+            self.lost = True
+            self.reader.feed_eof()
+        self.drained.set()
 
     def resume_writing(self) -> None:
-        pass
+        self.drained.set()
 
 
 class AmqttHost:
@@ -254,16 +321,31 @@ class AmqttHost:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def accept(self, link: Link, binding: Binding, connect: Connect) -> _Feed:
-        reader = asyncio.StreamReader(limit=1 << 20)
+        reader = asyncio.StreamReader(limit=READ_LIMIT)
+        reader.set_transport(link)  # type: ignore[arg-type]  # it only calls pause_reading/resume_reading
         feed = _Feed(reader)
         context = contextvars.copy_context()
         context.run(ADMISSION.set, binding)  # amqtt's plugin calls run in tasks copied from this context
         stream = ReplayReader(encode_connect(connect), StreamReaderAdapter(reader))
-        task = asyncio.get_running_loop().create_task(self._run(stream, LinkWriter(link), link, binding),
+        task = asyncio.get_running_loop().create_task(self._run(stream, LinkWriter(link, feed), link, binding),
                                                       context=context)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return feed
+
+    async def close(self, grace: float | None = None) -> None:
+        """Wait for the connections amqtt is still winding down (their links are closed); cancel stragglers.
+
+        So that no connection task outlives the broker and touches the guard or the registry after they close
+        (one stuck in an operator's plugin, or handed over just as the broker stopped).
+        """
+        pending = set(self.tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=CLOSE_GRACE if grace is None else grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
     async def _run(self, reader: ReaderAdapter, writer: WriterAdapter, link: Link, binding: Binding) -> None:
         try:
@@ -300,14 +382,19 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         ]
         names = list(self.listeners_config)
         for name in names:
-            if self.listeners_config[name].type != ListenerType.EXTERNAL:
+            listener = self.listeners_config[name]
+            if listener.type != ListenerType.EXTERNAL:
                 raise BrokerError(
-                    f"listener {name!r} is {self.listeners_config[name].type.value}: connections there would bypass "
+                    f"listener {name!r} is {listener.type.value}: connections there would bypass "
                     "the mTLS gate; IotAuthBroker accepts only 'external' listeners (set the plugin's bind/ws_bind)"
                 )
+            if listener.bind is None:  # amqtt 0.12 serves an external listener only if it has a bind (unused)
+                raise BrokerError(f"listener {name!r} has 'bind: null': amqtt would not serve it; remove that line "
+                                  "(the plugin's bind/ws_bind say where iotauth listens)")
         self.listener = names[0]
         self._registry = registry
         self.gate: Gate | None = None
+        self.host: AmqttHost | None = None
         self.runtime: Runtime | None = None
 
     @property
@@ -333,7 +420,8 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
             raise
         try:
             await runtime.guard.start(self)
-            gate = self.gate = Gate(runtime.guard, AmqttHost(self), runtime.context, runtime.intake_limits)
+            self.host = AmqttHost(self)
+            gate = self.gate = Gate(runtime.guard, self.host, runtime.context, runtime.intake_limits)
             for listener, bind, default_port in (("mqtts", options.bind, 8883), ("wss", options.ws_bind, 8884)):
                 if bind:
                     host, port = parse_bind(bind, default_port)
@@ -355,6 +443,9 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         if runtime is not None:
             runtime.guard.audit.event(EventKind.BROKER_STOPPED, None, {})
         await super().shutdown()
+        if self.host is not None:
+            await self.host.close()  # the links are closed: let amqtt finish each connection before the guard goes
+            self.host = None
         if runtime is not None:
             await runtime.close()
         self.runtime = None
@@ -363,8 +454,13 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
     # -- only admitted connections ---------------------------------------------------------
 
     async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
-        if ADMISSION.get() is None:
-            log.error("refused a connection on listener %r that did not come through the iotauth gate", listener_name)
+        admission = ADMISSION.get()
+        if admission is None or admission.revoked is not None:
+            # Not admitted by the gate, or revoked since: amqtt changes sessions before it authenticates
+            # (docs/upstream/authenticate-first.patch), so such a connection must not reach its code at all.
+            if admission is None:
+                log.error("refused a connection on listener %r that did not come through the iotauth gate",
+                          listener_name)
             with contextlib.suppress(Exception):
                 await writer.close()
             return
@@ -383,10 +479,19 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
             return False
         if self._other_topic_plugins:
             # amqtt's own dispatch would run every topic plugin, iotauth's included: ask only the others.
+            # None denies, as in amqtt; so does a plugin that fails (amqtt would abort the whole delivery).
             verdicts = await asyncio.gather(*(
                 p.topic_filtering(session=session, topic=topic, action=action) for p in self._other_topic_plugins
-            ))
-            return all(verdicts)
+            ), return_exceptions=True)
+            allowed = True
+            for plugin, verdict in zip(self._other_topic_plugins, verdicts, strict=True):
+                if isinstance(verdict, BaseException):
+                    log.error("topic plugin %s failed on %s %r: %r (denied)", type(plugin).__name__,
+                              action.value, topic, verdict)
+                    allowed = False
+                elif not verdict:
+                    allowed = False
+            return allowed
         return True
 
     # -- subscriptions, tracked per session so they can be re-checked ----------------------
@@ -429,7 +534,10 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
                 handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
             ))
         if tasks:
-            await asyncio.wait(tasks)
+            done, _ = await asyncio.wait(tasks)
+            for task in done:  # a client that never acknowledges: amqtt's own timeout, not an error of ours
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("retained message to %s not delivered: %r", binding.device_id, task.exception())
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """amqtt's first call after CONNACK 0: re-check what a resumed session inherited."""
@@ -509,10 +617,16 @@ async def serve(config: BrokerConfig | dict[str, Any], on_started: Callable[[Sta
     await run(IotAuthBroker(config), on_started, stop)
 
 
+async def serve_options(options: BrokerOptions, on_started: Callable[[Started], None] | None = None,
+                        stop: asyncio.Event | None = None) -> None:
+    """``iotauth broker --engine amqtt``: an :class:`IotAuthBroker` built from the native broker's options."""
+    await run(IotAuthBroker(broker_config(**asdict(options))), on_started, stop)
+
+
 def broker_config(**options: Any) -> dict[str, Any]:
     """An amqtt config: one external listener and the iotauth plugin (options as in :class:`IotAuthPlugin.Config`)."""
     return {"listeners": {"default": {"type": "external"}}, "plugins": {PLUGIN_PATH: options}}
 
 
 __all__ = ["ADMISSION", "BINDING_KEY", "AmqttHost", "IotAuthBroker", "IotAuthPlugin", "binding_of", "broker_config",
-           "serve"]
+           "serve", "serve_options"]

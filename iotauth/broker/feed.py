@@ -17,6 +17,19 @@ because revocations could no longer be enforced. Live sessions are kept for
 ``registry_grace`` seconds (a short hiccup should not drop a fleet) and then
 closed; their sessions are kept and they can reconnect once the registry is
 readable again. ``fail_open`` keeps everything up instead.
+
+**A replaced registry file.** Before every poll the follower asks the
+registry whether its database is still the one at its location
+(``Registry.ensure_identity``: device and inode of the file, and the instance
+id stored in it). After ``mv registry.db x; cp x registry.db`` the old file
+is an orphan that no operator command writes any more: the registry reopens
+the copy in place (the broker's audit writer shares it), and the follower
+logs it, forgets every cached credential, re-checks every live session
+against the new file and follows it from its newest event, so a revocation
+written there takes effect. A file that is gone, empty, foreign or another
+registry (another instance id) is not adopted: that is an outage like an
+unreadable registry, with the same fail-closed behaviour, until the right
+file is back.
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ class FeedSource(CredentialSource, Protocol):
     async def last_event_id(self) -> int: ...
 
     async def wait_for_change(self, interval: float) -> None: ...
+
+    async def ensure_identity(self) -> bool: ...
 
 
 class FeedFollower:
@@ -93,6 +108,10 @@ class FeedFollower:
         backoff = self.options.poll_interval
         while True:
             try:
+                async with asyncio.timeout(self.options.registry_timeout):
+                    replaced = await self.registry.ensure_identity()
+                if replaced:  # outside the timeout: re-checking sessions bounds each read itself
+                    await self.reopened()
                 async with asyncio.timeout(self.options.registry_timeout):
                     batch = await self.registry.events(after_id=self._cursor, limit=1000)
             except asyncio.CancelledError:
@@ -168,6 +187,18 @@ class FeedFollower:
                     await self.bindings.host.forget(binding.device_id, binding.admission.fingerprint)
             elif credential.device.profile != binding.admission.profile:
                 self.bindings.kick([binding], "profile-changed", None)
+
+    async def reopened(self) -> None:
+        """The registry now reads a new copy of its file: start over from what that file says."""
+        previous = self._cursor
+        self._cursor = await self.registry.last_event_id()
+        self.credentials.clear()
+        live = self.bindings.matching(None, None)
+        log.error("registry file was replaced by a copy and reopened: following it from event %d (was %d); "
+                  "re-checking %d sessions against it", self._cursor, previous, len(live))
+        self.bindings.audit.event(EventKind.BROKER_REGISTRY_REOPENED, None,
+                                  {"cursor": self._cursor, "previous_cursor": previous, "sessions": len(live)})
+        await self.revalidate(live)
 
     async def check_position(self) -> None:
         """Notice a registry that went back in time (restored from a backup) and re-check every session."""

@@ -100,19 +100,21 @@ class Host(Protocol):
         ...
 
 
-def server_context(cert_file: Path, key_file: Path, issuing_file: Path) -> ssl.SSLContext:
-    """TLS 1.2+ server context that *requires* a client certificate issued by the issuing CA.
+def server_context(cert_file: Path, key_file: Path, issuing_pem: bytes) -> ssl.SSLContext:
+    """TLS 1.2+ server context that *requires* a client certificate issued by an issuing CA.
 
-    Only the issuing CA is trusted (``VERIFY_X509_PARTIAL_CHAIN`` makes it an
-    anchor), so a leaf signed directly by the root fails the handshake.
+    Only the issuing CAs in ``issuing_pem`` are trusted (``VERIFY_X509_PARTIAL_CHAIN``
+    makes them anchors), so a leaf signed directly by the root fails the
+    handshake. After a rollover there are several: the current one and each
+    previous one still valid (:func:`iotauth.castore.trusted_issuing_pem`).
     """
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert_file, key_file)
-        context.load_verify_locations(cafile=str(issuing_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the broker's TLS material ({cert_file}, {issuing_file}): {exc}") from exc
+        context.load_verify_locations(cadata=issuing_pem.decode("ascii"))
+    except (OSError, ssl.SSLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot load the broker's TLS material ({cert_file}, issuing CAs): {exc}") from exc
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
     context.options |= ssl.OP_NO_RENEGOTIATION

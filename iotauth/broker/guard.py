@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -71,6 +71,8 @@ class Guard:
         load_policies: re-reads the profiles for :meth:`reload`.
         revoked_serials: serials on the published CRL file (consulted only when failing open).
         clock: the wall clock (pinned in tests).
+        expire_pending: revokes stale pending certificates (one registry write; see
+            :mod:`iotauth.registry.expiry`); run at every sweep, its failure only logged.
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class Guard:
         load_policies: Callable[[], PolicySet] | None = None,
         revoked_serials: Callable[[], Collection[str]] | None = None,
         clock: Callable[[], datetime] = now_utc,
+        expire_pending: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.registry = registry
+        self._expire_pending = expire_pending
         self.audit = audit
         self.options = options
         self._load_policies = load_policies
@@ -248,6 +252,12 @@ class Guard:
         self._recent.forget_before(horizon)
         self._credentials.forget_before(horizon)
         await self.feed.check_position()
+        if self._expire_pending is not None:
+            try:
+                async with asyncio.timeout(max(self.options.registry_timeout, 5.0)):
+                    await self._expire_pending()
+            except (IotAuthError, TimeoutError) as exc:
+                log.warning("cannot expire stale pending certificates: %s", exc)
 
     # -- policy reload ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cryptography import x509
@@ -22,11 +23,12 @@ from iotauth.broker.audit import BrokerAudit
 from iotauth.broker.binding import GuardOptions
 from iotauth.broker.gate import server_context
 from iotauth.broker.guard import Guard, stop_task
-from iotauth.castore import client_verifier
+from iotauth.castore import client_verifier, trusted_issuing_pem
 from iotauth.config import Home, Settings, load_settings, registry_location
 from iotauth.limits import IntakeLimits, SessionLimits
 from iotauth.policy import PolicySet
 from iotauth.registry import Registry, open_registry
+from iotauth.registry.expiry import expire_stale_pending
 
 log = logging.getLogger("iotauth.broker")
 
@@ -138,7 +140,7 @@ async def open_runtime(options: BrokerOptions, registry: Registry | None = None)
     settings = load_settings(home)
     policies = PolicySet.from_profiles(settings.profiles.values())
     verifier = client_verifier(home, settings)
-    context = server_context(home.server_cert, home.server_key, home.issuing_cert)
+    context = server_context(home.server_cert, home.server_key, trusted_issuing_pem(home))
     owns = registry is None
     if registry is None:
         registry = await open_registry(registry_location(home, options.registry))
@@ -156,6 +158,7 @@ async def open_runtime(options: BrokerOptions, registry: Registry | None = None)
         ),
         load_policies=lambda: load_policies(home),
         revoked_serials=CrlSerials(home.crl_der),
+        expire_pending=partial(expire_stale_pending, registry, settings.pending_ttl, actor="iotauth-broker"),
     )
     runtime = Runtime(home, settings, registry, owns, guard, context)
     if options.watch_config > 0:

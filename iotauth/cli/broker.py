@@ -28,6 +28,10 @@ from iotauth.cli.render import warn
 @click.option("--durable-accept-audit", is_flag=True,
               help="Commit each accept record to the audit log before CONNACK (one commit per connect). "
               "Default: group-committed within 50 ms; no one is admitted while records cannot be written.")
+@click.option("--engine", type=click.Choice(["iotauth", "amqtt"]), default="iotauth", show_default=True,
+              help="The MQTT engine behind the mTLS gate. 'amqtt' is for amqtt plugin users: identity, policy and "
+              "revocation are enforced by the same gate and guard; amqtt's own gaps (keep-alive, QoS redelivery, "
+              "limits after authentication) remain.")
 @click.option("--json", "as_json", is_flag=True, help="Print the listening addresses as one JSON line on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: also log every accepted connect.")
 @pass_cli
@@ -39,6 +43,7 @@ def broker(
     poll_interval: float,
     registry_grace: float,
     durable_accept_audit: bool,
+    engine: str,
     as_json: bool,
     verbose: int,
 ) -> None:
@@ -50,6 +55,12 @@ def broker(
     """
     from iotauth.broker.runtime import BrokerOptions
     from iotauth.broker.server import Started, serve
+
+    serving = serve
+    if engine == "amqtt":  # loaded only when asked for: the native broker never imports amqtt
+        from iotauth.broker.amqtt_host import serve_options
+
+        serving = serve_options
 
     ctx.home.require_initialised()
     settings = ctx.settings()
@@ -80,7 +91,7 @@ def broker(
             sys.stdout.write(json.dumps({"listening": listening}) + "\n")
             sys.stdout.flush()
 
-    run(serve(options, on_started=started))
+    run(serving(options, on_started=started))
 
 
 COMMANDS: tuple[click.Command, ...] = (broker,)

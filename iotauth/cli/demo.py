@@ -33,20 +33,24 @@ if TYPE_CHECKING:  # the demo pulls in the broker, paho and the station: load it
 @click.option("--devices", type=click.IntRange(3, 16), default=3, show_default=True, help="Emulated devices.")
 @click.option("--keep", is_flag=True, help="Leave the home directory and the broker running until Ctrl-C.")
 @click.option(
-    "--broker",
-    type=click.Choice(["iotauth", "mosquitto"]),
-    default="iotauth",
-    show_default=True,
-    help="iotauth: 'iotauth broker'. mosquitto: a managed Mosquitto (needs the mosquitto package) kept in step "
-    "by 'iotauth mosquitto follow'.",
+    "--rabbitmq",
+    is_flag=True,
+    help="The same lifecycle on a 3-node RabbitMQ cluster authorised by iotauth (needs rabbitmq-server).",
+)
+@click.option(
+    "--mosquitto",
+    is_flag=True,
+    help="The same lifecycle on a managed Mosquitto kept in step by 'iotauth mosquitto follow' (needs mosquitto).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the step results as JSON.")
-def demo(directory: Path | None, devices: int, keep: bool, broker: str, as_json: bool) -> None:
+def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, mosquitto: bool, as_json: bool) -> None:
     """Run the whole lifecycle: CA, parallel serial provisioning, mTLS broker, live revocation.
 
     Exits non-zero if any step does not behave as described, so it doubles as a smoke test.
     The demo never touches your own iotauth home.
     """
+    if rabbitmq and mosquitto:
+        raise click.UsageError("choose one broker: --rabbitmq or --mosquitto")
     temporary = directory is None
     root = Path(tempfile.mkdtemp(prefix="iotauth-demo-")) if directory is None else directory.absolute()
     if root.exists() and any(root.iterdir()) and not temporary:
@@ -54,7 +58,7 @@ def demo(directory: Path | None, devices: int, keep: bool, broker: str, as_json:
     home = Home(root / "home")
     logging.getLogger("iotauth").setLevel(logging.ERROR)  # the steps report what matters; kicks are expected
     view = LiveView()
-    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json, broker=broker))
+    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json, rabbitmq=rabbitmq, mosquitto=mosquitto))
     if as_json:
         emit_json(
             {
@@ -78,8 +82,12 @@ def demo(directory: Path | None, devices: int, keep: bool, broker: str, as_json:
         raise click.exceptions.Exit(1)
 
 
-async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool, broker: str) -> DemoRun:
+async def _run(
+    home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool, rabbitmq: bool, mosquitto: bool
+) -> DemoRun:
     from iotauth.demo import StepResult, run_demo
+    from iotauth.demo.mosquitto import run_mosquitto_demo
+    from iotauth.demo.rabbitmq import run_rabbitmq_demo
 
     stop = asyncio.Event() if keep else None
     live = Live(get_renderable=lambda: Group(view.render()), console=err, refresh_per_second=8, transient=True)
@@ -93,7 +101,11 @@ async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: b
             mark = "[green]✓[/green]" if step.ok else "[red]✗[/red]"
             err.print(f"{mark} {step.name} [dim]({step.seconds:.2f} s)[/dim]  {step.detail}", highlight=False)
         if keep and step.name == "audit log verifies" and step.ok:
-            _explain_keep(home)
+            if rabbitmq:
+                err.print("\nThe cluster keeps running (Ctrl-C to stop); its MQTTS ports are listed above.",
+                          highlight=False)
+            else:
+                _explain_keep(home)
 
     def on_progress(update: object) -> None:
         if not provisioning["active"] and not quiet:
@@ -106,8 +118,13 @@ async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: b
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
     try:
-        return await run_demo(home, devices=devices, on_step=on_step, on_progress=on_progress, keep=stop,
-                              broker=broker)
+        if rabbitmq:
+            return await run_rabbitmq_demo(home, home.root.parent, devices=devices, on_step=on_step,
+                                           on_progress=on_progress, keep=stop)
+        if mosquitto:
+            return await run_mosquitto_demo(home, devices=devices, on_step=on_step, on_progress=on_progress,
+                                            keep=stop)
+        return await run_demo(home, devices=devices, on_step=on_step, on_progress=on_progress, keep=stop)
     finally:
         if provisioning["active"]:
             live.stop()

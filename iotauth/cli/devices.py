@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
 
-from iotauth.authority import Authority, CrlRefresh, StatusChange, operator_actor
+from iotauth.authority import Authority, CrlRefresh, StatusChange, certificate_pem, operator_actor
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, out, status, success, table, warn
 from iotauth.registry import DeviceStatus, Registry, RevocationReason
@@ -39,10 +40,21 @@ def list_devices(ctx: CliContext, status_filter: str | None, limit: int | None, 
 @devices.command("show")
 @click.argument("device_id")
 @click.option("--events", "event_limit", default=20, show_default=True, help="Recent audit events to show.")
+@click.option("--pem", "as_pem", is_flag=True,
+              help="Print only the device's current certificate as PEM (the newest unrevoked one).")
+@click.option("--serial", help="With --pem: this certificate of the device instead.")
+@click.option("--fullchain", is_flag=True, help="With --pem: append the issuing CA certificate.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-def show_device(ctx: CliContext, device_id: str, event_limit: int, as_json: bool) -> None:
-    """Show one device, its certificates and its recent audit events."""
+def show_device(ctx: CliContext, device_id: str, event_limit: int, as_pem: bool, serial: str | None,
+                fullchain: bool, as_json: bool) -> None:
+    """Show one device, its certificates and its recent audit events (or, with --pem, its certificate)."""
+    if as_pem:
+        sys.stdout.write(run(ctx.with_registry(
+            lambda reg: certificate_pem(reg, device_id, serial, ctx.home.issuing_cert if fullchain else None))))
+        return
+    if serial is not None or fullchain:
+        raise click.UsageError("--serial and --fullchain go with --pem")
 
     async def work(reg: Registry) -> dict[str, Any]:
         device = await reg.get_device(device_id)
@@ -114,7 +126,7 @@ def _crl_note(refresh: CrlRefresh | None) -> str | None:
     if refresh is None:
         return None
     if refresh.published is None:
-        return f"CRL not refreshed ({refresh.error}); run 'iotauth crl' with the CA passphrase"
+        return f"CRL not refreshed ({refresh.error}); run 'iotauth crl' with the CA key unlocked (passphrase or PIN)"
     return f"CRL #{refresh.published.number} published to {refresh.path}"
 
 

@@ -9,11 +9,12 @@ import traceback
 import click
 
 from iotauth import __version__
-from iotauth.cli import audit, broker, demo, devices, export, mosquitto, pki, provision, serve
+from iotauth.cli import audit, broker, ceremony, demo, devices, export, mosquitto, pki, provision, rabbitmq, serve
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
 from iotauth.errors import IotAuthError, ProfileMismatch, RegistryMissing
+from iotauth.files import os_error_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -38,6 +39,7 @@ def cli(ctx: click.Context, home: str | None, registry_url: str | None) -> None:
 
 for command in (
     *pki.COMMANDS,
+    *ceremony.COMMANDS,
     *devices.COMMANDS,
     audit.audit,
     *provision.COMMANDS,
@@ -48,6 +50,7 @@ for command in (
     *demo.COMMANDS,
 ):
     cli.add_command(command)
+export.export.add_command(rabbitmq.export_rabbitmq)
 
 
 def message_for(exc: IotAuthError) -> str:
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file the command had to write or read: name it and the real cause (ENOSPC...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        error(f"{where}{os_error_text(exc)}")
+        return 74  # EX_IOERR
     except Exception as exc:  # the last line of defence: report, never dump
         if os.environ.get("IOTAUTH_DEBUG"):
             traceback.print_exc()

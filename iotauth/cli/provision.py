@@ -57,7 +57,7 @@ def _summary(outcome: LineOutcome) -> None:
 @click.option("--port", "ports", multiple=True, required=True, metavar="DEV",
               help="Serial port or glob (e.g. '/dev/ttyUSB*'); repeatable. All ports run concurrently.")
 @click.option("--profile", default="default", show_default=True, help="Profile to issue under.")
-@click.option("--id-template", help="Device id template, e.g. 'sensor-{hardware_id}' (default: iotauth.toml).")
+@click.option("--id-template", help="Device id template, e.g. 'sensor-{hardware_id|safe}' (default: iotauth.toml).")
 @click.option("--ids", "ids_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="CSV with hardware_id,device_id columns, or one device id per line.")
 @click.option("--host-keygen", is_flag=True, help="Generate keys on the host (devices that cannot make keys).")

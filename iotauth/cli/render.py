@@ -45,15 +45,15 @@ def fields(title: str, data: Mapping[str, Any]) -> None:
 
 
 def success(message: str) -> None:
-    err.print(f"[green]✓[/green] {message}", highlight=False)
+    err.print(f"[green]✓[/green] {escape(message)}", highlight=False)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
 
 def error(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)  # messages name [tables]
 
 
 STATUS_STYLE = {"active": "green", "pending": "yellow", "suspended": "magenta", "revoked": "red"}

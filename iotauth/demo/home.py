@@ -4,27 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tomlkit
-
 from iotauth.authority import Authority
 from iotauth.certs import pem
 from iotauth.config import Home
 from iotauth.files import write_public, write_secret
 from iotauth.pki.keys import generate_private_key, private_key_pem
 from iotauth.testing import CredentialFiles
+from iotauth.tomledit import update_settings
 
 OPERATOR_ID = "ops-ingest"
 
 
 def use_broker_port(home: Home, port: int) -> None:
     """Set ``[broker] port`` in ``iotauth.toml`` (what the station writes to devices), keeping its comments."""
-    document = tomlkit.parse(home.config_file.read_text(encoding="utf-8"))
-    broker = document.get("broker")
-    if broker is None:
-        broker = tomlkit.table()
-        document["broker"] = broker
-    broker["port"] = port
-    home.config_file.write_text(tomlkit.dumps(document), encoding="utf-8")
+    update_settings(home, "broker", {"port": port})
 
 
 def operator_folder(home: Home) -> Path:

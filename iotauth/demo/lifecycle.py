@@ -21,7 +21,6 @@ from iotauth.broker.runtime import BrokerOptions
 from iotauth.broker.server import Broker
 from iotauth.config import Home
 from iotauth.demo.home import issue_operator_identity, operator_folder, use_broker_port
-from iotauth.demo.mosquitto import ManagedMosquitto
 from iotauth.errors import ConnectRefused, DemoFailed, IotAuthError
 from iotauth.provisioning.line import LineRequest, run_line
 from iotauth.provisioning.report import append_report
@@ -82,15 +81,12 @@ class Board:
         return MqttClient(broker_port, files)
 
 
-async def connect(client: MqttClient, *, at_handshake: bool = False) -> bool:
-    """True on CONNACK 0, False when the broker refuses; no answer at all fails the step.
-
-    ``at_handshake``: a refusal during TLS (Mosquitto refuses revoked certificates there) counts as one.
-    """
+async def connect(client: MqttClient) -> bool:
+    """True on CONNACK 0, False when the broker refuses; no answer at all fails the step."""
     try:
         await asyncio.to_thread(client.connect, WAIT)
     except ConnectRefused as exc:
-        if exc.code is None and not at_handshake:
+        if exc.code is None:
             raise
         return False
     return True
@@ -103,17 +99,10 @@ class Demo:
     """One demo run; each ``step_*`` method checks what it claims and returns a detail line."""
 
     def __init__(
-        self,
-        home: Home,
-        devices: int,
-        on_step: Callable[[StepResult], None],
-        on_progress: Callable[[Progress], None],
-        broker: str = "iotauth",
+        self, home: Home, devices: int, on_step: Callable[[StepResult], None], on_progress: Callable[[Progress], None]
     ) -> None:
         self.home = home
         self.count = devices
-        self.broker_kind = broker
-        self.mosquitto: ManagedMosquitto | None = None
         self.on_step = on_step
         self.on_progress = on_progress
         self.run = DemoRun(home.root)
@@ -184,21 +173,17 @@ class Demo:
             note.append(f"127.0.0.1:{self.port}, client certificates required")
             self.run.facts["broker"] = f"127.0.0.1:{self.port}"
 
-    async def start_mosquitto(self) -> None:
-        assert self.authority is not None
-        async with self.step("start Mosquitto under iotauth's control (managed) and its follower") as note:
-            self.mosquitto = await ManagedMosquitto.start(self.home, self.authority, self.port)
-            note.append(f"127.0.0.1:{self.port}, dynamic-security plugin kept in step by "
-                        f"'iotauth mosquitto follow' (pid {self.mosquitto.pid})")
-            self.run.facts["broker"] = f"mosquitto 127.0.0.1:{self.port}"
+    def device_port(self, index: int) -> int:
+        """Where device ``index`` connects (one broker here; a cluster spreads them over its nodes)."""
+        return self.port
+
+    def operator_port(self) -> int:
+        return self.port
 
     async def operator_client(self) -> MqttClient:
         """An 'ingest' service identity for the operator side, issued like any device."""
         assert self.authority is not None
-        mark = await self.registry.last_event_id() if self.registry is not None else 0
-        client = MqttClient(self.port, await issue_operator_identity(self.authority, self.home))
-        if self.mosquitto is not None:  # the follower gives it its client and role first
-            await self._wait_for_event(EventKind.MOSQUITTO_DEVICE_SYNCED, client.client_id, after=mark)
+        client = MqttClient(self.operator_port(), await issue_operator_identity(self.authority, self.home))
         self.clients.append(client)
         return client
 
@@ -208,8 +193,8 @@ class Demo:
             if not await connect(watcher):
                 raise DemoFailed(f"operator subscriber refused: {watcher.connack_reason}")
             await asyncio.to_thread(watcher.subscribe, "devices/+/telemetry/#", 1, WAIT)
-            for board, device_id in zip(self.boards, self.device_ids, strict=True):
-                client = board.client(device_id, self.port)
+            for index, (board, device_id) in enumerate(zip(self.boards, self.device_ids, strict=True)):
+                client = board.client(device_id, self.device_port(index))
                 self.clients.append(client)
                 if not await connect(client):
                     raise DemoFailed(f"{device_id} refused: {client.connack_reason}")
@@ -221,26 +206,35 @@ class Demo:
         return watcher
 
     async def refuse_foreign_topic(self, watcher: MqttClient) -> None:
-        assert self.registry is not None
         attacker, victim = self.device_ids[0], self.device_ids[1]
         async with self.step("a device publishing to another device's topic is refused") as note:
             client = self.clients[1]
-            await asyncio.to_thread(client.publish, f"devices/{victim}/telemetry/temperature", "spoofed")
+            await asyncio.to_thread(client.publish, f"devices/{victim}/telemetry/temperature", "spoofed",
+                                    self.foreign_publish_qos)
+            sender = await self.sender_after_refusal(attacker, client)
             marker = f"devices/{attacker}/telemetry/marker"
-            await asyncio.to_thread(client.publish, marker, "after")
+            await asyncio.to_thread(sender.publish, marker, "after")
             if not await asyncio.to_thread(watcher.wait_for, lambda msgs: any(m.topic == marker for m in msgs), WAIT):
                 raise DemoFailed("the marker message never arrived")
             if any(m.payload == b"spoofed" for m in watcher.received):
                 raise DemoFailed(f"{attacker}'s message on {victim}'s topic was delivered")
-            if self.mosquitto is not None:  # Mosquitto drops it silently: there is no denial to audit
-                note.append(f"{attacker} -> devices/{victim}/...: not delivered (Mosquitto's dynamic-security ACL)")
-                return
-            denied = await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)
-            note.append(f"{attacker} -> devices/{victim}/...: not delivered; audit event #{denied}")
+            note.append(f"{attacker} -> devices/{victim}/...: not delivered; {await self.refusal_evidence(attacker)}")
+
+    foreign_publish_qos = 1
+
+    async def sender_after_refusal(self, attacker: str, client: MqttClient) -> MqttClient:
+        """Who sends the marker after the refused publish: iotauth's broker keeps the session open."""
+        return client
+
+    async def refusal_evidence(self, attacker: str) -> str:
+        return f"audit event #{await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)}"
+
+    def revocation_step(self, target: str) -> str:
+        return f"the operator revokes {target}: live session dropped, reconnect refused"
 
     async def revoke_live(self) -> None:
-        target, client = self.device_ids[-1], self.clients[-1]
-        async with self.step(f"the operator revokes {target}: live session dropped, reconnect refused") as note:
+        target, client = self.device_ids[-1], self.clients[len(self.device_ids)]  # clients[0] is the operator
+        async with self.step(self.revocation_step(target)) as note:
             command = [
                 sys.executable,
                 "-m",
@@ -263,19 +257,24 @@ class Demo:
             committed = await self._event_time(EventKind.DEVICE_REVOKED, target)
             latency = (client.disconnected_wall or committed) - committed
             _close(client)
-            retry = self.boards[-1].client(target, self.port)
-            self.clients.append(retry)
-            if await connect(retry, at_handshake=self.mosquitto is not None):
-                raise DemoFailed(f"{target} reconnected after revocation")
-            kick = ""
-            if self.mosquitto is not None:
-                kicked = await self._wait_for_event(EventKind.MOSQUITTO_SESSION_KICKED, target)
-                kick = f"; CRL proven in force before the kick (audit event #{kicked})"
+            evidence = await self.revocation_evidence(target)
+            refusal = await self.reconnect_refusal(target)
             note.append(
-                f"dropped {latency * 1000:.0f} ms after the revocation was committed; "
-                f"reconnect: {retry.connack_reason or 'refused at the TLS handshake'}{kick}"
+                f"dropped {latency * 1000:.0f} ms after the revocation was committed{evidence}; reconnect: {refusal}"
             )
             self.run.facts["revocation_to_disconnect_ms"] = round(latency * 1000, 1)
+
+    async def revocation_evidence(self, target: str) -> str:
+        """What else shows the revocation took effect (the broker's own kick is in the audit log anyway)."""
+        return ""
+
+    async def reconnect_refusal(self, target: str) -> str:
+        """How the revoked device's reconnect was refused; raise :class:`DemoFailed` if it got in."""
+        retry = self.boards[-1].client(target, self.device_port(len(self.boards) - 1))
+        self.clients.append(retry)
+        if await connect(retry):
+            raise DemoFailed(f"{target} reconnected after revocation")
+        return str(retry.connack_reason)
 
     async def verify_audit(self) -> None:
         assert self.registry is not None
@@ -294,11 +293,11 @@ class Demo:
                 return datetime.fromisoformat(event.ts).timestamp()
         raise DemoFailed(f"no {kind} audit event for {device_id}")
 
-    async def _wait_for_event(self, kind: EventKind, device_id: str, after: int = 0) -> int:
+    async def _wait_for_event(self, kind: EventKind, device_id: str) -> int:
         assert self.registry is not None
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
-            for event in reversed(await self.registry.events(device_id=device_id, after_id=after)):
+            for event in reversed(await self.registry.events(device_id=device_id)):
                 if event.kind == kind:
                     return event.id
             await asyncio.sleep(0.05)
@@ -309,8 +308,6 @@ class Demo:
             await asyncio.to_thread(_close, client)
         if self.broker is not None:
             await self.broker.shutdown()
-        if self.mosquitto is not None:
-            await asyncio.to_thread(self.mosquitto.stop)
         for board in self.boards:
             board.stop()
         if self.registry is not None:
@@ -324,29 +321,26 @@ async def run_demo(
     on_step: Callable[[StepResult], None] = lambda _step: None,
     on_progress: Callable[[Progress], None] = lambda _progress: None,
     keep: asyncio.Event | None = None,
-    broker: str = "iotauth",
 ) -> DemoRun:
-    """Run every step; stop at the first failure. With ``keep``, leave the broker up until it is set.
+    """Run every step; stop at the first failure. With ``keep``, leave the broker up until it is set."""
+    return await run_steps(Demo(home, devices, on_step, on_progress), keep)
 
-    ``broker``: ``iotauth`` (``iotauth broker``) or ``mosquitto`` (a managed Mosquitto and its follower).
-    """
-    demo = Demo(home, devices, on_step, on_progress, broker)
+
+async def run_steps(demo: Demo, keep: asyncio.Event | None) -> DemoRun:
+    """The lifecycle, in order, on whatever broker ``demo`` starts; closes everything it started."""
     try:
         await demo.initialise()
         await demo.start_devices()
         await demo.provision()
         for board in demo.boards:  # the boards keep their flash; the serial side is done
             board.stop()
-        if broker == "mosquitto":
-            await demo.start_mosquitto()
-        else:
-            await demo.start_broker()
+        await demo.start_broker()
         watcher = await demo.telemetry()
         await demo.refuse_foreign_topic(watcher)
         await demo.revoke_live()
         await demo.verify_audit()
         if keep is not None:
-            demo.run.facts["operator_credentials"] = str(operator_folder(home))
+            demo.run.facts["operator_credentials"] = str(operator_folder(demo.home))
             await keep.wait()
     except DemoFailed:
         pass

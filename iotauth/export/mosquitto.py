@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
 from iotauth.authority import Authority
-from iotauth.castore import read_published_crl
+from iotauth.castore import read_published_crl, trusted_issuing_pem
 from iotauth.config import DEFAULT_PROFILE, Home
 from iotauth.errors import ConfigError
 from iotauth.export.access import check_access, mosquitto_account
@@ -155,7 +153,7 @@ async def export(
     """Write (or refresh) every file of the Mosquitto configuration into ``directory``."""
     files = ExportedFiles.under(directory)
     files.directory.mkdir(parents=True, exist_ok=True)
-    write_public(files.ca, home.chain_file.read_bytes())
+    write_public(files.ca, trusted_issuing_pem(home) + home.root_cert.read_bytes())  # every issuing CA of a rollover
     write_public(files.certificate, home.server_cert.read_bytes())
     if not files.key.exists():
         write_secret(files.key, home.server_key.read_bytes())
@@ -171,7 +169,7 @@ async def write_crl(home: Home, authority: Authority, files: ExportedFiles) -> d
     """A fresh CRL when the CA key is available, else the one last published in the home."""
     if authority.signing_unavailable is None:
         published = await authority.publish_crl(home)
-        write_public(files.crl, published.crl.public_bytes(serialization.Encoding.PEM))
+        write_public(files.crl, published.pem)
         return published.crl.next_update_utc
     last = read_published_crl(home)
     if last is None:

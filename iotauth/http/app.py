@@ -2,7 +2,8 @@
 
 Stateless by design: every decision reads the registry (or a session policy
 compiled from it), so any number of replicas can run behind a load balancer.
-Request bodies are capped, bad input is a 400 with a message, and nothing
+Request bodies are capped (413); JSON bodies are bounded in size and nesting
+depth before they are parsed, and bad input is a 400 with a message. Nothing
 here needs the issuing CA key except CRL signing (optional; see
 :mod:`iotauth.http.crl`).
 """
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.x509 import ocsp
 from starlette.applications import Starlette
@@ -25,8 +25,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from iotauth import safejson
 from iotauth.authority import Authority
-from iotauth.errors import BadRequest, Conflict, InvalidIdentity, IotAuthError, NotFound
+from iotauth.errors import BadRequest, Conflict, InvalidIdentity, IotAuthError, NotFound, RegistryError
 from iotauth.http.access import AccessPolicy
 from iotauth.http.crl import CrlSource
 from iotauth.pki.ocsp import CertificateStatusAnswer, OcspResponder
@@ -35,8 +36,19 @@ from iotauth.registry.models import CRL_REASONS
 
 log = logging.getLogger("iotauth.http")
 MAX_BODY = 64 * 1024
+MAX_JSON_BYTES = 16 * 1024  # an EMQX authn body with a certificate PEM is 1-3 KiB
+MAX_JSON_DEPTH = 16  # every body iotauth reads is flat
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ComponentHealth(Protocol):
+    """A background part of the service that ``/healthz`` reports on (the revocation push)."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def as_dict(self) -> dict[str, object]: ...
 
 
 @dataclass
@@ -46,6 +58,7 @@ class ServiceState:
     crl: CrlSource
     ocsp: OcspResponder
     extra_routes: list[BaseRoute] = field(default_factory=list)
+    push: list[ComponentHealth] = field(default_factory=list)
 
     @property
     def registry(self) -> Registry:
@@ -67,8 +80,10 @@ async def read_json(request: Request) -> Mapping[str, Any]:
     if not body:
         return {}
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = safejson.loads(body, max_bytes=MAX_JSON_BYTES, max_depth=MAX_JSON_DEPTH)
+    except safejson.JsonRefused as exc:
+        raise BadRequest(f"body refused: {exc}") from exc
+    except ValueError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
@@ -224,8 +239,26 @@ async def resume_device(request: Request, actor: str) -> Response:
 
 
 async def health(request: Request) -> Response:
-    await state_of(request).registry.last_event_id()
-    return JSONResponse({"ok": True})
+    """200 when the registry is readable and still the one opened, and every push is healthy; else 503, saying why.
+
+    A registry replaced by a copy of itself is reopened here (and by the
+    service's watcher); one that is gone or foreign makes this a 503 that
+    says why, and every decision fails closed meanwhile.
+    """
+    state = state_of(request)
+    registry = state.registry
+    try:
+        await registry.ensure_identity()
+        await registry.last_event_id()
+    except RegistryError as exc:
+        return JSONResponse({"ok": False, "registry": str(exc)}, status_code=503)
+    body: dict[str, object] = {"ok": True, "registry_instance": registry.instance_id}
+    if state.push:
+        healthy = all(p.healthy for p in state.push)
+        body.update(ok=healthy, push=[p.as_dict() for p in state.push])
+        if not healthy:
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 def create_app(state: ServiceState) -> Starlette:

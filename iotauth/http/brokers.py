@@ -1,15 +1,16 @@
-"""Broker-facing endpoints: EMQX HTTP authentication/authorization and mosquitto-go-auth.
+"""Broker-facing decisions, and the mosquitto-go-auth endpoints (EMQX's are in :mod:`iotauth.http.emqx`).
 
-One decision engine, two front ends: :class:`~iotauth.policy.PolicySet` is the
-same one the amqtt broker uses, bound per request to the device's current
+One decision engine, several front ends: :class:`~iotauth.policy.PolicySet` is
+the same one the amqtt broker uses, bound per request to the device's current
 profile; the registry is read on every request, so a revocation or a
-suspension takes effect at the next CONNECT or topic check (nothing is cached).
+suspension takes effect at the next CONNECT or topic check (nothing is cached
+here; what the *broker* caches is its own business, see the README).
 
 Identity comes from the broker's TLS layer, never from the client's own
-claims: EMQX passes the certificate's CN (``${cert_common_name}``) and,
-recommended, its PEM or SHA-256 fingerprint; the MQTT client id must equal
-the device id in the certificate. Without the certificate itself iotauth can
-only decide per device, not per certificate; configure EMQX to forward it.
+claims: the broker passes the certificate (EMQX's ``${cert_pem}``) or at least
+its CN, and the MQTT client id must equal the device id in the certificate.
+With the certificate iotauth decides per certificate; without it, only per
+device, which :class:`WithoutCertificate` makes an explicit choice.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
 
-from cryptography import x509
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -40,6 +40,18 @@ GO_AUTH_ACCESS = {
     3: (Action.RECEIVE, Action.PUBLISH),
     4: (Action.SUBSCRIBE,),
 }
+
+
+class WithoutCertificate(StrEnum):
+    """What :meth:`BrokerFrontEnd.authenticate` does when the broker passed no certificate."""
+
+    REFUSE = "refuse"
+    """No certificate, no entry (EMQX by default: ``[emqx] require_certificate = true``)."""
+    UNAMBIGUOUS = "unambiguous"
+    """Decide per device, but only while every unexpired certificate of the device is active, so the CN
+    cannot belong to a pending or revoked one (EMQX with ``require_certificate = false``)."""
+    PER_DEVICE = "per-device"
+    """Decide per device (mosquitto-go-auth: Mosquitto itself checks the chain and the CRL)."""
 
 
 @dataclass(frozen=True)
@@ -65,39 +77,41 @@ class BrokerFrontEnd:
     _compiled: dict[tuple[str, str], SessionPolicy | None] = field(default_factory=dict)
 
     async def authenticate(
-        self, client_id: object, common_name: object, cert_pem: object, cert_fingerprint: object
+        self, client_id: object, common_name: object, der: bytes | None, without: WithoutCertificate
     ) -> Verdict:
-        """May this MQTT client connect? Bound to the certificate when the broker passes it."""
+        """May this MQTT client connect? Bound to the certificate (DER) when the broker passes it.
+
+        Args:
+            client_id: the MQTT client id, which must be the device id.
+            common_name: the certificate CN as the broker read it (``""``/None: not passed).
+            der: the client certificate the broker passed, or None.
+            without: what to do when ``der`` is None.
+        """
         try:
             device_id = validate_device_id(client_id)
         except InvalidIdentity as exc:
             return Verdict(False, f"client id: {exc}")
         if common_name not in (None, "") and common_name != device_id:
             return Verdict(False, "client id does not match the certificate common name")
-        fingerprint = await self._fingerprint(cert_pem, cert_fingerprint, device_id)
-        if isinstance(fingerprint, Verdict):
-            return fingerprint
-        if fingerprint is not None:
-            credential = await self.registry.find_credential(fingerprint)
-            if credential is None:
-                return Verdict(False, "certificate unknown to the registry")
-            return self._usable(credential, device_id)
+        if der is not None:
+            return await self._by_certificate(der, device_id)
+        if without is WithoutCertificate.REFUSE:
+            return Verdict(False, "the broker passed no client certificate (cert_pem) and one is required")
         if common_name in (None, ""):
             return Verdict(False, "no client certificate identity was passed by the broker")
-        return await self._device_only(device_id)
+        return await self.device_level(device_id, unambiguous=without is WithoutCertificate.UNAMBIGUOUS)
 
-    async def _fingerprint(self, cert_pem: object, cert_fingerprint: object, device_id: str) -> str | Verdict | None:
-        if isinstance(cert_pem, str) and cert_pem.strip():
-            try:
-                identity = self.verifier.verify(x509.load_pem_x509_certificate(cert_pem.encode()))
-            except (ValueError, CertificateRejected) as exc:
-                return Verdict(False, f"certificate rejected: {exc}")
-            if identity.device_id != device_id:
-                return Verdict(False, "client id does not match the certificate identity")
-            return identity.fingerprint
-        if isinstance(cert_fingerprint, str) and cert_fingerprint.strip():
-            return cert_fingerprint.strip().lower().replace(":", "")
-        return None
+    async def _by_certificate(self, der: bytes, device_id: str) -> Verdict:
+        try:
+            identity = self.verifier.verify_der(der)
+        except (ValueError, CertificateRejected) as exc:
+            return Verdict(False, f"certificate rejected: {exc}")
+        if identity.device_id != device_id:
+            return Verdict(False, "client id does not match the certificate identity")
+        credential = await self.registry.find_credential(identity.fingerprint)
+        if credential is None:
+            return Verdict(False, "certificate unknown to the registry")
+        return self._usable(credential, device_id)
 
     def _usable(self, credential: Credential, device_id: str) -> Verdict:
         if credential.device.device_id != device_id:
@@ -111,7 +125,7 @@ class BrokerFrontEnd:
             return Verdict(False, "certificate expired")
         return Verdict(True, "ok", self._policy(credential.device.profile, device_id), expires)
 
-    async def _active_device(self, device_id: str) -> Device | Verdict:
+    async def active_device(self, device_id: str) -> Device | Verdict:
         try:
             device = await self.registry.get_device(device_id)
         except NotFound:
@@ -120,18 +134,20 @@ class BrokerFrontEnd:
             return Verdict(False, f"device {device.status.value}")
         return device
 
-    async def _device_only(self, device_id: str) -> Verdict:
-        device = await self._active_device(device_id)
+    async def device_level(self, device_id: str, *, unambiguous: bool) -> Verdict:
+        device = await self.active_device(device_id)
         if isinstance(device, Verdict):
             return device
         now = datetime.now().astimezone()
-        active = [
-            c
-            for c in await self.registry.certificates_of(device_id)
-            if c.status is CertificateStatus.ACTIVE and datetime.fromisoformat(c.not_after) > now
-        ]
+        certificates = await self.registry.certificates_of(device_id)
+        unexpired = [c for c in certificates if datetime.fromisoformat(c.not_after) > now]
+        active = [c for c in unexpired if c.status is CertificateStatus.ACTIVE]
         if not active:
             return Verdict(False, "device has no active certificate")
+        if unambiguous and len(active) != len(unexpired):
+            # A pending or revoked certificate of this device is still within its validity: its CN alone
+            # cannot tell it from the active one, so only the certificate itself could decide.
+            return Verdict(False, "device has a pending or revoked certificate; the broker must pass cert_pem")
         expires = max(datetime.fromisoformat(c.not_after) for c in active)
         return Verdict(
             True,
@@ -159,7 +175,7 @@ class BrokerFrontEnd:
             return Verdict(False, f"client id: {exc}")
         if not isinstance(topic, str):
             return Verdict(False, "topic missing")
-        device = await self._active_device(device_id)
+        device = await self.active_device(device_id)
         if isinstance(device, Verdict):
             return device
         policy = self._policy(device.profile, device_id)
@@ -174,47 +190,21 @@ def front_end(request: Request) -> BrokerFrontEnd:
     return front
 
 
+def broker_peer_allowed(request: Request) -> bool:
+    """Whether the caller is on ``[serve] broker_networks``."""
+    host = request.client.host if request.client else None
+    return state_of(request).access.broker_allowed(host)
+
+
 def broker_only(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
-        host = request.client.host if request.client else None
-        if not state_of(request).access.broker_allowed(host):
+        if not broker_peer_allowed(request):
             return JSONResponse(
                 {"result": "deny", "error": "this endpoint only answers the broker's network"}, status_code=403
             )
         return await handler(request)
 
     return answer_errors(wrapped)
-
-
-def _emqx_acl(policy: SessionPolicy | None) -> list[dict[str, str]]:
-    rules = [
-        {"permission": "allow", "action": rule.action.value, "topic": rule.topic_filter}
-        for rule in (policy.rules() if policy else ())
-    ]
-    return [*rules, {"permission": "deny", "action": "all", "topic": "#"}]
-
-
-async def emqx_authenticate(request: Request) -> Response:
-    body = await read_json(request)
-    verdict = await front_end(request).authenticate(
-        body.get("clientid"), body.get("cert_common_name"), body.get("cert_pem"), body.get("cert_fingerprint")
-    )
-    log.info("emqx authn %s: %s", body.get("clientid"), verdict.reason)
-    if not verdict.allowed:
-        return JSONResponse({"result": "deny", "reason": verdict.reason})
-    answer: dict[str, Any] = {"result": "allow", "is_superuser": False, "acl": _emqx_acl(verdict.policy)}
-    if verdict.expires_at is not None:
-        answer["expire_at"] = int(verdict.expires_at.timestamp())
-    return JSONResponse(answer)
-
-
-async def emqx_authorize(request: Request) -> Response:
-    body = await read_json(request)
-    action_text = body.get("action")
-    if action_text not in ("publish", "subscribe"):
-        raise BadRequest(f"action must be 'publish' or 'subscribe', got {action_text!r}")
-    verdict = await front_end(request).authorize(body.get("clientid"), Action(action_text), body.get("topic"))
-    return JSONResponse({"result": "allow" if verdict.allowed else "deny"})
 
 
 def _go_auth(verdict: Verdict) -> Response:
@@ -230,7 +220,8 @@ async def go_auth_user(request: Request) -> Response:
     username, client_id = body.get("username"), body.get("clientid") or body.get("username")
     if username != client_id:
         return _go_auth(Verdict(False, "client id does not match the certificate identity"))
-    return _go_auth(await front_end(request).authenticate(client_id, username, None, None))
+    verdict = await front_end(request).authenticate(client_id, username, None, WithoutCertificate.PER_DEVICE)
+    return _go_auth(verdict)
 
 
 async def go_auth_superuser(request: Request) -> Response:
@@ -256,8 +247,6 @@ async def go_auth_acl(request: Request) -> Response:
 
 def broker_routes() -> list[BaseRoute]:
     return [
-        Route("/emqx/authn", broker_only(emqx_authenticate), methods=["POST"]),
-        Route("/emqx/authz", broker_only(emqx_authorize), methods=["POST"]),
         Route("/mosquitto/user", broker_only(go_auth_user), methods=["POST"]),
         Route("/mosquitto/superuser", broker_only(go_auth_superuser), methods=["POST"]),
         Route("/mosquitto/acl", broker_only(go_auth_acl), methods=["POST"]),

@@ -27,6 +27,7 @@ class CrlDocument:
     der: bytes
     pem: bytes
     built_at_event: int
+    generation: int = 0  # the registry's; event ids of a reopened database are not comparable
 
 
 class CrlSource:
@@ -38,33 +39,33 @@ class CrlSource:
         self._lock = asyncio.Lock()
 
     async def current(self) -> CrlDocument:
+        generation = self._registry.generation
         head = await self._registry.last_event_id()
         cached = self._current
+        if cached is not None and cached.generation != generation:
+            cached = None
         if cached is not None and (cached.built_at_event == head or not await self._changed_since(cached, head)):
             return cached
         async with self._lock:
             cached = self._current
-            if cached is not None and cached.built_at_event >= head:
+            if cached is not None and cached.generation == generation and cached.built_at_event >= head:
                 return cached
-            self._current = await self._build(head)
+            self._current = await self._build(head, generation)
             return self._current
 
     async def _changed_since(self, cached: CrlDocument, head: int) -> bool:
         if await self._registry.has_events(after_id=cached.built_at_event, kind_prefixes=CRL_KIND_PREFIXES):
             return True
-        self._current = CrlDocument(cached.der, cached.pem, head)
+        self._current = CrlDocument(cached.der, cached.pem, head, cached.generation)
         return False
 
-    async def _build(self, head: int) -> CrlDocument:
+    async def _build(self, head: int, generation: int) -> CrlDocument:
         if self._authority.signing_unavailable is not None:
             last = read_published_crl(self._home)
             if last is None:
                 raise PkiError(
                     "no CRL has been published yet; run 'iotauth crl' (or start serve with the CA passphrase)"
                 )
-            return CrlDocument(last.der, last.pem, head)
+            return CrlDocument(last.der, last.pem, head, generation)
         published = await self._authority.build_crl()
-        crl = published.crl
-        return CrlDocument(
-            crl.public_bytes(serialization.Encoding.DER), crl.public_bytes(serialization.Encoding.PEM), head
-        )
+        return CrlDocument(published.crl.public_bytes(serialization.Encoding.DER), published.pem, head, generation)

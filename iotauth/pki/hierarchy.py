@@ -1,8 +1,10 @@
-"""Creating a new CA hierarchy: root, issuing CA, broker server certificate, OCSP responder.
+"""Creating a CA hierarchy: root, issuing CA, broker server certificate, OCSP responder; and the root's CRL.
 
-Kept apart from :mod:`iotauth.pki.ca` (which *uses* a CA) because it runs once,
-at ``iotauth init``, and is the only code that ever holds the root key. It
-returns values; :mod:`iotauth.castore` writes them into a home.
+Kept apart from :mod:`iotauth.pki.ca` (which *uses* a CA) because it is the
+only code that ever holds the root key: at ``iotauth init``, and in the
+ceremonies that sign a new issuing CA or the root's CRL (the ARL). It returns
+values; :mod:`iotauth.castore` writes them into a home. The keys may be given
+(token keys from :mod:`iotauth.pki.signer`, created above pki) or made here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotauth.certs import now_utc
@@ -63,27 +66,82 @@ def create_hierarchy(
     key_type: str,
     server_names: Sequence[str],
     now: datetime | None = None,
+    *,
+    root_key: PrivateKey | None = None,
+    issuing_key: PrivateKey | None = None,
 ) -> Hierarchy:
-    """Create the root, the issuing CA, the broker's server certificate and the OCSP responder."""
+    """Create the root, the issuing CA, the broker's server certificate and the OCSP responder.
+
+    ``root_key`` / ``issuing_key``: keys made elsewhere (on a token); by default new ``key_type`` keys.
+    """
     if key_type not in ("p256", "p384"):
         raise PkiError(f"CA key type must be p256 or p384, not {key_type!r}")
     issued_at = now or now_utc()
-    root_key = generate_private_key(key_type)
+    root_key = root_key or generate_private_key(key_type)
     root_name = _ca_name("Root CA", trust_domain)
-    root = _ca_certificate(root_name, root_key, root_name, root_key, None, issued_at, ROOT_VALIDITY)
-    issuing_key = generate_private_key(key_type)
-    issuing = _ca_certificate(
-        _ca_name("Issuing CA", trust_domain), issuing_key, root_name, root_key, root, issued_at, ISSUING_VALIDITY
-    )
+    root = _ca_certificate(root_name, root_key.public_key(), root_name, root_key, None, issued_at, ROOT_VALIDITY)
+    issuing_key = issuing_key or generate_private_key(key_type)
+    issuing = sign_issuing_ca(root, root_key, issuing_key.public_key(), trust_domain, 1, issued_at)
     ca = CertificateAuthority(root, issuing, issuing_key, trust_domain)
     server_key, server_cert = issue_server_certificate(ca, server_names, issued_at)
     ocsp_key, ocsp_cert = issue_responder(ca, issued_at)
     return Hierarchy(ca, root_key, server_key, server_cert, ocsp_key, ocsp_cert)
 
 
+def issuing_ca_name(trust_domain: str, generation: int) -> x509.Name:
+    """The subject of the ``generation``-th issuing CA. Every generation has its own name, so relying parties
+    (OpenSSL looks CRLs and issuers up by name) never confuse an old issuing CA with its successor."""
+    label = "Issuing CA" if generation <= 1 else f"Issuing CA {generation}"
+    return _ca_name(label, trust_domain)
+
+
+def sign_issuing_ca(
+    root: x509.Certificate,
+    root_key: PrivateKey,
+    public_key: CertificateIssuerPublicKeyTypes,
+    trust_domain: str,
+    generation: int,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """An issuing CA certificate for ``public_key``, signed by the root (at ``init``, and at each rollover)."""
+    issued_at = now or now_utc()
+    not_after = min(issued_at + ISSUING_VALIDITY, root.not_valid_after_utc)
+    return _ca_certificate(
+        issuing_ca_name(trust_domain, generation), public_key, root.subject, root_key, root, issued_at,
+        not_after - issued_at,
+    )
+
+
+def sign_root_crl(
+    root: x509.Certificate,
+    root_key: PrivateKey,
+    revoked: Sequence[x509.RevokedCertificate],
+    number: int,
+    next_update: timedelta,
+    now: datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """The root's CRL (an ARL): the issuing CAs it has revoked."""
+    this_update = now or now_utc()
+    ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=root.subject,
+        last_update=this_update,
+        next_update=this_update + next_update,
+        extensions=[
+            x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
+            x509.Extension(
+                x509.AuthorityKeyIdentifier.oid, False,
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+            ),
+        ],
+        revoked_certificates=list(revoked),
+    )
+    return builder.sign(root_key, hash_for(root_key))
+
+
 def _ca_certificate(
     subject: x509.Name,
-    key: PrivateKey,
+    public_key: CertificateIssuerPublicKeyTypes,
     issuer: x509.Name,
     issuer_key: PrivateKey,
     issuer_cert: x509.Certificate | None,
@@ -95,13 +153,13 @@ def _ca_certificate(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(key_usage(signature=True, cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
     if issuer_cert is not None:
         builder = builder.add_extension(

@@ -33,6 +33,14 @@ def key_type_name(public_key: PublicKeyTypes) -> str:
     raise CsrRejected(f"key algorithm {type(public_key).__name__} is not supported")
 
 
+def curve_type(key: ec.EllipticCurvePrivateKey) -> str:
+    """``p256`` / ``p384`` for an EC key (the name a curve has in profiles and in ``--key-type``)."""
+    for name, curve in _CURVES.items():
+        if key.curve.name == curve.name:
+            return name
+    return key.curve.name
+
+
 def check_key_allowed(public_key: PublicKeyTypes, allowed: Collection[str], rsa_min_bits: int = 2048) -> str:
     """Enforce a profile's key policy; return the key type name."""
     kind = key_type_name(public_key)
@@ -62,17 +70,19 @@ def private_key_pem(key: PrivateKey, passphrase: bytes | None) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
-def load_private_key(data: bytes, passphrase: bytes | None, what: str) -> PrivateKey:
-    """Load a PEM private key, turning passphrase problems into :class:`CaLocked`."""
+def load_private_key(
+    data: bytes, passphrase: bytes | None, what: str, variable: str = "IOTAUTH_CA_PASSPHRASE"
+) -> PrivateKey:
+    """Load a PEM private key, turning passphrase problems into :class:`CaLocked` naming ``variable``."""
     try:
         key = serialization.load_pem_private_key(data, password=passphrase)
     except TypeError as exc:
         if passphrase is None:
-            raise CaLocked(f"{what} is encrypted; set IOTAUTH_CA_PASSPHRASE to unlock it") from exc
-        raise CaLocked(f"{what} is not encrypted but IOTAUTH_CA_PASSPHRASE is set; unset it") from exc
+            raise CaLocked(f"{what} is encrypted; set {variable} to unlock it") from exc
+        raise CaLocked(f"{what} is not encrypted but {variable} is set; unset it") from exc
     except ValueError as exc:
         if passphrase is not None:
-            raise CaLocked(f"wrong IOTAUTH_CA_PASSPHRASE for {what} (or the key file is damaged)") from exc
+            raise CaLocked(f"wrong {variable} for {what} (or the key file is damaged)") from exc
         raise PkiError(f"{what} is not a valid PEM private key") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
         raise PkiError(f"{what} holds an unsupported key type {type(key).__name__}")

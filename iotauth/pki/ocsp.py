@@ -9,7 +9,7 @@ serials as unknown.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -61,17 +61,29 @@ def issue_responder(ca: CertificateAuthority, now: datetime | None = None) -> tu
     return key, cert
 
 
-class OcspResponder:
-    """Turn DER OCSP requests into signed DER responses."""
+@dataclass(frozen=True)
+class ResponderIdentity:
+    """One issuing CA and the delegated responder that answers for its certificates."""
 
-    def __init__(
-        self, issuing_cert: x509.Certificate, responder_cert: x509.Certificate, responder_key: PrivateKey
-    ) -> None:
-        self._issuer = issuing_cert
-        self._cert = responder_cert
-        self._key = responder_key
-        self._issuer_key_hashes = {
-            algorithm.name: _issuer_key_hash(issuing_cert, algorithm)
+    issuing_cert: x509.Certificate
+    responder_cert: x509.Certificate
+    responder_key: PrivateKey
+
+
+class OcspResponder:
+    """Turn DER OCSP requests into signed DER responses.
+
+    It answers for several issuing CAs at once: after a rollover, devices
+    holding certificates from the previous issuing CA are answered by that
+    CA's responder until it expires. Requests name their CA by the hashes of
+    its name and key, so each is routed to its own responder; any other CA
+    is ``unauthorized``.
+    """
+
+    def __init__(self, identities: Sequence[ResponderIdentity]) -> None:
+        self._by_issuer: dict[tuple[str, bytes, bytes], ResponderIdentity] = {
+            (algorithm.name, *_issuer_hashes(identity.issuing_cert, algorithm)): identity
+            for identity in identities
             # RFC 6960 clients (openssl included) identify certificates by SHA-1 hashes by default.
             for algorithm in (hashes.SHA1(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())  # noqa: S303
         }
@@ -81,7 +93,10 @@ class OcspResponder:
             request = ocsp.load_der_ocsp_request(request_der)
         except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError):
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        if request.issuer_key_hash != self._issuer_key_hashes.get(request.hash_algorithm.name):
+        # A CertID names the issuer by the hash of its name *and* of its key (RFC 6960 4.1.1): both must be
+        # those of one of our issuing CAs, or a serial of another issuer (same key, other name) would get our answer.
+        identity = self._by_issuer.get((request.hash_algorithm.name, request.issuer_name_hash, request.issuer_key_hash))
+        if identity is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         answer = await lookup(format(request.serial_number, "x"))
         at = now or now_utc()
@@ -96,18 +111,25 @@ class OcspResponder:
             revocation_time=answer.revoked_at,
             revocation_reason=answer.reason if answer.status is ocsp.OCSPCertStatus.REVOKED else None,
         )
-        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self._cert).certificates([self._cert])
+        responder = identity.responder_cert
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder).certificates([responder])
         for extension in request.extensions:
             if isinstance(extension.value, x509.OCSPNonce):
                 builder = builder.add_extension(extension.value, critical=False)
-        response = builder.sign(self._key, hashes.SHA256())
+        response = builder.sign(identity.responder_key, hashes.SHA256())
         return response.public_bytes(serialization.Encoding.DER)
 
 
-def _issuer_key_hash(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
-    """The issuerKeyHash a client computes for certificates of ``issuer`` (let cryptography derive it)."""
+def _issuer_hashes(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
+    """The (issuerNameHash, issuerKeyHash) a client computes for certificates issued by ``issuer``.
+
+    The name hash covers the DER of the issuer's subject (the leaf's issuer
+    name); the key hash is left to cryptography (it hashes the key's BIT STRING).
+    """
+    digest = hashes.Hash(algorithm)
+    digest.update(issuer.subject.public_bytes())
     probe = ocsp.OCSPRequestBuilder().add_certificate(issuer, issuer, algorithm).build()
-    return probe.issuer_key_hash
+    return digest.finalize(), probe.issuer_key_hash
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

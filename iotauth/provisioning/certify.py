@@ -13,8 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PublicKeyTypes
 
-from iotauth.certs import fingerprint, public_key_sha256, serial_hex
-from iotauth.errors import ProvisioningError
+from iotauth.certs import fingerprint, now_utc, public_key_sha256, serial_hex
+from iotauth.errors import CsrRejected, ProvisioningError
+from iotauth.pki.csr import load_device_csr
 from iotauth.pki.keys import check_key_allowed, generate_private_key
 from iotauth.provisioning import planner
 from iotauth.provisioning.board import Board
@@ -22,6 +23,7 @@ from iotauth.provisioning.context import RunState
 from iotauth.provisioning.messages import KeyType
 from iotauth.provisioning.objects import DeviceConfig, encode_cert_bundle, sha256, spki_der, wire_key_type
 from iotauth.provisioning.planner import KeyAction, Plan
+from iotauth.provisioning.results import Step
 from iotauth.registry import CertificateRecord
 
 
@@ -53,23 +55,43 @@ class Certification:
         if key.action is KeyAction.HOST:
             await self._put_host_key(key.key_type)
             return
-        der = await self.board.read_csr(key.key_type, key.action is KeyAction.REPLACE)
+        rejected: str | None = None
         try:
-            csr = x509.load_der_x509_csr(der)
-        except ValueError:
-            raise ProvisioningError("the device's CSR is not valid DER") from None
-        if not csr.is_signature_valid:
-            raise ProvisioningError("the device's CSR signature does not verify (no proof of possession)")
+            csr, der, normalised = await self._read_csr(key)
+        except CsrRejected as exc:
+            retry = planner.rekey_after_rejection(key)
+            if retry is None:
+                raise ProvisioningError(f"the device's CSR was refused: {exc}") from None
+            # The kept key was never certified: replacing it loses nothing, and a stuck board recovers.
+            rejected, key = str(exc), retry
+            run.begin(Step.KEY, "CSR refused: replacing the key")
+            try:
+                csr, der, normalised = await self._read_csr(key)
+            except CsrRejected as again:
+                raise ProvisioningError(f"the device's CSR was refused, also over a new key: {again}") from None
         public_key = csr.public_key()
         keep = key.action is KeyAction.KEEP
-        if keep and (self.board_key is None or spki_der(public_key) != spki_der(self.board_key)):
-            raise ProvisioningError("the CSR's key is not the key the device reported")
-        check_key_allowed(public_key, run.context.options.key_types, run.context.rsa_min_bits)
         self.csr, run.public_key = csr, public_key
         run.resumed = run.resumed or keep
         run.done({"key_source": "board", "key_type": _key_type(public_key).profile_name,
                    "public_key_sha256": public_key_sha256(public_key), "csr_sha256": sha256(der).hex(),
-                   "new_key": not keep})
+                   "new_key": not keep, "csr_normalised": normalised, "rejected_csr": rejected})
+
+    async def _read_csr(self, key: planner.KeyPlan) -> tuple[x509.CertificateSigningRequest, bytes, str | None]:
+        """GENERATE_KEY and read the CSR; refuse (:class:`CsrRejected`) one the station cannot certify, saying why."""
+        der = await self.board.read_csr(key.key_type, key.action is KeyAction.REPLACE)
+        parsed = load_device_csr(der)
+        public_key = parsed.csr.public_key()
+        if key.action is KeyAction.KEEP and (self.board_key is None
+                                             or spki_der(public_key) != spki_der(self.board_key)):
+            # Not a bad CSR but a board that contradicts itself: no re-key, the run fails.
+            raise ProvisioningError("the CSR's key is not the key the device reported in INFO")
+        kind = wire_key_type(public_key)
+        if kind is not key.key_type:
+            got = kind.profile_name if kind is not None else type(public_key).__name__
+            raise CsrRejected(f"the CSR's key is {got}, but the station asked for {key.key_type.profile_name}")
+        check_key_allowed(public_key, self.run.context.options.key_types, self.run.context.rsa_min_bits)
+        return parsed.csr, der, parsed.normalised
 
     async def _put_host_key(self, key_type: KeyType) -> None:
         """Host-key mode: make the key here, write it, and drop it.
@@ -133,17 +155,20 @@ class Certification:
         if key is None:
             raise ProvisioningError("no public key to certify")
         if self.plan.had_certificates:
+            options = run.context.options
             await run.supersede(planner.orphaned(await run.registry.certificates_of(device_id),
-                                                  public_key_sha256(key)))
+                                                 public_key_sha256(key), pending_ttl=options.pending_ttl,
+                                                 now=now_utc(), force=options.force))
         await run.journal.barrier()
         context = run.context
         authority, profile, operator = context.authority, context.options.profile, context.operator
         if self.csr is not None:
             issued = await authority.issue(self.csr, device_id, profile, hardware_id=run.hardware_id,
-                                           activate=False, actor=operator)
+                                           activate=False, actor=operator, exclusive=True)
         else:
             issued = await authority.issue_for_key(_certifiable(key), device_id, profile,
-                                                   hardware_id=run.hardware_id, activate=False, actor=operator)
+                                                   hardware_id=run.hardware_id, activate=False, actor=operator,
+                                                   exclusive=True)
         return issued.certificate
 
     # -- 6 write / 7 verify ------------------------------------------------------------------

@@ -6,23 +6,57 @@ up front and may name only ``{hardware_id}`` and ``{model}``: no attribute
 access, indexing, conversions or format specs, so a template can never reach
 into Python objects (``str.format`` would happily evaluate
 ``{hardware_id.__class__}``).
+
+A field may pass through filters, ``{hardware_id|safe}`` or
+``{hardware_id|mac|upper}``, because hardware ids come from silicon and
+device ids must be safe in topics and file names:
+
+* ``safe``: ``:`` becomes ``-`` (``aa:bb:cc:dd:ee:ff`` -> ``aa-bb-cc-dd-ee-ff``);
+  any other character outside ``A-Z a-z 0-9 . _ -`` is refused, never dropped.
+* ``mac``: a MAC address (6 or 8 hex octets, separated by ``:`` or ``-`` or not
+  at all) as 12 or 16 lower-case hex digits; anything else is refused.
+* ``lower`` / ``upper``: change the case.
+
+The default template is ``sensor-{hardware_id|safe}``. A device id longer than
+64 characters is refused with the lengths spelled out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import re
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from iotauth.errors import ConfigError, InvalidIdentity, NotFound, ProvisioningError
-from iotauth.identity import validate_device_id, validate_hardware_id
+from iotauth.identity import DEVICE_ID_MAX, validate_device_id, validate_hardware_id
 from iotauth.registry import Device, Registry
 
 TEMPLATE_FIELDS = frozenset({"hardware_id", "model"})
+_MAC = re.compile(  # 6 or 8 octets, one separator style throughout (the backreference)
+    r"[0-9A-Fa-f]{2}([:-]?)[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}(?:\1[0-9A-Fa-f]{2}\1[0-9A-Fa-f]{2})?", re.ASCII)
+_SAFE = re.compile(r"[A-Za-z0-9._-]*", re.ASCII)
+
+
+def _safe(value: str) -> str:
+    mapped = value.replace(":", "-")
+    if _SAFE.fullmatch(mapped) is None:
+        bad = next(c for c in mapped if _SAFE.fullmatch(c) is None)
+        raise InvalidIdentity(f"|safe cannot map the character {bad!r} in {value!r}")
+    return mapped
+
+
+def _mac(value: str) -> str:
+    if _MAC.fullmatch(value) is None:
+        raise InvalidIdentity(f"|mac: {value!r} is not a MAC address (6 or 8 hex octets)")
+    return re.sub(r"[:-]", "", value).lower()
+
+
+FILTERS: dict[str, Callable[[str], str]] = {"safe": _safe, "mac": _mac, "lower": str.lower, "upper": str.upper}
 
 
 @dataclass(frozen=True)
@@ -32,24 +66,51 @@ class IdTemplate:
     text: str
 
     def __post_init__(self) -> None:
+        self.parts()  # parsed up front: a bad template stops the run before any board is touched
+
+    def parts(self) -> list[tuple[str, str | None, tuple[str, ...]]]:
+        """(literal text, field or None, filters) pieces, validated."""
         try:
-            parts = list(string.Formatter().parse(self.text))
+            parsed = list(string.Formatter().parse(self.text))
         except ValueError as exc:
             raise ConfigError(f"id template {self.text!r} is malformed: {exc}") from None
-        for _literal, name, spec, conversion in parts:
+        out: list[tuple[str, str | None, tuple[str, ...]]] = []
+        for literal, name, spec, conversion in parsed:
             if name is None:
+                out.append((literal, None, ()))
                 continue
-            if name not in TEMPLATE_FIELDS or spec or conversion:
+            field_name, *filters = name.split("|")
+            if field_name not in TEMPLATE_FIELDS or spec or conversion:
                 raise ConfigError(
-                    f"id template {self.text!r} may only use {{hardware_id}} and {{model}} (found {{{name}}})"
+                    f"id template {self.text!r} may only use {{hardware_id}} and {{model}}, optionally with "
+                    f"filters such as {{hardware_id|safe}} (found {{{name}}})"
                 )
+            unknown = [f for f in filters if f not in FILTERS]
+            if unknown:
+                raise ConfigError(f"id template {self.text!r}: unknown filter |{unknown[0]} "
+                                  f"(use {', '.join('|' + f for f in FILTERS)})")
+            out.append((literal, field_name, tuple(filters)))
+        return out
 
     def render(self, hardware_id: str, model: str) -> str:
+        values = {"hardware_id": hardware_id, "model": model}
         try:
-            return validate_device_id(self.text.format(hardware_id=hardware_id, model=model))
+            text = ""
+            for literal, name, filters in self.parts():
+                text += literal
+                if name is not None:
+                    value = values[name]
+                    for name_of_filter in filters:
+                        value = FILTERS[name_of_filter](value)
+                    text += value
+            if len(text) > DEVICE_ID_MAX:
+                raise InvalidIdentity(f"the device id would be {len(text)} characters, at most {DEVICE_ID_MAX} "
+                                      "are allowed; shorten the template's fixed text or map ids with --ids FILE")
+            return validate_device_id(text)
         except InvalidIdentity as exc:
+            hint = " (hardware ids with ':' need {hardware_id|safe})" if ":" in hardware_id and ":" in text else ""
             raise InvalidIdentity(
-                f"id template {self.text!r} gives a bad device id for {hardware_id!r}: {exc}"
+                f"id template {self.text!r} gives a bad device id for hardware id {hardware_id!r}: {exc}{hint}"
             ) from None
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from iotauth.authority import Authority
-from iotauth.provisioning.ids import IdSource, IdTemplate, TemplateIds, load_id_source
+from iotauth.errors import ConfigError, InvalidIdentity
+from iotauth.provisioning.ids import IdSource, IdTemplate, MappedIds, TemplateIds, load_id_source
 from iotauth.provisioning.results import Progress, ProvisionResult
 from iotauth.provisioning.station import Station, StationConfig, expand_ports
 from iotauth.registry import CertificateRecord
@@ -52,9 +53,23 @@ class LineOutcome:
 
 
 def id_source(authority: Authority, request: LineRequest) -> IdSource:
+    """Where device ids come from; ids this home cannot use (``.`` with RabbitMQ) stop the line before any board."""
+    check = authority.settings.check_device_id
     if request.ids_file is not None:
-        return load_id_source(request.ids_file, authority.registry)
-    return TemplateIds(IdTemplate(request.id_template or authority.settings.id_template))
+        source = load_id_source(request.ids_file, authority.registry)
+        listed = source.mapping.values() if isinstance(source, MappedIds) else source.pool
+        for device_id in listed:
+            try:
+                check(device_id)
+            except InvalidIdentity as exc:
+                raise ConfigError(f"{request.ids_file}: {exc}") from None
+        return source
+    template = IdTemplate(request.id_template or authority.settings.id_template)
+    try:
+        check(template.render("0", "0"))
+    except InvalidIdentity as exc:
+        raise ConfigError(f"id template {template.text!r}: {exc}") from None
+    return TemplateIds(template)
 
 
 async def run_line(

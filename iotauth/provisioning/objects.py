@@ -16,6 +16,7 @@ Pure functions over bytes, shared by the station and the emulator.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
-from iotauth.errors import ProtocolError
+from iotauth.errors import InvalidIdentity, ProtocolError
+from iotauth.identity import validate_device_id
 from iotauth.provisioning.messages import KeyType, SigAlg
 
 MAX_KEY_OBJECT = 512
@@ -37,6 +39,8 @@ TAG_DEVICE_ID = 0x01
 TAG_BROKER_HOST = 0x02
 TAG_BROKER_PORT = 0x03
 TAG_TRUST_ANCHOR = 0x04
+VENDOR_TAGS = 0x80  # 0x80-0xFF: vendor extensions; 0x05-0x7F are reserved and refused
+_HOST = re.compile(r"[A-Za-z0-9.:-]{1,253}", re.ASCII)
 ZERO_HASH = bytes(32)
 
 
@@ -116,7 +120,9 @@ class DeviceConfig:
             if pos + length > len(data):
                 raise _bad("config record truncated")
             if tag < last_tag or tag == 0:
-                raise _bad("config tags must be non-zero and in ascending order")
+                raise _bad("config tags must be non-zero and in non-decreasing order")
+            if TAG_TRUST_ANCHOR < tag < VENDOR_TAGS:
+                raise _bad(f"config tag 0x{tag:02X} is reserved")
             last_tag = tag
             values.setdefault(tag, []).append(data[pos : pos + length])
             pos += length
@@ -126,13 +132,16 @@ class DeviceConfig:
         if not values.get(TAG_TRUST_ANCHOR):
             raise _bad("config needs at least one trust anchor")
         port = values[TAG_BROKER_PORT][0]
-        if len(port) != 2:
-            raise _bad("broker port must be 2 bytes")
+        if len(port) != 2 or port == b"\x00\x00":
+            raise _bad("broker port must be 2 bytes, 1-65535")
+        device_id = values[TAG_DEVICE_ID][0].decode("latin-1")
+        host = values[TAG_BROKER_HOST][0].decode("latin-1")
         try:
-            device_id = values[TAG_DEVICE_ID][0].decode("ascii")
-            host = values[TAG_BROKER_HOST][0].decode("ascii")
-        except UnicodeDecodeError:
-            raise _bad("device id and broker host must be ASCII") from None
+            validate_device_id(device_id)
+        except InvalidIdentity:
+            raise _bad("device id must be 1-64 characters from A-Z a-z 0-9 . _ -, not starting with . or -") from None
+        if _HOST.fullmatch(host) is None:
+            raise _bad("broker host must be 1-253 characters from A-Z a-z 0-9 . - : (a name or an IP address)")
         return cls(device_id, host, struct.unpack(">H", port)[0], tuple(values[TAG_TRUST_ANCHOR]))
 
 

@@ -20,6 +20,17 @@ and asks this module, at three points:
   certificate again (no second certificate for one hardware id and key); a
   key that was certified before (revoked, expired pending) or that the
   profile does not allow is replaced, never re-certified.
+* **one board per hardware id**: a young pending certificate of *another*
+  key means another board claiming this hardware id is in flight (or was
+  erased mid-run); it is refused without ``force``. The registry enforces the
+  same rule inside the issuing transaction, so two boards racing on two ports
+  or two stations cannot both get a certificate.
+* **re-key** (:func:`rekey_after_rejection`): a key that was never certified
+  is safe to replace, since nothing in the field depends on it. So a CSR over
+  a *kept* key that the station refuses (not DER, bad signature, wrong key
+  type) is answered at once, in the same run, with GENERATE_KEY(REPLACE); and
+  ``force`` replaces an uncommitted board's uncertified key outright. A fresh
+  key whose CSR is refused is not retried: that firmware makes bad CSRs.
 
 Refusals are raised as :class:`~iotauth.errors.Conflict` (the registry says
 no) or :class:`~iotauth.errors.ProvisioningError` (the board cannot).
@@ -28,7 +39,7 @@ no) or :class:`~iotauth.errors.ProvisioningError` (the board cannot).
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import Enum
 
@@ -36,7 +47,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from iotauth.certs import timestamp
+from iotauth.certs import public_key_sha256, timestamp
 from iotauth.errors import Conflict, ProvisioningError
 from iotauth.provisioning.messages import Capability, DeviceState, Info, KeyType, KeyTypes
 from iotauth.provisioning.objects import wire_key_type
@@ -164,6 +175,25 @@ class Plan:
 # -- check -----------------------------------------------------------------------------------
 
 
+def check_profile(options: PlanOptions) -> None:
+    """Refuse, before any board is touched, a profile whose key types a board cannot hold.
+
+    The wire protocol carries P-256, P-384 and Ed25519 keys. RSA is not one of
+    them on purpose: an RSA SubjectPublicKeyInfo does not fit INFO's ``bytes8``
+    public key, and generating an RSA key on a device takes seconds to minutes.
+    A profile that also allows RSA is fine (the station picks a key type the
+    board can hold); one that allows only RSA cannot be provisioned here.
+    """
+    wire = {kind.profile_name for kind in KeyType}
+    if not wire & set(options.key_types):
+        raise ProvisioningError(
+            f"profile {options.profile!r} allows only {', '.join(sorted(options.key_types))}; the provisioning "
+            f"station can give devices {', '.join(sorted(wire))} keys (RSA keys do not fit the serial protocol); "
+            "issue RSA devices from a CSR with 'iotauth issue'"
+        )
+
+
+
 def check_board(board: BoardState, registry: RegistryState, options: PlanOptions) -> KeyType:
     """Refuse a board that cannot be provisioned here; return the key type to ask it for."""
     owner = registry.hardware_owner
@@ -233,8 +263,34 @@ def plan(board: BoardState, registry: RegistryState, device_id: str, key_type: K
     if live and not options.force:
         raise Conflict(f"device {device_id!r} has an active certificate but this board is not committed "
                        "(erased or swapped?); re-provision it with --force")
+    in_flight = in_flight_elsewhere(certs, board.key, options.pending_ttl, now)
+    if in_flight and not options.force:
+        raise Conflict(f"device {device_id!r} has a pending certificate {in_flight[0].serial} issued "
+                       f"{in_flight[0].issued_at} for another key: another board with hardware id "
+                       f"{board.hardware_id!r} is being provisioned; if that board is gone, use --force")
     key = plan_key(board.key, registry.key_certificates, device_id, key_type, options, now)
     return Plan(Action.PROVISION, key, live, had_certificates=had)
+
+
+def in_flight_elsewhere(certificates: Sequence[CertificateRecord], board_key: PublicKeyTypes | None,
+                        pending_ttl: timedelta, now: datetime) -> list[CertificateRecord]:
+    """Young pending certificates of the device for a key the board does not hold: another board's delivery."""
+    key_sha256 = public_key_sha256(board_key) if board_key is not None else None
+    cutoff = timestamp(now - pending_ttl)
+    return [c for c in certificates if c.status is CertificateStatus.PENDING and c.issued_at >= cutoff
+            and c.public_key_sha256 != key_sha256]
+
+
+def rekey_after_rejection(key: KeyPlan) -> KeyPlan | None:
+    """The station refused the CSR the board sent for ``key``: the plan to try once more, or None.
+
+    Only a *kept* key is replaced: it was never certified, so nothing depends
+    on it. A key the board just made (GENERATE, REPLACE) gave a bad CSR at
+    once; asking again would only loop.
+    """
+    if key.action is KeyAction.KEEP:
+        return replace(key, action=KeyAction.REPLACE)
+    return None
 
 
 def plan_key(board_key: PublicKeyTypes | None, key_certificates: Sequence[CertificateRecord], device_id: str,
@@ -256,15 +312,25 @@ def plan_key(board_key: PublicKeyTypes | None, key_certificates: Sequence[Certif
         return KeyPlan(KeyAction.HOST if options.host_keygen else KeyAction.REPLACE, key_type, supersede=stale)
     if options.host_keygen:
         return KeyPlan(KeyAction.HOST, key_type)
+    if options.force:  # never certified, so safe to replace: --force always starts from a fresh key
+        return KeyPlan(KeyAction.REPLACE, key_type)
     return KeyPlan(KeyAction.KEEP, kind)
 
 
 # -- after issuance ----------------------------------------------------------------------------
 
 
-def orphaned(certificates: Sequence[CertificateRecord], key_sha256: str) -> list[CertificateRecord]:
-    """Pending certificates of the device for a key it no longer holds: they can never be delivered."""
-    return [c for c in certificates if c.status is CertificateStatus.PENDING and c.public_key_sha256 != key_sha256]
+def orphaned(certificates: Sequence[CertificateRecord], key_sha256: str, *, pending_ttl: timedelta, now: datetime,
+             force: bool) -> list[CertificateRecord]:
+    """Pending certificates of the device for a key the board no longer holds, to supersede before issuing.
+
+    An expired one can never be delivered. A young one may be another board's
+    delivery in flight (same hardware id), so it is superseded only with
+    ``force``; otherwise the issuing transaction refuses this board.
+    """
+    cutoff = timestamp(now - pending_ttl)
+    return [c for c in certificates if c.status is CertificateStatus.PENDING and c.public_key_sha256 != key_sha256
+            and (force or c.issued_at < cutoff)]
 
 
 def superseded(certificates: Sequence[CertificateRecord], serial: str) -> list[CertificateRecord]:

@@ -169,7 +169,8 @@ class Run(RunState):
     async def _assign(self, state: BoardState, known: RegistryState, key_type: KeyType) -> Plan:
         self.begin(Step.ASSIGN)
         ids = self.context.ids
-        device_id = await ids.assign(state.hardware_id, self.identified().model, known.hardware_owner)
+        assigned = await ids.assign(state.hardware_id, self.identified().model, known.hardware_owner)
+        device_id = self.context.authority.settings.check_device_id(assigned)  # e.g. no '.' with RabbitMQ
         device = known.hardware_owner
         if device is None:
             with contextlib.suppress(NotFound):

@@ -116,11 +116,13 @@ class Session:
         for attempt in range(1, self.policy.attempts + 1):
             await self._send(wire)
             reply = await self._await_reply(seq, wanted, timeout)
+            if isinstance(reply, _Unreadable):
+                problem = f"device could not read the request ({reply.error.code_name})"
+                continue  # damaged on the way (unsolicited, seq 0): retransmit the same bytes
             if isinstance(reply, Error):
-                if reply.code in (ErrorCode.BAD_FRAME, ErrorCode.OVERSIZE):
-                    problem = f"device could not read the request ({reply.code_name})"
-                    continue  # damaged on the way: retransmit the same bytes
-                if not reply.retryable:
+                # With this request's seq, even BAD_FRAME/OVERSIZE is final: the device read the request and
+                # refused it (a payload above its max_payload); sending the same bytes again can only loop.
+                if not reply.retryable or reply.code in (ErrorCode.BAD_FRAME, ErrorCode.OVERSIZE):
                     raise DeviceRefused(message.TYPE.name, reply.code, reply.code_name, reply.arg,
                                          printable(reply.text, 120))
                 problem = f"device busy ({reply.code_name})"
@@ -141,7 +143,7 @@ class Session:
         self.bytes_sent += len(data)
         await self.link.send(data, self.policy.timeout + len(data) * self.link.byte_time * 2)
 
-    async def _await_reply(self, seq: int, wanted: MsgType, max_wait: float) -> Message | str | None:
+    async def _await_reply(self, seq: int, wanted: MsgType, max_wait: float) -> Message | _Unreadable | str | None:
         """The reply to ``seq``; a short description if a garbled frame arrived instead; None on timeout."""
         deadline = time.monotonic() + max_wait
         while True:
@@ -155,7 +157,7 @@ class Session:
                 if outcome is not None:
                     return outcome
 
-    def _match(self, event: Frame | FrameError, seq: int, wanted: MsgType) -> Message | str | None:
+    def _match(self, event: Frame | FrameError, seq: int, wanted: MsgType) -> Message | _Unreadable | str | None:
         if isinstance(event, FrameError):
             return event.code
         if event.seq not in (seq, SEQ_UNSOLICITED):
@@ -166,8 +168,15 @@ class Session:
             return exc.code
         if event.seq == SEQ_UNSOLICITED:
             if isinstance(reply, Error) and reply.code in (ErrorCode.BAD_FRAME, ErrorCode.OVERSIZE):
-                return reply
+                return _Unreadable(reply)
             return None
         if reply.TYPE not in (wanted, MsgType.ERROR):
             return f"unexpected {reply.TYPE.name}"
         return reply
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """An unsolicited (seq 0) BAD_FRAME or OVERSIZE: the device could not read a frame, so retransmit."""
+
+    error: Error

@@ -19,16 +19,17 @@ from typing import Any
 
 from iotauth.authority import Authority
 from iotauth.certs import now_utc
-from iotauth.errors import ConfigError, ProvisioningError
+from iotauth.errors import ConfigError, IotAuthError, ProvisioningError
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.provisioning.context import RunContext
 from iotauth.provisioning.ids import IdSource
-from iotauth.provisioning.planner import PlanOptions
+from iotauth.provisioning.planner import PlanOptions, check_profile
 from iotauth.provisioning.results import Progress, ProvisionResult, Step
 from iotauth.provisioning.run import Run
 from iotauth.provisioning.session import RetryPolicy
 from iotauth.provisioning.transport import Link, SerialLink
-from iotauth.registry import CertificateRecord, EventKind, RevocationReason
+from iotauth.registry import CertificateRecord, EventKind
+from iotauth.registry.expiry import EXPIRY_INTERVAL, expire_stale_pending
 from iotauth.registry.journal import EventJournal
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}", re.ASCII)
@@ -100,12 +101,14 @@ class Station:
         verifier = ClientCertificateVerifier(
             [authority.ca.root_cert], [authority.ca.issuing_cert], self.settings.trust_domain
         )
+        options = PlanOptions(profile.name, profile.key_types, config.host_keygen, config.force,
+                              self.settings.pending_ttl)
+        check_profile(options)
         self._context = RunContext(
             authority=authority,
             station=config.station,
             operator=config.operator,
-            options=PlanOptions(profile.name, profile.key_types, config.host_keygen, config.force,
-                                self.settings.pending_ttl),
+            options=options,
             rsa_min_bits=profile.rsa_min_bits,
             policy=config.policy,
             baudrate=config.baudrate,
@@ -127,9 +130,12 @@ class Station:
                 self._on_progress(update)
 
     async def expire_pending(self) -> list[CertificateRecord]:
-        """Revoke (superseded) pending certificates older than ``pending_ttl``: deliveries that never finished."""
-        cutoff = now_utc() - self.settings.pending_ttl
-        expired = await self.registry.expire_pending(cutoff, RevocationReason.SUPERSEDED, actor=self.config.operator)
+        """Revoke (superseded) pending certificates older than ``pending_ttl``: deliveries that never finished.
+
+        Run at start and, in watch mode, every :data:`EXPIRY_INTERVAL` seconds;
+        the broker and ``iotauth serve`` run the same sweep (see :mod:`iotauth.registry.expiry`).
+        """
+        expired = await expire_stale_pending(self.registry, self.settings.pending_ttl, actor=self.config.operator)
         if expired:
             self.journal.record(EventKind.PROVISIONING_EXPIRED, None, {
                 "station": self.config.station,
@@ -192,7 +198,12 @@ class Station:
             await _notify(on_result, result, errors)
             return result
 
+        next_expiry = asyncio.get_running_loop().time() + EXPIRY_INTERVAL
         while not stop.is_set():
+            if asyncio.get_running_loop().time() >= next_expiry:
+                next_expiry += EXPIRY_INTERVAL
+                with contextlib.suppress(IotAuthError):  # a registry hiccup must not stop the line
+                    await self.expire_pending()
             present = set(expand_ports(patterns, require_match=False))
             done &= present
             replugged |= set(tasks) - present

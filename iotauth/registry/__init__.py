@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from iotauth.certs import TIMESTAMP_FORMAT
-from iotauth.registry.backend import WriteBatcher
 from iotauth.registry.events import EventKind
 from iotauth.registry.models import (
     AuditEvent,
@@ -22,6 +21,7 @@ from iotauth.registry.models import (
     RevokedSerial,
 )
 from iotauth.registry.service import Registry
+from iotauth.registry.store import Store
 
 __all__ = [
     "TIMESTAMP_FORMAT",
@@ -47,27 +47,20 @@ async def open_registry(location: str | Path, *, create: bool = False) -> Regist
     is a SQLite file path (``sqlite:///path`` also works).
 
     Args:
-        create: create a SQLite database if it does not exist (``iotauth init``
-            does); otherwise a missing file is an error rather than a silent
-            fresh start. PostgreSQL databases are created by their administrator;
-            iotauth creates its tables in them.
+        create: create the iotauth schema if there is none (``iotauth init``
+            does): in a new or empty SQLite file, or in an empty PostgreSQL
+            database (which its administrator creates). Otherwise a missing,
+            empty or foreign database is an error rather than a silent fresh
+            start, and never a new, empty registry.
     """
     text = str(location)
+    store: Store
     if text.startswith(("postgresql://", "postgres://")):
         from iotauth.registry import postgres
 
-        pg_writer, pg_reader, listener = await postgres.connect(text)
-        return Registry(
-            pg_writer,
-            pg_reader,
-            WriteBatcher(pg_writer, postgres.POSTGRES_DIALECT),
-            (pg_writer.close, pg_reader.close, listener.close),
-            wait_change=listener.wait,
-            location=postgres.redact(text),
-        )
-    from iotauth.registry import sqlite
+        store = postgres.PostgresStore(text)
+    else:
+        from iotauth.registry import sqlite
 
-    path = Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text)
-    writer, reader = await sqlite.connect(path, create=create)
-    batcher = WriteBatcher(writer, sqlite.SQLITE_DIALECT)
-    return Registry(writer, reader, batcher, (writer.close, reader.close), location=str(path))
+        store = sqlite.SqliteStore(Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:///") else text))
+    return Registry(store, await store.connect(create=create))

@@ -127,6 +127,16 @@ class WriteBatcher:
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._committing = asyncio.Lock()
+
+    async def swap(self, conn: SqlConnection) -> SqlConnection:
+        """Write through ``conn`` from the next batch on; return the connection it replaces.
+
+        Waits for a commit in flight, so no batch is ever split across two databases.
+        """
+        async with self._committing:
+            old, self._conn = self._conn, conn
+        return old
 
     async def submit(self, op: Callable[[Tx], Awaitable[T]]) -> T:
         if self._closed:
@@ -157,7 +167,8 @@ class WriteBatcher:
                     stop = True
                     break
                 batch.append(nxt)
-            await self._commit(batch)
+            async with self._committing:
+                await self._commit(batch)
             if stop:
                 return
 

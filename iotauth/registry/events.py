@@ -16,6 +16,8 @@ from types import MappingProxyType
 
 class EventKind(StrEnum):
     CA_INITIALISED = "ca.initialised"
+    CA_ISSUING_SIGNED = "ca.issuing.signed"  # a rollover: the root signed a new issuing CA
+    CA_ROOT_CRL_SIGNED = "ca.root_crl.signed"  # the root signed its CRL (the ARL of revoked issuing CAs)
 
     DEVICE_CREATED = "device.created"
     DEVICE_PENDING = "device.pending"
@@ -54,8 +56,15 @@ class EventKind(StrEnum):
     BROKER_LIMIT_EXCEEDED = "broker.limit.exceeded"
     BROKER_PROTOCOL_VIOLATION = "broker.protocol.violation"
     BROKER_REGISTRY_RECOVERED = "broker.registry.recovered"
+    BROKER_REGISTRY_REOPENED = "broker.registry.reopened"
     BROKER_POLICY_RELOADED = "broker.policy.reloaded"
     BROKER_POLICY_RELOAD_FAILED = "broker.policy.reload_failed"
+
+    PUSH_STARTED = "push.started"
+    PUSH_DELIVERED = "push.delivered"
+    PUSH_FAILED = "push.failed"
+    RABBITMQ_SESSION_KICKED = "rabbitmq.session.kicked"
+    RABBITMQ_KICK_FAILED = "rabbitmq.kick.failed"
 
     # The Mosquitto follower (``iotauth mosquitto follow``): what it did to a managed Mosquitto.
     MOSQUITTO_SESSION_KICKED = "mosquitto.session.kicked"
@@ -109,7 +118,20 @@ about that device's sessions, so a kind added later fails safe.
 EMQX_KICKS: frozenset[str] = frozenset(
     {EventKind.DEVICE_REVOKED, EventKind.DEVICE_SUSPENDED, EventKind.CERTIFICATE_REVOKED}
 )
-"""Events after which ``iotauth serve`` asks EMQX to disconnect the device."""
+"""Events after which ``iotauth serve`` asks EMQX to disconnect the device (and, with bans on, to ban it)."""
+
+PUSH_RESTORES: frozenset[str] = frozenset({EventKind.DEVICE_ACTIVE})
+"""Events after which a push target lifts what it imposed on a device (an EMQX ban after a suspension)."""
+
+
+def written_by_push(kind: str) -> bool:
+    """A push follower's own records (``push.*``): nothing for any follower to enforce."""
+    return kind.startswith("push.")
+
+RABBITMQ_KICKS: frozenset[str] = frozenset({*DEVICE_KICKS, EventKind.CERTIFICATE_REVOKED})
+"""Events after which the RabbitMQ follower closes the device's connections cluster-wide. A revoked
+certificate counts: RabbitMQ decides per username, so the device's other sessions reconnect (the CRL,
+rewritten first, refuses the revoked certificate at the handshake)."""
 
 CRL_KIND_PREFIXES: tuple[str, ...] = ("certificate.", "device.")
 """Every certificate and device event may change the CRL (which lists revoked, pending and suspended
@@ -128,7 +150,7 @@ def changes_mosquitto_export(kind: str) -> bool:
 
 # -- the Mosquitto follower ----------------------------------------------------------------
 
-_FOLLOWER_RECORD_PREFIXES: tuple[str, ...] = (_BROKER_PREFIX, "mosquitto.")
+_FOLLOWER_RECORD_PREFIXES: tuple[str, ...] = (_BROKER_PREFIX, "mosquitto.", "push.", "rabbitmq.")
 
 
 def written_by_follower(kind: str) -> bool:

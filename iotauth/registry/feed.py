@@ -19,6 +19,8 @@ from iotauth.registry.audit import expect_head, verify_chain
 from iotauth.registry.backend import SqlConnection
 from iotauth.registry.models import AuditEvent, AuditReport
 
+RESYNC_WINDOW = 4096  # recent event hashes a follower keeps to find where a reopened database parts from it
+
 
 class EventFeed:
     """Reads of the events table over the registry's reader connection.
@@ -27,6 +29,9 @@ class EventFeed:
         reader: the read connection (never the writer, so reads never see a batch that may roll back).
         wait_change: waits for a commit announcement (PostgreSQL NOTIFY), if the backend has one.
     """
+
+    generation = 0
+    """Bumped when the registry reopens its database (see ``Registry.reopen``)."""
 
     def __init__(self, reader: SqlConnection, wait_change: Callable[[float], Awaitable[None]] | None) -> None:
         self._reader = reader
@@ -86,15 +91,38 @@ class EventFeed:
 
         Backends with push notification (PostgreSQL LISTEN) wake up at once;
         SQLite is polled every ``poll_interval`` seconds with one indexed query.
+        If the registry reopens its database (a copy of it replaced the file),
+        the feed goes on from the last event both databases share, so events
+        written only to the copy are not skipped.
         """
         cursor = after_id
+        seen: dict[int, str] = {}
+        generation = self.generation
         while True:
+            if self.generation != generation:
+                generation = self.generation
+                cursor = await self._shared_until(cursor, seen)
             batch = await self.events(after_id=cursor, limit=1000)
             if batch:
                 cursor = batch[-1].id
+                seen.update((event.id, event.hash) for event in batch)
+                for old in sorted(seen)[: max(0, len(seen) - RESYNC_WINDOW)]:
+                    del seen[old]
                 yield batch
                 continue
             await self.wait_for_change(poll_interval)
+
+    async def _shared_until(self, cursor: int, seen: dict[int, str]) -> int:
+        """The last event id (at most ``cursor``) whose hash this database shares with what was followed."""
+        start = min(cursor, await self.last_event_id())
+        if not seen or start < min(seen):
+            return start
+        low = min(seen)
+        theirs = {e.id: e.hash for e in await self.events(after_id=low - 1, limit=start - low + 1)}
+        for event_id in range(start, low - 1, -1):
+            if theirs.get(event_id) == seen.get(event_id):
+                return event_id
+        return low - 1
 
     async def verify_audit(self, expected_head: str | None = None) -> AuditReport:
         """Recompute the whole chain; report the first event that fails.

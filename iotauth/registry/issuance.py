@@ -37,6 +37,9 @@ class IssuanceRequest:
     activate: bool
     actor: str
     details: dict[str, Any]
+    reuse: bool = False
+    """An unexpired, unrevoked certificate of this device for this key is the answer (a retry), not a new one."""
+    exclusive: bool = False  # one board per hardware id: refuse while the device has a live certificate of another key
 
 
 class Coalescer(Generic[Req, Res]):
@@ -96,8 +99,9 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
 
     Every cross-row invariant (hardware id and public key each belong to one
     device; revoked is final; profile and hardware id of an existing device
-    match) is checked against the database *and* against the earlier requests
-    of the same batch, in order, before anything is written.
+    match; an exclusive request's device has no unrevoked certificate of
+    another key) is checked against the database *and* against the earlier
+    requests of the same batch, in order, before anything is written.
     """
     device_ids = sorted({r.device_id for r in requests})
     hardware_ids = sorted({r.hardware_id for r in requests if r.hardware_id is not None})
@@ -122,6 +126,16 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             sorted(set(key_hashes.values())),
         )
     }
+    reusable = await _reusable(tx, requests, key_hashes)
+    exclusive_ids = sorted({r.device_id for r in requests if r.exclusive})
+    live: dict[str, list[tuple[str, str, str]]] = {}
+    for device_id, serial, key_sha256, status in await _lookup(
+        tx,
+        "SELECT device_id, serial, public_key_sha256, status FROM certificates "
+        "WHERE device_id IN ({marks}) AND status <> 'revoked'",
+        exclusive_ids,
+    ):
+        live.setdefault(device_id, []).append((serial, key_sha256, status))
     new_devices: list[tuple[Any, ...]] = []
     new_certs: list[tuple[Any, ...]] = []
     updates: list[tuple[str, tuple[Any, ...]]] = []
@@ -130,8 +144,19 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
         key_hash = key_hashes[id(request)]
         try:
             _check_issuance(request, key_hash, devices.get(request.device_id), hardware_owner, key_owner)
+            if request.exclusive:
+                _check_one_board(request, key_hash, live.get(request.device_id, []))
         except Conflict as exc:
             results.append(exc)
+            continue
+        existing = reusable.get((request.device_id, key_hash)) if request.reuse else None
+        if existing is not None:
+            wanted = CertificateStatus.ACTIVE if request.activate else CertificateStatus.PENDING
+            if existing.status is wanted:
+                results.append(existing)
+            else:
+                results.append(Conflict(f"device {request.device_id!r} already has {existing.status.value} "
+                                        f"certificate {existing.serial} for this public key"))
             continue
         device = devices.get(request.device_id)
         status = DeviceStatus.ACTIVE if request.activate else DeviceStatus.PENDING
@@ -167,6 +192,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             hardware_owner[request.hardware_id] = request.device_id
         key_owner.setdefault(key_hash, request.device_id)
         cert_status = CertificateStatus.ACTIVE if request.activate else CertificateStatus.PENDING
+        live.setdefault(request.device_id, []).append((serial_hex(request.cert), key_hash, cert_status.value))
         record = CertificateRecord(
             serial=serial_hex(request.cert),
             fingerprint=fingerprint(request.cert),
@@ -207,6 +233,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             },
         )
         results.append(record)
+        reusable[(request.device_id, key_hash)] = record  # a retry in the same batch gets this one
     if new_devices:
         await tx.executemany(f"INSERT INTO devices ({rows.DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", new_devices)
     for sql, params in updates:
@@ -218,6 +245,25 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             new_certs,
         )
     return results
+
+
+async def _reusable(
+    tx: Tx, requests: list[IssuanceRequest], key_hashes: dict[int, str]
+) -> dict[tuple[str, str], CertificateRecord]:
+    """The newest unexpired, unrevoked certificate per (device, key) among the keys of requests that allow reuse."""
+    keys = sorted({key_hashes[id(r)] for r in requests if r.reuse})
+    if not keys:
+        return {}
+    found: dict[tuple[str, str], CertificateRecord] = {}
+    rows_found = await _lookup(
+        tx, f"SELECT {rows.CERT_COLUMNS} FROM certificates WHERE status <> 'revoked' AND public_key_sha256 IN "
+        "({marks}) ORDER BY issued_at, serial", keys)
+    now = tx.now[:19] + "Z"  # the certificate time format (seconds)
+    for row in rows_found:
+        record = rows.certificate(row)
+        if record.not_after > now:
+            found[(record.device_id, record.public_key_sha256)] = record
+    return found
 
 
 def _check_issuance(
@@ -240,3 +286,18 @@ def _check_issuance(
         raise Conflict(f"device {device_id!r} is bound to hardware id {device.hardware_id!r}, not {hardware_id!r}")
     if device.profile != request.profile:
         raise ProfileMismatch(device_id, device.profile, request.profile)
+
+
+def _check_one_board(request: IssuanceRequest, key_hash: str, live: list[tuple[str, str, str]]) -> None:
+    """One board per hardware id: a live certificate of another key means a second board claims this identity.
+
+    The station supersedes what it may replace (expired deliveries, or
+    everything with ``--force``) before it issues; whatever is still live here
+    belongs to a board that is still in flight or in service.
+    """
+    for serial, other_key, status in live:
+        if other_key != key_hash:
+            raise Conflict(
+                f"hardware id {request.hardware_id!r}: device {request.device_id!r} already has certificate "
+                f"{serial} ({status}) for another key; two boards claim this hardware id"
+            )

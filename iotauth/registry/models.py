@@ -150,6 +150,8 @@ class AuditReport:
     head_hash: str
     first_bad_id: int | None = None
     problem: str | None = None
+    notes: tuple[str, ...] = ()
+    """What could not be checked (and why), for a log that otherwise verifies."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -159,4 +161,5 @@ class AuditReport:
             "head_hash": self.head_hash,
             "first_bad_id": self.first_bad_id,
             "problem": self.problem,
+            "notes": list(self.notes),
         }

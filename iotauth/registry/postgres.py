@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from iotauth.errors import Conflict, RegistryError
 from iotauth.registry.backend import Dialect, Row
 from iotauth.registry.schema import migrations
+from iotauth.registry.store import Connections, read_instance_id
 
 try:
     import asyncpg
@@ -130,8 +131,49 @@ class ChangeListener:
             await self._conn.close()
 
 
-async def connect(url: str) -> tuple[PostgresConnection, PostgresConnection, ChangeListener]:
-    """Connect the writer, a reader pool and the change listener; migrate the schema."""
+class PostgresStore:
+    """A PostgreSQL registry: connect (refusing a database without the iotauth schema) and notice a replacement."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self.location = redact(url)
+        self.dialect = POSTGRES_DIALECT
+
+    async def connect(self, *, create: bool) -> Connections:
+        writer, reader, listener = await connect(self._url, create=create)
+        try:
+            instance_id = await read_instance_id(writer, self.location)
+        except BaseException:
+            for close in (writer.close, reader.close, listener.close):
+                with contextlib.suppress(Exception):
+                    await close()
+            raise
+        return Connections(writer, reader, instance_id, (writer.close, reader.close, listener.close),
+                           wait_change=listener.wait)
+
+    async def changed(self, current: Connections) -> str | None:
+        """A lost writer connection, or another instance id behind the URL (a dropped and restored database)."""
+        writer = current.writer
+        if isinstance(writer, PostgresConnection) and writer.raw.is_closed():
+            return f"the connection to registry {self.location} was lost"
+        try:
+            found = await read_instance_id(current.reader, self.location)
+        except Exception as exc:
+            translated = translate_error(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+        if found != current.instance_id:
+            return f"registry {self.location} was replaced (instance id {found}, not {current.instance_id})"
+        return None
+
+
+async def connect(url: str, *, create: bool = False) -> tuple[PostgresConnection, PostgresConnection, ChangeListener]:
+    """Connect the writer, a reader pool and the change listener; migrate the schema.
+
+    Without ``create`` the database must already hold the iotauth schema (``iotauth init`` creates it):
+    an empty or foreign database is refused rather than silently becoming a new, empty registry.
+    """
     if asyncpg is None:
         raise RegistryError("the PostgreSQL registry needs asyncpg: pip install 'iotauth[postgresql]'")
     try:
@@ -141,7 +183,7 @@ async def connect(url: str) -> tuple[PostgresConnection, PostgresConnection, Cha
     writer = PostgresConnection(writer_raw)
     try:
         await writer.execute("SET synchronous_commit = on")
-        await _migrate(writer, url)
+        await _migrate(writer, url, create=create)
         reader = PostgresConnection(await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=10))
         listener = ChangeListener(await asyncpg.connect(url, timeout=10))
         await listener.start()
@@ -153,9 +195,15 @@ async def connect(url: str) -> tuple[PostgresConnection, PostgresConnection, Cha
     return writer, reader, listener
 
 
-async def _migrate(conn: PostgresConnection, url: str) -> None:
+async def _migrate(conn: PostgresConnection, url: str, *, create: bool) -> None:
     await conn.execute(f"SELECT pg_advisory_lock({SCHEMA_LOCK})")
     try:
+        exists = await conn.fetchone("SELECT to_regclass('iotauth_schema') IS NOT NULL")
+        if not (exists and exists[0]) and not create:
+            raise RegistryError(
+                f"registry {redact(url)} has no iotauth schema (an empty or foreign database); refusing to use it "
+                "(run 'iotauth init' with this --registry to create a new registry)"
+            )
         await conn.execute("CREATE TABLE IF NOT EXISTS iotauth_schema (version INTEGER NOT NULL)")
         row = await conn.fetchone("SELECT version FROM iotauth_schema")
         if row is None:

@@ -74,19 +74,14 @@ CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
 }
 _EVENT_ID: dict[Backend, str] = {"sqlite": "INTEGER", "postgresql": "BIGINT"}
 
-# Version 2: where each follower of the change feed (the Mosquitto follower, EMQX push, RabbitMQ kicker)
-# got to, so a restarted follower catches up from there instead of from "now". Not part of the audit chain.
-_FOLLOWER_CURSORS = """
-CREATE TABLE follower_cursors (
-    name     TEXT PRIMARY KEY,
-    event_id {event_id} NOT NULL
-);
-"""
+# v2: the instance id that tells this registry from a copy of another one (or from an empty file).
+# A copy of the database (a backup, ``cp``) keeps it; a new or foreign database cannot have it.
+_INSTANCE_ID: dict[Backend, str] = {
+    "sqlite": "INSERT INTO meta (key, value) VALUES ('instance_id', lower(hex(randomblob(16))));\n",
+    "postgresql": "INSERT INTO meta (key, value) VALUES ('instance_id', replace(gen_random_uuid()::text, '-', ''));\n",
+}
 
 
 def migrations(backend: Backend) -> tuple[str, ...]:
     """Every migration script for ``backend``, oldest first."""
-    return (
-        _TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend],
-        _FOLLOWER_CURSORS.replace("{event_id}", _EVENT_ID[backend]),
-    )
+    return (_TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend], _INSTANCE_ID[backend])

@@ -9,7 +9,8 @@ processes and hosts, not just within this one.
 
 from __future__ import annotations
 
-import re
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -19,10 +20,11 @@ from typing import Any, TypeVar
 from cryptography import x509
 
 from iotauth.certs import cert_time, timestamp
-from iotauth.errors import Conflict, NotFound, RegistryError
+from iotauth.errors import Conflict, NotFound, RegistryError, RegistryReplaced
 from iotauth.identity import validate_device_id, validate_hardware_id, validate_profile_name
 from iotauth.registry import rows
 from iotauth.registry.backend import SqlConnection, Tx, WriteBatcher
+from iotauth.registry.cursors import advance_cursor, read_cursor
 from iotauth.registry.events import EventKind, device_status_changed
 from iotauth.registry.feed import EventFeed
 from iotauth.registry.issuance import Coalescer, IssuanceRequest, record_issuances
@@ -36,8 +38,11 @@ from iotauth.registry.models import (
     RevocationReason,
     RevokedSerial,
 )
+from iotauth.registry.store import Connections, Store, Unavailable
 
 T = TypeVar("T")
+FollowerRecord = tuple[EventKind, str | None, dict[str, Any]]
+log = logging.getLogger("iotauth.registry")
 
 
 class Registry(EventFeed):
@@ -46,20 +51,19 @@ class Registry(EventFeed):
     Reading the audit log and following it as a change feed come from :class:`EventFeed`.
     """
 
-    def __init__(
-        self,
-        writer: SqlConnection,
-        reader: SqlConnection,
-        batcher: WriteBatcher,
-        closers: Sequence[Callable[[], Awaitable[None]]],
-        wait_change: Callable[[float], Awaitable[None]] | None = None,
-        location: str = "",
-    ) -> None:
-        super().__init__(reader, wait_change)
-        self._writer = writer
-        self._batcher = batcher
-        self._closers = closers
-        self.location = location
+    def __init__(self, store: Store, connections: Connections) -> None:
+        super().__init__(connections.reader, connections.wait_change)
+        self._store = store
+        self._connections: Connections | None = connections
+        self._writer: SqlConnection = connections.writer
+        self._batcher = WriteBatcher(connections.writer, store.dialect)
+        self.location = store.location
+        self.instance_id = connections.instance_id
+        """The id this registry was created with; a copy of the database (a backup) keeps it."""
+        self._lost: str | None = None
+        self._reopening = asyncio.Lock()
+        self.generation = 0
+        """How many times the database was reopened; caches of what was read before are stale when it moves."""
         self._issuance: Coalescer[IssuanceRequest, CertificateRecord] = Coalescer(self._record_batch)
 
     async def __aenter__(self) -> Registry:
@@ -73,8 +77,105 @@ class Registry(EventFeed):
     async def close(self) -> None:
         """Flush pending writes and close the connections (deterministically)."""
         await self._batcher.close()
-        for closer in self._closers:
-            await closer()
+        if self._connections is not None:
+            connections, self._connections = self._connections, None
+            await connections.close()
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def lost(self) -> str | None:
+        """Why the database was given up (replaced by a foreign one, removed), or None while it is in use."""
+        return self._lost
+
+    async def identity_changed(self) -> str | None:
+        """What changed about the database at :attr:`location` since it was opened, or None.
+
+        Cheap enough to ask on every poll: SQLite compares the path's device
+        and inode with the open file and re-reads the instance id; PostgreSQL
+        checks its connection and re-reads the instance id. A database that was
+        given up (see :meth:`reopen`) keeps answering why, until a reopen works.
+
+        Raises:
+            RegistryError: the check itself could not read the database.
+        """
+        if self._lost is not None or self._connections is None:
+            return self._lost or "the registry is closed"
+        return await self._store.changed(self._connections)
+
+    async def ensure_identity(self) -> bool:
+        """Reopen the database if it was replaced by a copy of itself; return whether it was reopened.
+
+        For long-running users (``iotauth serve``, the broker): call it on every
+        poll. Changes are logged once, when they happen.
+
+        Raises:
+            RegistryError: the database is gone, empty, foreign or another
+                registry; every read and write fails until it is back.
+        """
+        change = await self.identity_changed()
+        if change is None:
+            return False
+        if self._lost is None:
+            log.error("%s: reopening it", change)
+        await self.reopen()
+        log.warning("registry %s reopened (instance %s); reads and writes go to it from now on",
+                    self.location, self.instance_id)
+        return True
+
+    async def reopen(self) -> None:
+        """Use the database now at :attr:`location` in place of the one open (which was replaced).
+
+        Only a database with this registry's instance id is adopted: a copy of
+        it (``mv registry.db x; cp x registry.db``, a restored backup). Writes
+        in flight finish on the old connection first; every later read and write
+        uses the new one. If the database is gone, empty, foreign or another
+        registry, this registry gives it up instead: every read and write then
+        fails with the reason (so its users fail closed) until a later
+        ``reopen()`` finds the right database again.
+
+        Raises:
+            RegistryError: the database at the location is missing or not this registry.
+        """
+        async with self._reopening:
+            try:
+                fresh = await self._store.connect(create=False)
+            except RegistryError as exc:
+                await self._give_up(str(exc))
+                raise
+            if fresh.instance_id != self.instance_id:
+                await fresh.close()
+                error = RegistryReplaced(
+                    f"registry {self.location} is now another registry (instance id {fresh.instance_id}, "
+                    f"expected {self.instance_id}); refusing it"
+                )
+                await self._give_up(str(error))
+                raise error
+            await self._batcher.swap(fresh.writer)
+            old, self._connections = self._connections, fresh
+            self._use(fresh.writer, fresh.reader, fresh.wait_change)
+            self._lost = None
+            self.generation += 1
+            if old is not None:
+                await _close_quietly(old)
+
+    async def _give_up(self, reason: str) -> None:
+        if self._lost is None:
+            log.error("giving up registry %s, failing closed (every read and write is refused until the "
+                      "database is back): %s", self.location, reason)
+        refusing = Unavailable(reason)
+        await self._batcher.swap(refusing)
+        self._use(refusing, refusing, None)
+        self._lost = reason
+        self.generation += 1
+        old, self._connections = self._connections, None
+        if old is not None:
+            await _close_quietly(old)
+
+    def _use(
+        self, writer: SqlConnection, reader: SqlConnection, wait_change: Callable[[float], Awaitable[None]] | None
+    ) -> None:
+        self._writer, self._reader, self._wait_change = writer, reader, wait_change
 
     async def write(self, op: Callable[[Tx], Awaitable[T]]) -> T:
         """Run ``op`` in a durable, serialised write transaction (group-committed)."""
@@ -153,12 +254,23 @@ class Registry(EventFeed):
         activate: bool = False,
         actor: str,
         details: dict[str, Any] | None = None,
+        reuse: bool = False,
+        exclusive: bool = False,
     ) -> CertificateRecord:
         """Durably record a newly issued certificate (creating the device if new).
 
         Returns only after the record is committed to disk, so the caller may then
         hand the certificate out: every certificate in the field can be revoked.
         Concurrent calls are recorded together in one transaction and one commit.
+
+        Args:
+            reuse: if the device already has an unexpired, unrevoked certificate
+                for the same public key, record nothing and return that one (a
+                retried request must not leave two certificates in the field);
+                a Conflict names it if its status is not the one asked for.
+            exclusive: (the station's issuance) refuse, inside that transaction,
+                a device that still has an unrevoked certificate of another key:
+                two boards claiming one hardware id never both get a certificate.
         """
         request = IssuanceRequest(
             cert=cert,
@@ -168,6 +280,8 @@ class Registry(EventFeed):
             activate=activate,
             actor=actor,
             details=details or {},
+            reuse=reuse,
+            exclusive=exclusive,
         )
         return await self._issuance.submit(request)
 
@@ -232,8 +346,17 @@ class Registry(EventFeed):
     async def expire_pending(
         self, issued_before: datetime, reason: RevocationReason, *, actor: str
     ) -> list[CertificateRecord]:
-        """Revoke every pending certificate issued before ``issued_before`` (delivery never completed)."""
+        """Revoke every pending certificate issued before ``issued_before`` (delivery never completed).
+
+        Idempotent under concurrency: the certificates are selected inside the
+        serialising write transaction, so two processes expiring at once revoke
+        each certificate once. A read first keeps an idle sweep off the write lock.
+        """
         cutoff = timestamp(issued_before)
+        if await self._reader.fetchone(
+            "SELECT 1 FROM certificates WHERE status = 'pending' AND issued_at < ? LIMIT 1", (cutoff,)
+        ) is None:
+            return []
 
         async def op(tx: Tx) -> list[CertificateRecord]:
             found = await tx.fetchall(
@@ -305,36 +428,26 @@ class Registry(EventFeed):
 
         return await self.write(op)
 
-    # -- followers of the change feed -------------------------------------------------------
+    # -- followers' cursors ------------------------------------------------------------------
 
     async def follower_cursor(self, name: str) -> int | None:
-        """The id of the last event the follower ``name`` applied, or None if it never saved one."""
-        row = await self._reader.fetchone(
-            "SELECT event_id FROM follower_cursors WHERE name = ?", (_follower_name(name),)
-        )
-        return int(row[0]) if row else None
+        """The last event id the follower ``name`` (``push:emqx``) applied, or None before its first start."""
+        return await read_cursor(self._reader, name)
 
     async def save_follower_cursor(
-        self,
-        name: str,
-        event_id: int,
-        *,
-        actor: str,
-        records: Sequence[tuple[EventKind, str | None, dict[str, Any]]] = (),
+        self, name: str, event_id: int, *, actor: str = "", records: Sequence[FollowerRecord] = ()
     ) -> None:
-        """Move follower ``name`` to ``event_id`` and append its audit ``records`` in the same transaction.
+        """Record that ``name`` applied every event up to ``event_id``; a cursor never moves back.
 
-        So what a follower did (its kicks, its syncs) is in the log exactly when
-        its position says those events were applied.
+        Replicas following the same feed share the cursor: the furthest one wins,
+        and the others re-apply what they have not seen, which followers must
+        tolerate (their calls are idempotent). ``records`` (the follower's own
+        audit events, by ``actor``: its kicks, its syncs) are appended in the
+        same commit, so the log says what was done exactly when the cursor says so.
         """
-        name = _follower_name(name)
 
         async def op(tx: Tx) -> None:
-            await tx.execute(
-                "INSERT INTO follower_cursors (name, event_id) VALUES (?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET event_id = excluded.event_id",
-                (name, event_id),
-            )
+            await advance_cursor(tx, name, event_id)
             for kind, device_id, data in records:
                 tx.event(kind, actor, device_id, data)
 
@@ -351,15 +464,6 @@ class Registry(EventFeed):
             return tx.event(kind, actor, device_id, data)
 
         return await self.write(op)
-
-
-_FOLLOWER_NAME = re.compile(r"[a-z][a-z0-9:._-]{0,63}", re.ASCII)
-
-
-def _follower_name(name: str) -> str:
-    if not isinstance(name, str) or _FOLLOWER_NAME.fullmatch(name) is None:
-        raise RegistryError(f"invalid follower name {name!r}: 1-64 of a-z 0-9 : . _ -, starting with a letter")
-    return name
 
 
 async def _set_device_status(
@@ -385,3 +489,11 @@ async def _revoke_certificate(
         {"serial": cert.serial, "fingerprint": cert.fingerprint, "reason": reason.value},
     )
     return replace(cert, status=CertificateStatus.REVOKED, revoked_at=tx.now, revocation_reason=reason)
+
+
+async def _close_quietly(connections: Connections) -> None:
+    """Close connections to a database that was replaced (errors there no longer matter)."""
+    try:
+        await connections.close()
+    except Exception as exc:
+        log.warning("closing the replaced registry database: %s", exc)

@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 
 from tests.fixtures.broker import (
+    ENGINES,
     BrokerProcess,
     ConnectRefused,
     Device,
@@ -20,9 +21,13 @@ from tests.fixtures.broker import (
     audit_events,
     connect,
     mosquitto,
+    on_engines,
     wait_for,
 )
 from tests.fixtures.pki import TRUST_DOMAIN
+
+# Identity and topic scope are the gate's and the guard's: they must hold whichever engine is behind them.
+engine = on_engines(*ENGINES)
 
 
 def denial(broker: BrokerProcess, *, fingerprint: str | None = None, peer_client_id: str | None = None) -> dict:

@@ -54,7 +54,8 @@ class NoHost:
         return 0
 
 
-def make_guard(home: Home, registry: Any, **options: Any) -> Guard:
+def make_guard(home: Home, registry: Any, expire_pending: Callable[[], Awaitable[object]] | None = None,
+               **options: Any) -> Guard:
     settings = load_settings(home)
     root = x509.load_pem_x509_certificate(home.root_cert.read_bytes())
     issuing = x509.load_pem_x509_certificate(home.issuing_cert.read_bytes())
@@ -64,6 +65,7 @@ def make_guard(home: Home, registry: Any, **options: Any) -> Guard:
         policies=PolicySet.from_profiles(settings.profiles.values()),
         audit=BrokerAudit(registry, flush_interval=0.05),
         options=GuardOptions(**options),
+        expire_pending=expire_pending,
     )
 
 
@@ -222,3 +224,44 @@ async def test_policy_checks_never_touch_the_registry(home: Home, registry: Regi
         assert len(calls) == 1
     finally:
         await guard.close()
+
+
+async def test_the_guard_sweep_revokes_stale_pending_certificates(home: Home, registry: Registry,
+                                                                   authority: Authority) -> None:
+    from datetime import timedelta
+    from functools import partial
+
+    from iotauth.registry import CertificateStatus
+    from iotauth.registry.expiry import expire_stale_pending
+
+    issued = await authority.issue(make_csr(generate_private_key("p256")), "abandoned", activate=False, actor="st")
+    guard = make_guard(home, registry, partial(expire_stale_pending, registry, timedelta(hours=-1),
+                                               actor="iotauth-broker"))
+    await guard.start(NoHost())
+    try:
+        await guard.sweep()
+    finally:
+        await guard.close()
+    assert (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED
+
+
+async def test_the_broker_runtime_sweeps_stale_pending_certificates(home: Home, registry: Registry,
+                                                                    authority: Authority) -> None:
+    """``iotauth broker`` wires the sweep with the home's pending TTL: an abandoned delivery is revoked."""
+    from iotauth.broker.runtime import BrokerOptions, open_runtime
+    from iotauth.registry import CertificateStatus
+    from tests.registry.test_expiry import age_pending
+
+    stale = await authority.issue(make_csr(generate_private_key("p256")), "abandoned", activate=False, actor="st")
+    young = await authority.issue(make_csr(generate_private_key("p256")), "in-flight", activate=False, actor="st")
+    age_pending(home, stale.record.serial)
+    runtime = await open_runtime(BrokerOptions(home=str(home.root), bind=None, watch_config=0), registry)
+    await runtime.guard.start(NoHost())
+    try:
+        await runtime.guard.sweep()
+    finally:
+        await runtime.close()
+    assert (await registry.get_certificate(stale.record.serial)).status is CertificateStatus.REVOKED
+    assert (await registry.get_certificate(young.record.serial)).status is CertificateStatus.PENDING
+    [event] = [e for e in await registry.events() if e.kind == "certificate.revoked"]
+    assert event.actor == "iotauth-broker"

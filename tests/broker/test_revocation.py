@@ -17,6 +17,7 @@ import pytest
 
 from iotauth.registry import RevocationReason, open_registry
 from tests.fixtures.broker import (
+    ENGINES,
     BrokerProcess,
     ConnectRefused,
     Device,
@@ -25,8 +26,12 @@ from tests.fixtures.broker import (
     connect,
     event_time,
     iotauth_cli,
+    on_engines,
     wait_for,
 )
+
+# Revocation, suspension and expiry reach the sessions of either engine through the same guard.
+engine = on_engines(*ENGINES)
 
 
 def registry_event(broker: BrokerProcess, kind: str, device_id: str) -> object:

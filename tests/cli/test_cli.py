@@ -5,57 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from iotauth.pki.keys import PrivateKey
-from tests.fixtures import iotauth_executable
-
-CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
-
-
-def iotauth(
-    home: Path, *args: str, env: dict[str, str] | None = None, ok: bool = True
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "IOTAUTH_HOME": str(home), "COLUMNS": "200", **(env or {})}
-    if "IOTAUTH_CA_PASSPHRASE" not in (env or {}):
-        full_env.pop("IOTAUTH_CA_PASSPHRASE", None)
-    result = subprocess.run(
-        [iotauth_executable(), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
-
-
-@pytest.fixture
-def cli_home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    result = iotauth(home, "init", "--trust-domain", "factory.test", "--json")
-    data = json.loads(result.stdout)
-    assert data["trust_domain"] == "factory.test" and data["ca_keys_encrypted"] is False
-    assert "UNENCRYPTED" in result.stderr
-    return home
-
-
-@pytest.fixture
-def csr_file(tmp_path: Path, csr_factory: CsrFactory) -> Path:
-    path = tmp_path / "device.csr"
-    path.write_bytes(csr_factory(common_name="forged")[1].public_bytes(serialization.Encoding.PEM))
-    return path
+from tests.fixtures.cli import CsrFactory, iotauth, one_line_error
 
 
 def test_issue_list_show_revoke_audit_roundtrip(cli_home: Path, csr_file: Path, tmp_path: Path) -> None:
@@ -177,3 +133,18 @@ def test_audit_verify_fails_on_tampering(cli_home: Path, csr_file: Path) -> None
     one_line_error(iotauth(cli_home, "audit", "verify", ok=False), "at event 2")
     report = iotauth(cli_home, "audit", "verify", "--json", ok=False)
     assert report.returncode == 1 and json.loads(report.stdout)["first_bad_id"] == 2
+
+
+def test_a_rabbitmq_home_says_why_a_device_id_is_refused(tmp_path: Path, csr_factory: CsrFactory) -> None:
+    home = tmp_path / "rabbit-home"
+    data = json.loads(iotauth(home, "init", "--rabbitmq", "--json").stdout)
+    assert "no '.'" in data["device_ids"] and "enabled = true" in (home / "iotauth.toml").read_text()
+    csr = tmp_path / "d.csr"
+    csr.write_bytes(csr_factory()[1].public_bytes(serialization.Encoding.PEM))
+    one_line_error(iotauth(home, "issue", "meter.7", "--csr", str(csr), ok=False),
+                   "[rabbitmq] enabled = true in iotauth.toml device ids use only A-Z a-z 0-9 _ -")
+    iotauth(home, "issue", "meter-7", "--csr", str(csr))
+    other = tmp_path / "plain-home"
+    other.mkdir()
+    (other / "iotauth.toml").write_text('trust_domain = "x.test"\n[rabbitmq]\nenabled = false\n')
+    one_line_error(iotauth(other, "init", "--rabbitmq", ok=False), "exists with [rabbitmq] enabled = false")

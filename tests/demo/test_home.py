@@ -5,7 +5,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from iotauth.config import Home, default_config_text
+from iotauth.config import Home
+from iotauth.config_text import default_config_text
 from iotauth.demo.home import use_broker_port
 
 

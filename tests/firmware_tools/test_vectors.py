@@ -134,5 +134,23 @@ def test_vectors_are_what_the_generator_writes(tmp_path: Path) -> None:
     from firmware_tools.make_vectors import write_all
 
     write_all(tmp_path)
-    for name in ("frames.json", "messages.json"):
+    for name in ("frames.json", "messages.json", "behaviour.json"):
         assert (tmp_path / name).read_text() == (VECTORS / name).read_text(), f"{name} is stale: regenerate it"
+
+
+def test_the_spki_prefixes_in_protocol_md_are_what_keys_encode_to() -> None:
+    """PROTOCOL.md 3.1: each key type's SubjectPublicKeyInfo is a fixed prefix, then the key."""
+    import re
+
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from iotauth.provisioning.objects import spki_der
+
+    text = (Path(__file__).resolve().parents[2] / "firmware_tools" / "PROTOCOL.md").read_text()
+    row = r"\| (P-256|P-384|Ed25519) +\| `([0-9a-f]+)` +\| \d+-byte \w+ +\| (\d+) +\|"
+    table = {name: prefix for name, prefix, _ in re.findall(row, text)}
+    keys = {"P-256": ec.generate_private_key(ec.SECP256R1()), "P-384": ec.generate_private_key(ec.SECP384R1()),
+            "Ed25519": ed25519.Ed25519PrivateKey.generate()}
+    assert set(table) == set(keys)
+    for name, key in keys.items():
+        assert spki_der(key.public_key()).hex().startswith(table[name]), name

@@ -145,3 +145,47 @@ def test_plain_http_never_accepts_admin_tokens(home: Home, service_factory: Serv
     with service.client(ADMIN_TOKEN) as operator:
         assert operator.get("/admin/devices").status_code == 403
         assert operator.get("/crl.pem").status_code == 200
+
+
+JSON_ENDPOINTS = ["/mosquitto/user", "/mosquitto/superuser", "/mosquitto/acl", "/admin/devices/sensor-1/revoke"]
+EMQX_ENDPOINTS = ["/emqx/authn", "/emqx/authz"]  # EMQX reads any non-200 as "ignore": they answer 200 deny
+
+
+def test_deeply_nested_json_is_a_400_on_every_json_endpoint(home: Home, service_factory: ServiceFactory) -> None:
+    """The reported attack: '[' * 1000 + ']' * 1000 (2 KB) gave a 500 and a RecursionError in the log."""
+    service = service_factory(home)
+    with service.client(ADMIN_TOKEN) as client:
+        for path in JSON_ENDPOINTS:
+            answer = client.post(path, content=b"[" * 1000 + b"]" * 1000)
+            assert answer.status_code == 400, (path, answer.text)
+            assert "nested deeper than 16 levels" in answer.json()["error"]
+            large = client.post(path, content=b'{"clientid": "' + b"x" * 20000 + b'"}')
+            assert large.status_code == 400 and "too large" in large.json()["error"]
+        for path in EMQX_ENDPOINTS:
+            for body in (b"[" * 1000 + b"]" * 1000, b'{"clientid": "' + b"x" * 20000 + b'"}'):
+                answer = client.post(path, content=body, headers={"content-type": "application/json"})
+                assert (answer.status_code, answer.json()) == (200, {"result": "deny"}), (path, answer.text)
+        assert client.get("/healthz").status_code == 200
+    service.process.terminate()
+    output = service.process.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in output and "RecursionError" not in output
+
+
+async def test_serve_revokes_stale_pending_certificates_without_a_provisioning_run(
+        home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory,
+        service_factory: ServiceFactory) -> None:
+    import asyncio
+
+    from iotauth.registry import CertificateStatus
+    from tests.registry.test_expiry import age_pending
+
+    issued = await authority.issue(csr_factory()[1], "abandoned", activate=False, actor="station")
+    age_pending(home, issued.record.serial)
+    service_factory(home)
+    for _ in range(200):  # bounded wait; the first sweep runs when serve starts
+        if (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED:
+            break
+        await asyncio.sleep(0.1)
+    assert (await registry.get_certificate(issued.record.serial)).status is CertificateStatus.REVOKED
+    [event] = [e for e in await registry.events() if e.kind == "certificate.revoked"]
+    assert event.actor == "iotauth-serve"

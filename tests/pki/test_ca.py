@@ -28,7 +28,7 @@ CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
 @pytest.fixture
 def ca(home: Home) -> CertificateAuthority:
-    return load_ca(home, load_settings(home), None)
+    return load_ca(home, load_settings(home))
 
 
 def test_issued_certificate_has_the_device_profile(
@@ -113,7 +113,7 @@ def test_key_policy_defaults_and_opt_ins(ca: CertificateAuthority, home: Home, c
 def test_crl_and_ocsp_urls_come_from_configuration(home: Home, csr_factory: CsrFactory) -> None:
     settings = load_settings(home)
     settings = replace(settings, crl_url="http://pki.test/crl.der", ocsp_url="http://pki.test/ocsp")
-    ca = load_ca(home, settings, None)
+    ca = load_ca(home, settings)
     cert = ca.issue(csr_factory()[1], "sensor-1", settings.profile("default"))
     points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     assert points[0].full_name == [x509.UniformResourceIdentifier("http://pki.test/crl.der")]

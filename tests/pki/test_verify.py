@@ -21,7 +21,7 @@ CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
 
 @pytest.fixture
 def ca(home: Home) -> CertificateAuthority:
-    return load_ca(home, load_settings(home), None)
+    return load_ca(home, load_settings(home))
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from iotauth.provisioning.messages import (
     Csr,
     DeviceState,
     Error,
+    ErrorCode,
     GenerateKey,
     Hashes,
     Info,
@@ -264,3 +265,34 @@ async def test_cloned_key_is_refused(emulator: EmulatorFactory, station_factory:
     assert result.result == "failed" and result.step is Step.CHECK
     assert "duplicate public key" in (result.error or "")
     assert len(await all_certificates(registry)) == 1
+
+
+async def test_an_rsa_csr_where_p256_was_asked_for_is_refused_with_what_was_wrong(
+    tmp_path: Path, scripted_device: ScriptedFactory, station_factory: StationFactory, registry: Registry,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    board = _board(tmp_path)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256()) \
+        .public_bytes(serialization.Encoding.DER)
+
+    def handler(message: Message) -> Message | None:
+        if isinstance(message, GenerateKey):
+            return Csr(len(der), message.offset, der[message.offset: message.offset + 1000])
+        return board.handle(message)
+
+    result = await station_factory().provision(scripted_device(handler).port)
+    assert result.result == "failed" and result.step is Step.KEY
+    assert "CSR was refused: the CSR's key is RSAPublicKey, but the station asked for p256" in (result.error or "")
+    assert await all_certificates(registry) == []
+
+
+async def test_oversize_with_the_requests_seq_is_final_not_a_retransmit_loop(
+    scripted_device: ScriptedFactory, station_factory: StationFactory,
+) -> None:
+    """PROTOCOL.md section 2: only an unsolicited (seq 0) OVERSIZE means 'could not read it, send it again'."""
+    device = scripted_device(lambda message: Error(ErrorCode.OVERSIZE, 0, "payload above max_payload"))
+    result = await station_factory().provision(device.port)
+    assert result.result == "failed" and "OVERSIZE" in (result.error or "")
+    assert [type(r).__name__ for r in device.requests] == ["Hello"]  # refused once, never retransmitted

@@ -10,17 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from iotauth.authority import Authority
+from iotauth.config import Home, Settings, load_settings
 from iotauth.errors import ConfigError, InvalidIdentity, ProvisioningError
 from iotauth.provisioning.ids import IdTemplate, MappedIds, PooledIds, load_id_source
+from iotauth.provisioning.line import LineRequest, id_source
 from iotauth.provisioning.report import REPORT_FIELDS, append_report
 from iotauth.provisioning.results import ProvisionResult, Step
-from iotauth.provisioning.station import expand_ports
+from iotauth.provisioning.station import StationConfig, expand_ports
 from iotauth.registry import Registry
+from tests.fixtures.rabbitmq import enable_rabbitmq
 
 
 @pytest.mark.parametrize("template", [
     "{hardware_id.__class__}", "{hardware_id[0]}", "{hardware_id!r}", "{hardware_id:>70}", "{serial}", "{0}",
-    "{}", "{hardware_id", "x}",
+    "{}", "{hardware_id", "x}", "{hardware_id|nope}", "{hardware_id|safe.__class__}", "{hardware_id|safe:>9}",
+    "{serial|safe}",
 ])
 def test_templates_cannot_reach_into_python(template: str) -> None:
     with pytest.raises(ConfigError):
@@ -36,6 +41,38 @@ def test_template_output_is_validated() -> None:
             template.render(hardware_id, "m")
     with pytest.raises(InvalidIdentity):
         IdTemplate("{model}").render("X", "../../etc")
+
+
+@pytest.mark.parametrize(("template", "hardware_id", "model", "expected"), [
+    ("sensor-{hardware_id|safe}", "aa:bb:cc:dd:ee:ff", "m", "sensor-aa-bb-cc-dd-ee-ff"),
+    ("sensor-{hardware_id|safe}", "SN.1_2-3", "m", "sensor-SN.1_2-3"),  # ids without ':' keep their old device id
+    ("sensor-{hardware_id|mac}", "AA:BB:CC:DD:EE:FF", "m", "sensor-aabbccddeeff"),
+    ("sensor-{hardware_id|mac}", "aa-bb-cc-dd-ee-ff-00-11", "m", "sensor-aabbccddeeff0011"),
+    ("sensor-{hardware_id|mac|upper}", "aabbccddeeff", "m", "sensor-AABBCCDDEEFF"),
+    ("{model|safe|lower}-{hardware_id|safe}", "X:1", "Rev:B", "rev-b-X-1"),
+], ids=["mac through safe", "safe is the identity on safe ids", "mac", "eui-64", "mac then upper", "model"])
+def test_template_filters_map_hardware_ids_to_device_ids(template: str, hardware_id: str, model: str,
+                                                          expected: str) -> None:
+    assert IdTemplate(template).render(hardware_id, model) == expected
+
+
+@pytest.mark.parametrize(("template", "hardware_id", "model", "message"), [
+    ("sensor-{hardware_id}", "aa:bb:cc:dd:ee:ff", "m", r"need \{hardware_id\|safe\}"),
+    ("{model|safe}", "X", "a b", r"\|safe cannot map the character ' ' in 'a b'"),
+    ("sensor-{hardware_id|mac}", "aa:bb:cc:dd:ee", "m", r"not a MAC address"),
+    ("sensor-{hardware_id|mac}", "aa:bb-cc:dd:ee:ff", "m", r"not a MAC address"),  # mixed separators
+    ("sensor-{hardware_id|safe}", "A" * 58, "m", r"would be 65 characters, at most 64"),
+], ids=["plain field with ':'", "unmappable character", "short mac", "mixed separators", "too long"])
+def test_template_filters_refuse_what_they_cannot_map(template: str, hardware_id: str, model: str,
+                                                       message: str) -> None:
+    with pytest.raises(InvalidIdentity, match=message):
+        IdTemplate(template).render(hardware_id, model)
+
+
+def test_the_default_template_maps_mac_addresses(home: Home) -> None:
+    """Both defaults: the one a new home's iotauth.toml spells out and the one used when it says nothing."""
+    for settings in (load_settings(home), Settings(trust_domain="example.test")):
+        assert IdTemplate(settings.id_template).render("aa:bb:cc:dd:ee:ff", "m") == "sensor-aa-bb-cc-dd-ee-ff"
 
 
 def test_csv_mapping(tmp_path: Path, registry: Registry) -> None:
@@ -137,3 +174,23 @@ def test_expand_ports(tmp_path: Path) -> None:
         str(tmp_path / "ttyUSB0"), str(tmp_path / "ttyUSB1")]
     with pytest.raises(ProvisioningError):
         expand_ports([str(tmp_path / "nothing*")])
+
+
+@pytest.mark.parametrize(("template", "ids"), [
+    ("sensor.{hardware_id}", None),
+    (None, "device_id\nok-1\nnot.ok\n"),
+    (None, "hardware_id,device_id\nAA:01,ok-1\nAA:02,not.ok\n"),
+])
+async def test_a_rabbitmq_home_refuses_dotted_ids_before_any_board(
+    template: str | None, ids: str | None, tmp_path: Path, home: Home, authority: Authority
+) -> None:
+    enable_rabbitmq(home)
+    authority.settings = load_settings(home)
+    path = None
+    if ids is not None:
+        path = tmp_path / "ids.csv"
+        path.write_text(ids)
+    request = LineRequest(ports=("/dev/null",), config=StationConfig(station="s", operator="o"), id_template=template,
+                          ids_file=path)
+    with pytest.raises(ConfigError, match="RabbitMQ"):
+        id_source(authority, request)

@@ -75,6 +75,7 @@ PENDING_2 = cert(CertificateStatus.PENDING, age=timedelta(minutes=1))
 OLD_PENDING = cert(CertificateStatus.PENDING, age=timedelta(hours=2))
 REVOKED = cert(CertificateStatus.REVOKED)
 OTHER_KEY_PENDING = cert(CertificateStatus.PENDING, key=OTHER_KEY)
+OLD_OTHER_KEY_PENDING = cert(CertificateStatus.PENDING, key=OTHER_KEY, age=timedelta(hours=3))
 FOREIGN = cert(CertificateStatus.ACTIVE, device_id="sensor-someone-else")
 
 
@@ -157,9 +158,21 @@ CASES: dict[str, Case] = {
     "revoked and young pending for the key: replaced, the pending superseded": Case(
         board(key=KEY), owner=device(status=DeviceStatus.PENDING), certificates=(REVOKED, PENDING),
         action=Action.PROVISION, key=KeyAction.REPLACE, supersede=(PENDING,)),
-    "pending certificate of another key: a CSR over the board's (new) key": Case(
-        board(key=KEY), owner=device(status=DeviceStatus.PENDING), certificates=(OTHER_KEY_PENDING,),
+    "expired pending certificate of another key: a CSR over the board's (new) key": Case(
+        board(key=KEY), owner=device(status=DeviceStatus.PENDING), certificates=(OLD_OTHER_KEY_PENDING,),
         action=Action.PROVISION, key=KeyAction.KEEP),
+    "young pending certificate of another key: another board claims the hardware id": Case(
+        board(key=KEY), owner=device(status=DeviceStatus.PENDING), certificates=(OTHER_KEY_PENDING,),
+        refused=(Conflict, "another board with hardware id 'HW-0001' is being provisioned; .* use --force",
+                 "assign")),
+    "young pending certificate of another key, a fresh board: refused too": Case(
+        board(), owner=device(status=DeviceStatus.PENDING), certificates=(OTHER_KEY_PENDING,),
+        refused=(Conflict, "another board with hardware id", "assign")),
+    "young pending certificate of another key, --force: that board's delivery is replaced": Case(
+        board(key=KEY), owner=device(status=DeviceStatus.PENDING), certificates=(OTHER_KEY_PENDING,),
+        options=FORCE, action=Action.PROVISION, key=KeyAction.REPLACE, key_type=KeyType.P256),
+    "key never certified, --force: replaced (a refused CSR's key never sticks)": Case(
+        board(key=KEY), options=FORCE, action=Action.PROVISION, key=KeyAction.REPLACE, key_type=KeyType.P256),
     "board key of a type the profile refuses: replaced, nothing read": Case(
         board(key=ED_KEY), action=Action.PROVISION, key=KeyAction.REPLACE, key_type=KeyType.P256),
     # -- committed boards ------------------------------------------------------------------------
@@ -276,10 +289,49 @@ Helper = Callable[[list[CertificateRecord], str], list[CertificateRecord]]
 @pytest.mark.parametrize(
     ("helper", "argument", "expected"),
     [
-        (planner.orphaned, public_key_sha256(KEY), [OTHER_KEY_PENDING]),
-        (planner.superseded, ACTIVE.serial, [PENDING, OTHER_KEY_PENDING]),
+        (planner.superseded, ACTIVE.serial, [PENDING, OTHER_KEY_PENDING, OLD_OTHER_KEY_PENDING]),
     ],
-    ids=["pending certificates of a key the board no longer holds", "what an activation supersedes"],
+    ids=["what an activation supersedes"],
 )
 def test_after_issuance(helper: Helper, argument: str, expected: list[CertificateRecord]) -> None:
-    assert helper([ACTIVE, PENDING, REVOKED, OTHER_KEY_PENDING], argument) == expected
+    assert helper([ACTIVE, PENDING, REVOKED, OTHER_KEY_PENDING, OLD_OTHER_KEY_PENDING], argument) == expected
+
+
+@pytest.mark.parametrize(
+    ("force", "expected"),
+    [(False, [OLD_OTHER_KEY_PENDING]), (True, [OTHER_KEY_PENDING, OLD_OTHER_KEY_PENDING])],
+    ids=["expired deliveries of another key only", "--force: every pending certificate of another key"],
+)
+def test_orphaned_deliveries_superseded_before_issuing(force: bool, expected: list[CertificateRecord]) -> None:
+    certs = [ACTIVE, PENDING, REVOKED, OTHER_KEY_PENDING, OLD_OTHER_KEY_PENDING]
+    found = planner.orphaned(certs, public_key_sha256(KEY), pending_ttl=timedelta(hours=1), now=NOW, force=force)
+    assert found == expected
+
+
+REKEY: dict[str, tuple[KeyAction, KeyAction | None]] = {
+    "a kept (never certified) key whose CSR was refused is replaced": (KeyAction.KEEP, KeyAction.REPLACE),
+    "a key just generated gave a bad CSR: no retry": (KeyAction.GENERATE, None),
+    "a key just replaced gave a bad CSR: no retry": (KeyAction.REPLACE, None),
+}
+
+
+@pytest.mark.parametrize(("before", "after"), REKEY.values(), ids=REKEY.keys())
+def test_rekey_after_a_refused_csr(before: KeyAction, after: KeyAction | None) -> None:
+    retry = planner.rekey_after_rejection(planner.KeyPlan(before, KeyType.P256))
+    assert (retry.action if retry is not None else None) is after
+    if retry is not None:
+        assert retry.key_type is KeyType.P256
+
+
+@pytest.mark.parametrize(
+    ("key_types", "refused"),
+    [({"p256", "rsa"}, False), ({"ed25519"}, False), ({"rsa"}, True)],
+    ids=["rsa beside a device key type", "ed25519 only", "rsa only: the station cannot provision it"],
+)
+def test_profile_key_types_the_station_can_provision(key_types: set[str], refused: bool) -> None:
+    options = replace(OPTIONS, key_types=frozenset(key_types))
+    if refused:
+        with pytest.raises(ProvisioningError, match=r"allows only rsa; .*issue RSA devices from a CSR"):
+            planner.check_profile(options)
+    else:
+        planner.check_profile(options)

@@ -11,14 +11,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from iotauth.authority import Authority
 from iotauth.certs import fingerprint
-from iotauth.config import Home
+from iotauth.config import Home, load_settings
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.provisioning.results import Step
 from iotauth.provisioning.station import Station
 from iotauth.registry import CertificateStatus, DeviceStatus, Registry
 from tests.fixtures.devices import EmulatorFactory
 from tests.fixtures.pki import TRUST_DOMAIN
+from tests.fixtures.rabbitmq import enable_rabbitmq
 from tests.provisioning.invariants import all_certificates, assert_invariants
 
 StationFactory = Callable[..., Station]
@@ -289,3 +291,16 @@ async def test_small_device_frames_are_chunked(
     result = await station_factory().provision(board.port)
     assert result.result == "provisioned", result.error
     await _check_provisioned(board, registry, home, f"sensor-{board.hardware_id}")
+
+
+async def test_a_rabbitmq_home_refuses_a_dotted_id_before_the_board_holds_anything(
+    emulator: EmulatorFactory, station_factory: StationFactory, registry: Registry, home: Home, authority: Authority
+) -> None:
+    enable_rabbitmq(home)
+    authority.settings = load_settings(home)
+    board = emulator(hardware_id="AB.12")  # a hardware id may hold '.'; the template passes it into the id
+    result = await station_factory().provision(board.port)
+    assert not result.ok and result.step is Step.ASSIGN
+    assert result.error is not None and "RabbitMQ" in result.error and "sensor-AB.12" in result.error
+    assert board.certificate() is None and board.committed is None
+    assert await registry.list_devices() == []

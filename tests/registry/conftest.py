@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 
 from iotauth.config import Home
+from tests.fixtures.postgres import BACKENDS, backend_url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def registry_url(request: pytest.FixtureRequest, home: Home) -> str:
-    if request.param == "sqlite":
-        return str(home.registry_db)
-    url: str = request.getfixturevalue("postgres_database")
-    return url
+    return backend_url(request, home)

@@ -11,6 +11,8 @@ from iotauth.registry.events import (
     EMQX_KICKS,
     HARMLESS_TO_SESSIONS,
     MOSQUITTO_KICKS,
+    PUSH_RESTORES,
+    RABBITMQ_KICKS,
     changes_crl,
     changes_mosquitto_export,
     changes_mosquitto_state,
@@ -18,10 +20,11 @@ from iotauth.registry.events import (
     topic_denied,
     written_by_broker,
     written_by_follower,
+    written_by_push,
 )
 
 STORED = {
-    "ca.initialised",
+    "ca.initialised", "ca.issuing.signed", "ca.root_crl.signed",
     "device.created", "device.pending", "device.active", "device.suspended", "device.revoked",
     "certificate.issued", "certificate.activated", "certificate.revoked",
     "provisioning.identified", "provisioning.checked", "provisioning.assigned", "provisioning.keyed",
@@ -30,8 +33,10 @@ STORED = {
     "provisioning.expired", "provisioning.failed",
     "broker.started", "broker.stopped", "broker.connect.accepted", "broker.connect.denied", "broker.session.kicked",
     "broker.publish.denied", "broker.subscribe.denied", "broker.receive.denied", "broker.audit.suppressed",
-    "broker.registry.recovered", "broker.policy.reloaded", "broker.policy.reload_failed",
+    "broker.registry.recovered", "broker.registry.reopened", "broker.policy.reloaded", "broker.policy.reload_failed",
     "broker.limit.exceeded", "broker.protocol.violation",
+    "push.started", "push.delivered", "push.failed",
+    "rabbitmq.session.kicked", "rabbitmq.kick.failed",
     "mosquitto.session.kicked", "mosquitto.device.synced", "mosquitto.reconciled", "mosquitto.state.rebuilt",
     "mosquitto.crl.unproven",
 }
@@ -60,10 +65,15 @@ def test_the_broker_kicks_on_every_status_but_active_and_passes_only_what_grants
 
 def test_other_followers() -> None:
     assert set(EMQX_KICKS) == {"device.revoked", "device.suspended", "certificate.revoked"}
+    assert set(PUSH_RESTORES) == {"device.active"}
+    assert {k for k in EventKind if written_by_push(k)} == {"push.started", "push.delivered", "push.failed"}
     crl = {k for k in EventKind if changes_crl(k)}
     assert crl == {k for k in EventKind if k.value.startswith(("certificate.", "device."))}
     assert {k for k in EventKind if changes_mosquitto_export(k)} == crl
     assert changes_crl("device.some-future-kind")  # new device or certificate kinds fail safe
+    assert set(RABBITMQ_KICKS) == {"device.revoked", "device.suspended", "device.pending", "certificate.revoked"}
+    # The RabbitMQ follower's own records neither change the CRL nor ask for a kick: it never feeds itself.
+    assert not any(changes_crl(k) or k in RABBITMQ_KICKS for k in EventKind if k.value.startswith("rabbitmq."))
 
 
 def test_the_mosquitto_follower_kicks_on_what_the_broker_kicks_and_on_revoked_certificates() -> None:
@@ -71,5 +81,6 @@ def test_the_mosquitto_follower_kicks_on_what_the_broker_kicks_and_on_revoked_ce
     assert {k for k in EventKind if changes_mosquitto_state(k)} == {k for k in EventKind if changes_crl(k)}
     assert changes_mosquitto_state("certificate.some-future-kind")  # a later kind re-reads the device: fails safe
     # Records written by brokers and followers about their own work are never work for a follower.
-    assert all(written_by_follower(k) == k.value.startswith(("broker.", "mosquitto.")) for k in EventKind)
+    assert all(written_by_follower(k) == k.value.startswith(("broker.", "mosquitto.", "push.", "rabbitmq."))
+               for k in EventKind)
     assert not any(changes_mosquitto_state(k) for k in EventKind if written_by_follower(k))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from iotauth.config import Home
 from iotauth.registry import AuditEvent, Registry, RevocationReason, open_registry
 
 
@@ -33,3 +34,32 @@ async def test_follower_sees_a_revocation_committed_elsewhere(
     batch = await asyncio.wait_for(follower, timeout=10)
     assert batch[0].kind == "device.created"
     assert all(e.id > cursor for e in batch)
+
+
+async def test_a_follower_goes_on_from_what_a_reopened_copy_shares(home: Home) -> None:
+    """After mv/cp, events written to the orphan and to the copy get the same ids: the feed must not skip the
+    copy's (an EMQX kick would be lost) and resumes from the last event both files share."""
+    import shutil
+    import sqlite3
+
+    async with await open_registry(home.registry_db) as registry:
+        feed = registry.follow(await registry.last_event_id(), poll_interval=0.02)
+        await registry.record_event("device.created", actor="test", device_id="shared")
+        assert [e.device_id for e in await anext(feed)] == ["shared"]
+        conn = sqlite3.connect(home.registry_db)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        orphan = home.registry_db.with_name("orphan.db")
+        home.registry_db.rename(orphan)
+        for suffix in ("-wal", "-shm"):  # the orphan keeps its (now unlinked) WAL; the copy gets its own
+            home.registry_db.with_name(f"registry.db{suffix}").unlink(missing_ok=True)
+        shutil.copyfile(orphan, home.registry_db)
+        await registry.record_event("device.created", actor="test", device_id="orphan-only")
+        (written,) = await anext(feed)
+        assert written.device_id == "orphan-only"
+        async with await open_registry(home.registry_db) as operator:
+            await operator.record_event("device.revoked", actor="op", device_id="copy-only")
+        assert await registry.ensure_identity()
+        batch = await asyncio.wait_for(anext(feed), timeout=10)
+        assert [e.device_id for e in batch] == ["copy-only"]
+        assert batch[0].id == written.id  # the same id as the orphan's event: following on would have skipped it

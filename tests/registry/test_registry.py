@@ -162,3 +162,20 @@ async def test_missing_and_corrupt_databases_are_clear_errors(tmp_path: Path) ->
     garbage.write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(RegistryError, match="corrupt or not an SQLite database"):
         await open_registry(garbage)
+
+
+async def test_follower_cursors_persist_and_never_move_back(registry_url: str, registry: Registry) -> None:
+    """A push follower's cursor survives a restart, and the furthest replica wins (it only moves forward)."""
+    assert await registry.follower_cursor("push:emqx") is None
+    await registry.save_follower_cursor("push:emqx", 7)
+    await registry.save_follower_cursor("push:emqx", 12)
+    await registry.save_follower_cursor("push:emqx", 9)  # a slower replica
+    await registry.save_follower_cursor("push:rabbitmq", 3)
+    assert await registry.follower_cursor("push:emqx") == 12
+    await registry.close()
+    async with await open_registry(registry_url) as reopened:
+        assert await reopened.follower_cursor("push:emqx") == 12
+        assert await reopened.follower_cursor("push:rabbitmq") == 3
+        assert (await reopened.verify_audit()).ok  # cursors are bookkeeping, not audit events
+        with pytest.raises(ValueError, match="invalid follower name"):
+            await reopened.follower_cursor("x' OR 1=1 --")

@@ -184,7 +184,7 @@ class CrlPublisher:
         canary = self.canaries.fresh(self.authority, now)
         published = await self.authority.build_crl(now, extra=self.canaries.revoked(now))
         self._check(published.crl, canary, now)
-        data = published.crl.public_bytes(serialization.Encoding.PEM)
+        data = published.pem  # with the CRLs of a previous issuing CA and the root, after a rollover
         write_public(self.files.crl, data, mode=0o640 if self.group is not None else 0o644, group=self.group)
         if self.files.crl.read_bytes() != data:
             raise MosquittoControlError(f"{self.files.crl} changed under the follower while it was being published")

@@ -23,6 +23,7 @@ from typing import Any
 from iotauth.errors import InvalidIdentity, MosquittoUnavailable, NotFound
 from iotauth.export.managed.control import DynsecControl
 from iotauth.export.managed.crl import CrlProof, CrlPublisher
+from iotauth.export.managed.cursor import FeedCursor, FollowerRecord
 from iotauth.export.managed.state import (
     ClientState,
     DeviceRole,
@@ -36,7 +37,6 @@ from iotauth.identity import validate_device_id
 from iotauth.policy import PolicySet
 from iotauth.registry import AuditEvent, EventKind, Registry
 from iotauth.registry.events import MOSQUITTO_KICKS
-from iotauth.registry.follower import FeedCursor, FollowerRecord
 
 log = logging.getLogger("iotauth.mosquitto")
 

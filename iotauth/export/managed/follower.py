@@ -1,7 +1,7 @@
 """``iotauth mosquitto follow DIR``: keep a running Mosquitto in step with the registry.
 
 The follower reads the registry's change feed from its saved position
-(:class:`~iotauth.registry.follower.FeedCursor`: SQLite polled, PostgreSQL
+(:class:`~iotauth.export.managed.cursor.FeedCursor`: SQLite polled, PostgreSQL
 NOTIFY) and, for each batch of events, brings the devices they name in step:
 
 1. **the door** first: a new CRL, proven loaded with a canary
@@ -43,8 +43,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-
 from iotauth.authority import Authority
 from iotauth.certs import now_utc
 from iotauth.config import Home, load_settings
@@ -54,8 +52,10 @@ from iotauth.errors import (
     MosquittoUnavailable,
     RegistryError,
 )
+from iotauth.export.follower import Backoff
 from iotauth.export.managed.control import DynsecControl
 from iotauth.export.managed.crl import CrlPublisher
+from iotauth.export.managed.cursor import FeedCursor, FollowerRecord, to_apply
 from iotauth.export.managed.enforce import Enforcer, valid
 from iotauth.export.managed.layout import ManagedFiles, ManagedSettings
 from iotauth.export.managed.process import MosquittoProcess
@@ -72,7 +72,6 @@ from iotauth.files import write_public
 from iotauth.policy import PolicySet
 from iotauth.registry import AuditEvent, DeviceStatus, EventKind
 from iotauth.registry.events import MOSQUITTO_KICKS, changes_mosquitto_state
-from iotauth.registry.follower import Backoff, FeedCursor, FollowerRecord, to_apply
 
 log = logging.getLogger("iotauth.mosquitto")
 
@@ -138,7 +137,8 @@ class MosquittoFollower:
                                 cursor=self.cursor, grant_batch=options.grant_batch, grant_stall=options.grant_stall,
                                 withdraw_batch=options.withdraw_batch, crl_refresh_every=options.crl_refresh_every,
                                 crl_retry=options.crl_retry)
-        self._backoff = Backoff(options.retry_initial, options.retry_max)
+        self._backoff = Backoff(first=options.retry_initial, cap=options.retry_max)
+        self._failures = 0
         self._config_stamp = self._stamp()
         self._next_config_check = 0.0
 
@@ -153,7 +153,8 @@ class MosquittoFollower:
                 try:
                     await self._step()
                 except RegistryError as exc:
-                    delay = self._backoff.delay()
+                    self._failures += 1
+                    delay = self._backoff.delay(self._failures)
                     log.error("registry unreadable (%s); retrying in %.1f s", exc, delay)
                     await asyncio.sleep(delay)
         finally:
@@ -200,10 +201,11 @@ class MosquittoFollower:
         except MosquittoControlError as exc:
             log.error("%s: reconciling", exc)
         else:
-            self._backoff.reset()
+            self._failures = 0
             return
         self._reconcile = self._reconcile or "recovery"
-        await asyncio.sleep(self._backoff.delay())
+        self._failures += 1
+        await asyncio.sleep(self._backoff.delay(self._failures))
 
     def check_policies(self, force: bool = False) -> bool:
         """Reload the topic policies if ``iotauth.toml`` changed (or ``force``: SIGHUP); reconcile if they did.
@@ -341,7 +343,7 @@ class MosquittoFollower:
                      mode=0o660 if group is not None else 0o600, group=group)
         try:
             published = await self.authority.build_crl(extra=self.crl.canaries.revoked(now_utc()))
-            write_public(self.files.crl, published.crl.public_bytes(serialization.Encoding.PEM),
+            write_public(self.files.crl, published.pem,
                          mode=0o640 if group is not None else 0o644, group=group)
         except IotAuthError as exc:
             log.error("could not refresh the CRL for the rebuilt state: %s", exc)

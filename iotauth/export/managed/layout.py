@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-
 from iotauth.authority import Authority
 from iotauth.castore import read_published_crl
 from iotauth.config import Home
@@ -261,7 +259,7 @@ def check_managed_access(files: ManagedFiles, account: Account | None) -> None:
 async def _write_crl(home: Home, authority: Authority, files: ManagedFiles, gid: int | None) -> None:
     if authority.signing_unavailable is None:
         published = await authority.build_crl()
-        _write(files.crl, published.crl.public_bytes(serialization.Encoding.PEM), gid)
+        _write(files.crl, published.pem, gid)
         return
     last = read_published_crl(home)
     if last is None:

@@ -1,12 +1,18 @@
-"""A feed follower's position lives in the registry, with its audit records, on every backend."""
+"""The Mosquitto follower's position lives in the registry, with its audit records, on every backend."""
 
 from __future__ import annotations
 
 import pytest
 
-from iotauth.errors import RegistryError
+from iotauth.config import Home
+from iotauth.export.managed.cursor import FeedCursor, FollowerRecord, to_apply
 from iotauth.registry import EventKind, Registry, open_registry
-from iotauth.registry.follower import Backoff, FeedCursor, FollowerRecord, to_apply
+from tests.fixtures.postgres import BACKENDS, backend_url
+
+
+@pytest.fixture(params=BACKENDS)
+def registry_url(request: pytest.FixtureRequest, home: Home) -> str:
+    return backend_url(request, home)
 
 
 async def test_a_new_follower_has_no_position_and_catches_up_from_a_saved_one(
@@ -48,16 +54,3 @@ async def test_a_registry_restored_from_an_older_copy_moves_the_position_back(re
     cursor.position = head + 10
     assert await cursor.went_back() and cursor.position == head
     assert not await cursor.went_back()
-
-
-@pytest.mark.parametrize("name", ["", "Upper", "a b", "x" * 65, "../etc", "a;drop"])
-async def test_follower_names_are_checked(registry: Registry, name: str) -> None:
-    with pytest.raises(RegistryError, match="invalid follower name"):
-        await registry.follower_cursor(name)
-
-
-def test_backoff_doubles_up_to_its_maximum_and_resets() -> None:
-    backoff = Backoff(0.1, 0.5)
-    assert [backoff.delay() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
-    backoff.reset()
-    assert backoff.delay() == 0.1

@@ -1,23 +1,19 @@
-"""Following the change feed from a position kept in the registry: the core every feed follower shares.
+"""The Mosquitto follower's position in the change feed, kept in the registry with its audit records.
 
-A follower that keeps an external system in step with the registry (the
-Mosquitto follower; the EMQX push and the RabbitMQ kicker work the same way)
-needs the same four things, and they live here once:
+The position is the registry's follower cursor (``meta``, ``cursor:<name>``,
+shared with the EMQX and RabbitMQ followers of :mod:`iotauth.export.follower`):
 
-* **a durable position**: the id of the last event it applied, kept in the
-  registry's ``follower_cursors`` table under the follower's name, so a
-  follower that was down catches up from where it stopped, not from "now";
-* **bounded reads** of the events after it, in id order;
-* **its own audit records written with the position, in one transaction**, so
-  the log says what was done (a kick, a sync) exactly when the position says
-  the events behind it were applied;
-* **a registry that went back in time** (restored from a backup: its newest
-  event is older than the saved position) is noticed and the position is
-  moved back, loudly; the caller then reconciles everything.
+* a follower that was down catches up from where it stopped (the Mosquitto
+  follower also reconciles everything at start);
+* **its own audit records are written with the position, in one
+  transaction**, so the log says what was done (a kick, a sync) exactly when
+  the position says the events behind it were applied;
+* a registry that went back in time (restored from an older copy: its newest
+  event is older than the saved position) is noticed and the position moves
+  back, loudly; the follower then reconciles everything.
 
-Retrying is the caller's part: the position only moves after a batch has
-been applied, so a failed batch is applied again (followers make every action
-idempotent). :class:`Backoff` spaces the attempts.
+The position only moves after a batch has been applied, so a failed batch is
+applied again; every action of the follower is idempotent.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ from typing import Any, Protocol
 from iotauth.registry.events import EventKind, written_by_follower
 from iotauth.registry.models import AuditEvent
 
-log = logging.getLogger("iotauth.registry.follower")
+log = logging.getLogger("iotauth.mosquitto")
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,7 @@ class CursorStore(Protocol):
         name: str,
         event_id: int,
         *,
-        actor: str,
+        actor: str = "",
         records: Sequence[tuple[EventKind, str | None, dict[str, Any]]] = (),
     ) -> None: ...
 
@@ -132,21 +128,3 @@ class FeedCursor:
 def to_apply(batch: Sequence[AuditEvent]) -> list[AuditEvent]:
     """The events of ``batch`` a follower may have to act on (not brokers' or followers' own records)."""
     return [event for event in batch if not written_by_follower(event.kind)]
-
-
-@dataclass
-class Backoff:
-    """Exponential delays between attempts: ``initial`` doubling up to ``maximum`` (tests pass small values)."""
-
-    initial: float = 0.1
-    maximum: float = 5.0
-    _next: float = 0.0
-
-    def delay(self) -> float:
-        """The delay before the next attempt (and grow it)."""
-        current = self._next or self.initial
-        self._next = min(current * 2, self.maximum)
-        return current
-
-    def reset(self) -> None:
-        self._next = 0.0

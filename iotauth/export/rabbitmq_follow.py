@@ -48,12 +48,11 @@ from iotauth.export.rabbitmq import RabbitmqFiles, write_crl
 from iotauth.identity import validate_device_id
 from iotauth.rabbitmq import ADMIN_USER
 from iotauth.registry import AuditEvent, DeviceStatus, EventKind, Registry
-from iotauth.registry.cursors import advance_cursor, read_cursor
 from iotauth.registry.events import RABBITMQ_KICKS, changes_crl
 
 log = logging.getLogger("iotauth.export.rabbitmq")
 
-CURSOR = "rabbitmq.kicks"
+CURSOR = "rabbitmq:kicks"
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,7 @@ class RabbitmqFollower:
     async def start(self) -> int:
         """CRL first, then what happened while no follower ran: the replay from the cursor, and a sweep."""
         await self.refresh_crl("start")
-        saved = await self.registry.write(lambda tx: read_cursor(tx, CURSOR))
+        saved = await self.registry.follower_cursor(CURSOR)
         head = await self.registry.last_event_id()
         while saved is not None and saved < head:
             missed = await self.registry.events(after_id=saved, limit=1000)
@@ -309,4 +308,4 @@ class RabbitmqFollower:
     async def save(self, cursor: int) -> None:
         """Save how far every owed kick is done: up to the first one still owed."""
         done = min([cursor, *(event_id - 1 for event_id in self.pending.values())])
-        await self.registry.write(lambda tx: advance_cursor(tx, CURSOR, done))
+        await self.registry.save_follower_cursor(CURSOR, done)

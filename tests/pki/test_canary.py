@@ -20,7 +20,7 @@ from tests.fixtures.pki import TRUST_DOMAIN
 
 @pytest.fixture
 def ca(home: Home) -> CertificateAuthority:
-    return load_ca(home, load_settings(home), None)
+    return load_ca(home, load_settings(home))
 
 
 def test_a_canary_names_no_device_and_lives_minutes(ca: CertificateAuthority) -> None:

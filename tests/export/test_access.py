@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +20,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="iotauth-access-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+def base(reachable_dir: Path) -> Path:
+    return reachable_dir
 
 
 @pytest.mark.parametrize("managed", [False, True])

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +16,8 @@ from iotauth.testing import free_port, mosquitto_binary, wait_listening
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="iotauth-process-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+def base(reachable_dir: Path) -> Path:
+    return reachable_dir
 
 
 def run_mosquitto(base: Path, relative: bool) -> tuple[subprocess.Popen[bytes], Path, Path]:

@@ -112,8 +112,7 @@ from iotauth.broker.gate import Gate, Link
 from iotauth.broker.guard import Guard
 from iotauth.broker.mqtt import Connect, encode_connect
 from iotauth.broker.runtime import BrokerOptions, Runtime, open_runtime
-from iotauth.broker.server import Started, raise_file_limit, run
-from iotauth.config import parse_bind
+from iotauth.broker.server import Started, open_gate, raise_file_limit, run
 from iotauth.errors import ConfigError
 from iotauth.policy import Action as PolicyAction
 from iotauth.registry import EventKind, Registry
@@ -421,16 +420,10 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         try:
             await runtime.guard.start(self)
             self.host = AmqttHost(self)
-            gate = self.gate = Gate(runtime.guard, self.host, runtime.context, runtime.intake_limits)
-            for listener, bind, default_port in (("mqtts", options.bind, 8883), ("wss", options.ws_bind, 8884)):
-                if bind:
-                    host, port = parse_bind(bind, default_port)
-                    await gate.listen(listener, host, port)
+            self.gate = await open_gate(runtime, self.host, options, engine="amqtt")
         except BaseException:
             await self.shutdown()
             raise
-        runtime.guard.audit.event(EventKind.BROKER_STARTED, None, {"host": "amqtt", "listeners": {
-            name: f"{host}:{port}" for name, (host, port) in self.addresses.items()}})
 
     def reload(self) -> bool:
         return self.runtime.reload() if self.runtime is not None else False

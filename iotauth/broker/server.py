@@ -24,7 +24,7 @@ from typing import Protocol
 from iotauth.broker.binding import Binding
 from iotauth.broker.core.connection import start as start_connection
 from iotauth.broker.core.engine import Engine
-from iotauth.broker.gate import Gate, Link
+from iotauth.broker.gate import Gate, Host, Link
 from iotauth.broker.guard import Guard
 from iotauth.broker.mqtt import Connect
 from iotauth.broker.runtime import BrokerOptions, Runtime, open_runtime
@@ -73,18 +73,10 @@ class Broker:
         try:
             engine = self.engine = Engine(runtime.guard, runtime.session_limits)
             await runtime.guard.start(engine)
-            gate = self.gate = Gate(runtime.guard, EngineHost(engine), runtime.context, runtime.intake_limits)
-            for listener, bind, default_port in (("mqtts", self.options.bind, 8883),
-                                                 ("wss", self.options.ws_bind, 8884)):
-                if bind:
-                    host, port = parse_bind(bind, default_port)
-                    address = await gate.listen(listener, host, port)
-                    log.info("listening (%s) on %s:%d", listener, *address)
+            self.gate = await open_gate(runtime, EngineHost(engine), self.options)
         except BaseException:
             await self.shutdown()
             raise
-        runtime.guard.audit.event(EventKind.BROKER_STARTED, None, {"listeners": {
-            name: f"{host}:{port}" for name, (host, port) in self.addresses.items()}})
 
     async def shutdown(self) -> None:
         if self.gate is not None:
@@ -97,6 +89,22 @@ class Broker:
 
     def reload(self) -> bool:
         return self.runtime.reload() if self.runtime is not None else False
+
+
+async def open_gate(runtime: Runtime, host: Host, options: BrokerOptions, engine: str = "iotauth") -> Gate:
+    """The gate in front of ``host``, listening where ``options`` say (the caller closes it on failure)."""
+    gate = Gate(runtime.guard, host, runtime.context, runtime.intake_limits)
+    try:
+        for listener, bind, default_port in (("mqtts", options.bind, 8883), ("wss", options.ws_bind, 8884)):
+            if bind:
+                address = await gate.listen(listener, *parse_bind(bind, default_port))
+                log.info("listening (%s) on %s:%d", listener, *address)
+    except BaseException:
+        await gate.close()
+        raise
+    runtime.guard.audit.event(EventKind.BROKER_STARTED, None, {"engine": engine, "listeners": {
+        name: f"{address_host}:{port}" for name, (address_host, port) in gate.addresses.items()}})
+    return gate
 
 
 def raise_file_limit() -> None:

@@ -15,16 +15,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from iotauth.config import Home
 from tests.fixtures.broker import (
     BrokerProcess,
     ConnectRefused,
     DeviceCreds,
     Pki,
     audit_events,
+    configured_home,
     connect,
     iotauth_cli,
-    new_home,
+    running_broker,
     wait_for,
 )
 
@@ -45,14 +45,8 @@ min_timeout = 0.5
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, Pki]]:
-    home: Home = new_home(tmp_path_factory.mktemp("abuse"))
-    text = home.config_file.read_text()
-    start = text.index("[broker.limits]")
-    end = text.index("\n[", start + 1)
-    home.config_file.write_text(text[:start] + text[end + 1 :] + LIMITS)
-    broker = BrokerProcess(home).start()
-    yield broker, Pki(home, home.root.parent / "devices")
-    broker.stop()
+    with running_broker(configured_home(tmp_path_factory.mktemp("abuse"), limits=LIMITS)) as started:
+        yield started
 
 
 def idle_socket(port: int, source: str) -> socket.socket | None:

@@ -27,9 +27,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from iotauth.config import Home
 from iotauth.testing import V5_TO_V311
-from tests.fixtures.broker import TIMEOUT, BrokerProcess, DeviceCreds, Pki
+from tests.fixtures.broker import TIMEOUT, BrokerProcess, DeviceCreds, Pki, configured_home
 from tests.fixtures.raw_mqtt import PUBLISH, PUBREL, RawClient
 
 TOPICS = ("TopicA", "TopicA/B", "Topic/C", "TopicA/C", "/TopicA")
@@ -143,10 +142,7 @@ def settle(seconds: float = 0.5) -> None:
 
 @pytest.fixture(scope="module")
 def interop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, dict[str, DeviceCreds]]]:
-    from tests.fixtures.broker import new_home
-
-    home: Home = new_home(tmp_path_factory.mktemp("interop"))
-    home.config_file.write_text(home.config_file.read_text() + PROFILES)
+    home = configured_home(tmp_path_factory.mktemp("interop"), extra=PROFILES)
     pki = Pki(home, home.root.parent / "devices")
     creds = {"a": pki.issue("myclientid", "interop-a"), "b": pki.issue("myclientid2", "interop-b"),
              "cleaner": pki.issue("clean-retained", "interop-b")}

@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from iotauth.config import Home
-from tests.fixtures.broker import BrokerProcess, Pki, audit_events, new_home, wait_for
+from tests.fixtures.broker import BrokerProcess, Pki, audit_events, configured_home, running_broker, wait_for
 from tests.fixtures.raw_mqtt import PUBLISH, RawClient
 
 PROFILES = """
@@ -22,11 +21,8 @@ max_queued = 5
 
 @pytest.fixture(scope="module")
 def open_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, Pki]]:
-    home: Home = new_home(tmp_path_factory.mktemp("delivery"))
-    home.config_file.write_text(home.config_file.read_text() + PROFILES)
-    broker = BrokerProcess(home).start()
-    yield broker, Pki(home, home.root.parent / "devices")
-    broker.stop()
+    with running_broker(configured_home(tmp_path_factory.mktemp("delivery"), extra=PROFILES)) as started:
+        yield started
 
 
 @pytest.mark.parametrize(("granted", "published", "expected"), [(2, 0, 0), (2, 1, 1), (2, 2, 2), (1, 2, 1), (0, 2, 0)])

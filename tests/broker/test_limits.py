@@ -12,8 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from iotauth.config import Home
-from tests.fixtures.broker import BrokerProcess, Pki, audit_events, connect, new_home, wait_for
+from tests.fixtures.broker import BrokerProcess, Pki, audit_events, configured_home, connect, running_broker, wait_for
 from tests.fixtures.raw_mqtt import (
     PUBLISH,
     PUBREC,
@@ -44,14 +43,8 @@ max_subscriptions = 50
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, Pki]]:
-    home: Home = new_home(tmp_path_factory.mktemp("limits"))
-    text = home.config_file.read_text()
-    start = text.index("[broker.limits]")
-    end = text.index("\n[", start + 1)
-    home.config_file.write_text(text[:start] + text[end + 1 :] + LIMITS)
-    broker = BrokerProcess(home).start()
-    yield broker, Pki(home, home.root.parent / "devices")
-    broker.stop()
+    with running_broker(configured_home(tmp_path_factory.mktemp("limits"), limits=LIMITS)) as started:
+        yield started
 
 
 def limit_record(broker: BrokerProcess, device_id: str, kind: str = "broker.limit.exceeded") -> dict:

@@ -15,8 +15,7 @@ import pytest
 
 from firmware_tools.backoff import Backoff, Outcome, outcome_of
 from iotauth.broker.mqtt import Connect, encode_connect
-from iotauth.config import Home
-from tests.fixtures.broker import BrokerProcess, DeviceCreds, Pki, iotauth_cli, new_home
+from tests.fixtures.broker import BrokerProcess, DeviceCreds, Pki, configured_home, iotauth_cli, running_broker
 from tests.fixtures.raw_mqtt import publish_packet
 
 LIMITS = """
@@ -29,14 +28,8 @@ DEVICES = 60
 
 @pytest.fixture(scope="module")
 def small_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, Pki]]:
-    home: Home = new_home(tmp_path_factory.mktemp("storm"))
-    text = home.config_file.read_text()
-    start = text.index("[broker.limits]")
-    end = text.index("\n[", start + 1)
-    home.config_file.write_text(text[:start] + text[end + 1 :] + LIMITS)
-    broker = BrokerProcess(home).start()
-    yield broker, Pki(home, home.root.parent / "devices")
-    broker.stop()
+    with running_broker(configured_home(tmp_path_factory.mktemp("storm"), limits=LIMITS)) as started:
+        yield started
 
 
 async def device(port: int, creds: DeviceCreds, source: str, backoff: Backoff,

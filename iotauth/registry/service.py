@@ -41,7 +41,7 @@ from iotauth.registry.models import (
 from iotauth.registry.store import Connections, Store, Unavailable
 
 T = TypeVar("T")
-FollowerRecord = tuple[EventKind, str | None, dict[str, Any]]
+RecordOnCursor = tuple[EventKind, str | None, dict[str, Any]]  # (kind, device id, data) of a follower's record
 log = logging.getLogger("iotauth.registry")
 
 
@@ -435,7 +435,7 @@ class Registry(EventFeed):
         return await read_cursor(self._reader, name)
 
     async def save_follower_cursor(
-        self, name: str, event_id: int, *, actor: str = "", records: Sequence[FollowerRecord] = ()
+        self, name: str, event_id: int, *, actor: str = "", records: Sequence[RecordOnCursor] = ()
     ) -> None:
         """Record that ``name`` applied every event up to ``event_id``; a cursor never moves back.
 

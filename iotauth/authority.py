@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -276,8 +277,10 @@ class Authority:
 
     # -- CRLs ------------------------------------------------------------------------------
 
-    async def build_crl(self, now: datetime | None = None) -> PublishedCrl:
-        """Sign a fresh CRL over the registry's complete revocation state."""
+    async def build_crl(
+        self, now: datetime | None = None, *, extra: Sequence[x509.RevokedCertificate] = ()
+    ) -> PublishedCrl:
+        """Sign a fresh CRL over the registry's complete revocation state (plus ``extra`` entries: canaries)."""
         ca = self.ca
         at = now or now_utc()
         entries = await self.registry.crl_entries(at)
@@ -286,7 +289,7 @@ class Authority:
             e: known.get(e) or revoked_entry(int(e.serial, 16), datetime.fromisoformat(e.revoked_at), e.reason)
             for e in entries
         }
-        revoked = list(self._crl_entries.values())
+        revoked = [*self._crl_entries.values(), *extra]
         number = await self.registry.next_crl_number()
         crl = ca.sign_crl(revoked, number, self.settings.crl_next_update, at)
         # A previous issuing CA lists the same entries: serials are random 159-bit numbers, so an entry for another

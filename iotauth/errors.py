@@ -285,3 +285,11 @@ class RabbitmqApiRefused(RabbitmqApiError):
             "admin secret ($IOTAUTH_RABBITMQ_ADMIN_SECRET or <home>/rabbitmq/admin.secret)"
         )
         self.status = status
+
+
+class MosquittoControlError(IotAuthError):
+    """A managed Mosquitto did not do what the follower asked (a refused command, a CRL it did not load)."""
+
+
+class MosquittoUnavailable(MosquittoControlError):
+    """Mosquitto (its control listener, or its process) cannot be reached, or the connection broke mid-batch."""

@@ -36,8 +36,12 @@ def replace_secret(path: Path, data: bytes) -> None:
     _replace(path, data, 0o600)
 
 
-def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_public(path: Path, data: bytes, mode: int = 0o644, group: int | None = None) -> None:
     """Atomically replace ``path`` with ``data`` (write to a temp file, fsync, rename).
+
+    ``group``: hand the file to this group id (owner root) before it appears,
+    so a reader running as that group never finds it unreadable (a broker
+    that drops to its own account, reloading a CRL).
 
     A target that exists but is not a regular file (``/dev/stdout``, a FIFO, a
     device) is written to directly: renaming over it would replace the device
@@ -48,10 +52,10 @@ def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
             out.write(data)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace(path, data, mode)
+    _replace(path, data, mode, group)
 
 
-def _replace(path: Path, data: bytes, mode: int) -> None:
+def _replace(path: Path, data: bytes, mode: int, group: int | None = None) -> None:
     """Write a temporary file beside ``path`` (created 0600 by mkstemp), fsync, chmod, rename over, fsync the dir."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -60,6 +64,8 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, mode)
+        if group is not None:
+            os.chown(tmp, 0, group)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -8,13 +8,18 @@ their certificates -- so the pieces they share live here, once:
   process, restartable on the same flash (a power cycle);
 * :class:`MqttClient` -- a paho-mqtt 3.1.1 client over TLS with blocking
   helpers (paho runs its network loop in a thread);
-* :func:`free_port` -- an ephemeral TCP port on loopback.
+* :func:`free_port` -- an ephemeral TCP port on loopback;
+* :class:`MosquittoRunner` -- a real ``mosquitto`` on a configuration, optionally
+  restarted whenever it exits (as systemd's ``Restart=always`` would);
+* :class:`FollowerRunner` -- ``iotauth mosquitto follow DIR --json`` as a process.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,3 +274,159 @@ class MqttClient:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+# -- Mosquitto and its follower ------------------------------------------------------------
+
+
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    return found or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+
+
+def wait_listening(port: int, timeout: float = TIMEOUT, host: str = "127.0.0.1") -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+class MosquittoRunner:
+    """``mosquitto -c CONFIG`` as a subprocess; ``supervise`` restarts it whenever it exits."""
+
+    def __init__(self, config: Path, ports: Sequence[int], log: Path, *, supervise: bool = False) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+        self.command = [binary, "-c", str(config)]
+        self.ports = list(ports)
+        self.log = log
+        self.supervise = supervise
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._lock = threading.Lock()
+        self._closing = False
+        self._watcher: threading.Thread | None = None
+
+    def start(self, timeout: float = TIMEOUT) -> MosquittoRunner:
+        with self._lock:
+            self._spawn()
+        if self.supervise and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, daemon=True)
+            self._watcher.start()
+        self.wait_up(timeout)
+        return self
+
+    def _spawn(self) -> None:
+        with open(self.log, "ab") as sink:
+            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT)  # noqa: S603
+        self.starts += 1
+
+    def _watch(self) -> None:
+        while not self._closing:
+            process = self.process
+            if process is not None and process.poll() is not None and self.supervise:
+                time.sleep(0.1)
+                with self._lock:
+                    if not self._closing and self.process is process:
+                        self._spawn()
+            time.sleep(0.05)
+
+    def wait_up(self, timeout: float = TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            if not wait_listening(port, max(0.1, deadline - time.monotonic())):
+                raise RuntimeError(f"mosquitto is not listening on {port}:\n{self.tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL (no clean shutdown); a supervised Mosquitto comes back."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        self._closing = True
+        with self._lock:
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._watcher is not None:
+            self._watcher.join(5)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class FollowerRunner:
+    """``iotauth mosquitto follow DIR --json`` as a process; ``status`` is its one line once in step."""
+
+    def __init__(self, home: Path, directory: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.home, self.directory, self.args = home, directory, args
+        self.command = [sys.executable, "-m", "iotauth.cli.main", "--home", str(home), "mosquitto", "follow",
+                        str(directory), "--json", "-v", *args]
+        self.env = {k: v for k, v in os.environ.items() if k != "IOTAUTH_REGISTRY"}
+        self.env.update(env or {})
+        self.process: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+        self.status: dict[str, Any] = {}
+
+    def start(self, timeout: float = 60.0) -> dict[str, Any]:
+        import json
+
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: S603
+                                        text=True, env=self.env)
+        threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.stop()
+            raise RuntimeError("the follower did not get in step:\n" + self.output())
+        self.status = json.loads(line)
+        return self.status
+
+    def _drain(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self.log.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.log[-60:])
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def again(self) -> FollowerRunner:
+        """A new runner with the same arguments (after :meth:`kill` or :meth:`stop`)."""
+        return FollowerRunner(self.home, self.directory, *self.args, env=self.env)
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)

@@ -37,13 +37,20 @@ if TYPE_CHECKING:  # the demo pulls in the broker, paho and the station: load it
     is_flag=True,
     help="The same lifecycle on a 3-node RabbitMQ cluster authorised by iotauth (needs rabbitmq-server).",
 )
+@click.option(
+    "--mosquitto",
+    is_flag=True,
+    help="The same lifecycle on a managed Mosquitto kept in step by 'iotauth mosquitto follow' (needs mosquitto).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the step results as JSON.")
-def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, as_json: bool) -> None:
+def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, mosquitto: bool, as_json: bool) -> None:
     """Run the whole lifecycle: CA, parallel serial provisioning, mTLS broker, live revocation.
 
     Exits non-zero if any step does not behave as described, so it doubles as a smoke test.
     The demo never touches your own iotauth home.
     """
+    if rabbitmq and mosquitto:
+        raise click.UsageError("choose one broker: --rabbitmq or --mosquitto")
     temporary = directory is None
     root = Path(tempfile.mkdtemp(prefix="iotauth-demo-")) if directory is None else directory.absolute()
     if root.exists() and any(root.iterdir()) and not temporary:
@@ -51,7 +58,7 @@ def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, as_js
     home = Home(root / "home")
     logging.getLogger("iotauth").setLevel(logging.ERROR)  # the steps report what matters; kicks are expected
     view = LiveView()
-    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json, rabbitmq=rabbitmq))
+    run = asyncio.run(_run(home, devices, keep, view, quiet=as_json, rabbitmq=rabbitmq, mosquitto=mosquitto))
     if as_json:
         emit_json(
             {
@@ -75,8 +82,11 @@ def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, as_js
         raise click.exceptions.Exit(1)
 
 
-async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool, rabbitmq: bool) -> DemoRun:
+async def _run(
+    home: Home, devices: int, keep: bool, view: LiveView, *, quiet: bool, rabbitmq: bool, mosquitto: bool
+) -> DemoRun:
     from iotauth.demo import StepResult, run_demo
+    from iotauth.demo.mosquitto import run_mosquitto_demo
     from iotauth.demo.rabbitmq import run_rabbitmq_demo
 
     stop = asyncio.Event() if keep else None
@@ -111,6 +121,9 @@ async def _run(home: Home, devices: int, keep: bool, view: LiveView, *, quiet: b
         if rabbitmq:
             return await run_rabbitmq_demo(home, home.root.parent, devices=devices, on_step=on_step,
                                            on_progress=on_progress, keep=stop)
+        if mosquitto:
+            return await run_mosquitto_demo(home, devices=devices, on_step=on_step, on_progress=on_progress,
+                                            keep=stop)
         return await run_demo(home, devices=devices, on_step=on_step, on_progress=on_progress, keep=stop)
     finally:
         if provisioning["active"]:

@@ -9,7 +9,7 @@ import traceback
 import click
 
 from iotauth import __version__
-from iotauth.cli import audit, broker, ceremony, demo, devices, export, pki, provision, rabbitmq, serve
+from iotauth.cli import audit, broker, ceremony, demo, devices, export, mosquitto, pki, provision, rabbitmq, serve
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
@@ -46,6 +46,7 @@ for command in (
     *broker.COMMANDS,
     *serve.COMMANDS,
     *export.COMMANDS,
+    *mosquitto.COMMANDS,
     *demo.COMMANDS,
 ):
     cli.add_command(command)

@@ -16,7 +16,12 @@ What Mosquitto cannot do, and this export cannot fix: it keeps a session
 that was already connected when its certificate was revoked (a CRL reload
 only affects new handshakes), and a CRL past its nextUpdate makes it refuse
 everyone. ``--watch`` re-exports the CRL after every revocation and well
-before nextUpdate, and SIGHUPs the broker.
+before nextUpdate, and SIGHUPs the broker. The managed mode
+(:mod:`iotauth.export.managed`) closes the first gap.
+
+Every file is checked to be readable by the account Mosquitto drops to
+(:mod:`iotauth.export.access`), so a wrong mode fails the export, not the
+broker's next start.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from iotauth.authority import Authority
 from iotauth.castore import read_published_crl, trusted_issuing_pem
 from iotauth.config import DEFAULT_PROFILE, Home
 from iotauth.errors import ConfigError
+from iotauth.export.access import check_access, mosquitto_account
 from iotauth.files import write_public, write_secret
 from iotauth.policy import Action, PolicySet, ProfilePolicy, covers
 from iotauth.registry import DeviceStatus, Registry
@@ -155,6 +161,7 @@ async def export(
     await write_crl(home, authority, files)
     write_public(files.acl, render_acl(policies, await devices_by_profile(registry, policies)).encode())
     write_public(files.config, render_config(files, host, port, user).encode())
+    check_access(mosquitto_account(user), [files.ca, files.certificate, files.key, files.crl, files.acl])
     return files
 
 

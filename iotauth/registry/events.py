@@ -66,6 +66,13 @@ class EventKind(StrEnum):
     RABBITMQ_SESSION_KICKED = "rabbitmq.session.kicked"
     RABBITMQ_KICK_FAILED = "rabbitmq.kick.failed"
 
+    # The Mosquitto follower (``iotauth mosquitto follow``): what it did to a managed Mosquitto.
+    MOSQUITTO_SESSION_KICKED = "mosquitto.session.kicked"
+    MOSQUITTO_DEVICE_SYNCED = "mosquitto.device.synced"
+    MOSQUITTO_RECONCILED = "mosquitto.reconciled"
+    MOSQUITTO_STATE_REBUILT = "mosquitto.state.rebuilt"
+    MOSQUITTO_CRL_UNPROVEN = "mosquitto.crl.unproven"
+
 
 def device_status_changed(status: str) -> EventKind:
     """The event written when a device's status becomes ``status`` (a ``DeviceStatus`` value)."""
@@ -138,4 +145,34 @@ def changes_crl(kind: str) -> bool:
 
 def changes_mosquitto_export(kind: str) -> bool:
     """Whether the exported Mosquitto files (the CRL, and the ACL of active devices by profile) may be stale."""
+    return changes_crl(kind)
+
+
+# -- the Mosquitto follower ----------------------------------------------------------------
+
+_FOLLOWER_RECORD_PREFIXES: tuple[str, ...] = (_BROKER_PREFIX, "mosquitto.", "push.", "rabbitmq.")
+
+
+def written_by_follower(kind: str) -> bool:
+    """A record that a broker or a follower wrote about its own work: nothing in it to enforce."""
+    return kind.startswith(_FOLLOWER_RECORD_PREFIXES)
+
+
+MOSQUITTO_KICKS: Mapping[str, str] = MappingProxyType(
+    {**DEVICE_KICKS, EventKind.CERTIFICATE_REVOKED: "certificate-revoked"}
+)
+"""Events after which the Mosquitto follower drops the device's live session, with the reason it records.
+
+The device statuses withdraw the device (CRL first, then the session is
+kicked and its dynamic-security client deleted). ``certificate.revoked`` of a
+device that stays active (a superseded certificate) kicks its session once,
+after the CRL refuses the old certificate, so it reconnects with the current
+one. Every other device or certificate event makes the follower re-read that
+device from the registry and bring its client and role in step, so a kind
+added later fails safe.
+"""
+
+
+def changes_mosquitto_state(kind: str) -> bool:
+    """Whether the follower must re-read the named device (and publish a CRL) after this event."""
     return changes_crl(kind)

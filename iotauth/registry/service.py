@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
@@ -41,6 +41,7 @@ from iotauth.registry.models import (
 from iotauth.registry.store import Connections, Store, Unavailable
 
 T = TypeVar("T")
+RecordOnCursor = tuple[EventKind, str | None, dict[str, Any]]  # (kind, device id, data) of a follower's record
 log = logging.getLogger("iotauth.registry")
 
 
@@ -433,14 +434,24 @@ class Registry(EventFeed):
         """The last event id the follower ``name`` (``push:emqx``) applied, or None before its first start."""
         return await read_cursor(self._reader, name)
 
-    async def save_follower_cursor(self, name: str, event_id: int) -> None:
+    async def save_follower_cursor(
+        self, name: str, event_id: int, *, actor: str = "", records: Sequence[RecordOnCursor] = ()
+    ) -> None:
         """Record that ``name`` applied every event up to ``event_id``; a cursor never moves back.
 
         Replicas following the same feed share the cursor: the furthest one wins,
         and the others re-apply what they have not seen, which followers must
-        tolerate (their calls are idempotent).
+        tolerate (their calls are idempotent). ``records`` (the follower's own
+        audit events, by ``actor``: its kicks, its syncs) are appended in the
+        same commit, so the log says what was done exactly when the cursor says so.
         """
-        await self.write(lambda tx: advance_cursor(tx, name, event_id))
+
+        async def op(tx: Tx) -> None:
+            await advance_cursor(tx, name, event_id)
+            for kind, device_id, data in records:
+                tx.event(kind, actor, device_id, data)
+
+        await self.write(op)
 
     # -- audit log -------------------------------------------------------------------------
 

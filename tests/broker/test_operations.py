@@ -7,8 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ from tests.fixtures.broker import (
     new_home,
     wait_for,
 )
-from tests.fixtures.postgres import PostgresServer
 
 LOCKER = """
 import asyncio, sys
@@ -41,24 +38,6 @@ async def main(url):
 
 asyncio.run(main(sys.argv[1]))
 """
-
-
-@pytest.fixture
-def pg_registry(postgres_server: PostgresServer) -> Iterator[str]:
-    import asyncpg
-
-    name = f"b_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_server.url())
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield postgres_server.url(name)
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 class RegistryLock:

@@ -254,10 +254,10 @@ async def test_revocation_refuses_new_connections_after_export_and_reload(
     assert "CONNACK" not in refused.stdout
 
 
-def test_cli_export_writes_a_runnable_configuration(
-    home: Home, identities: dict[str, Identity], tmp_path: Path
-) -> None:
-    out = tmp_path / "cli-export"
+def test_cli_export_writes_a_runnable_configuration(home: Home, identities: dict[str, Identity]) -> None:
+    base = Path(tempfile.mkdtemp(prefix="iotauth-export-"))  # pytest's tree is private to root: Mosquitto's
+    base.chmod(0o755)  # own account could not read it, and the export would (rightly) refuse
+    out = base / "cli-export"
     result = subprocess.run(
         [
             iotauth_executable(),
@@ -292,6 +292,7 @@ def test_cli_export_writes_a_runnable_configuration(
         assert line in config
     assert oct((out / "server.key").stat().st_mode)[-3:] == "600"
     assert "user svc-ingest" in (out / "acl").read_text()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_watch_refreshes_the_crl_and_reloads_mosquitto_after_a_revocation(

@@ -10,13 +10,16 @@ from iotauth.registry.events import (
     DEVICE_KICKS,
     EMQX_KICKS,
     HARMLESS_TO_SESSIONS,
+    MOSQUITTO_KICKS,
     PUSH_RESTORES,
     RABBITMQ_KICKS,
     changes_crl,
     changes_mosquitto_export,
+    changes_mosquitto_state,
     device_status_changed,
     topic_denied,
     written_by_broker,
+    written_by_follower,
     written_by_push,
 )
 
@@ -34,6 +37,8 @@ STORED = {
     "broker.limit.exceeded", "broker.protocol.violation",
     "push.started", "push.delivered", "push.failed",
     "rabbitmq.session.kicked", "rabbitmq.kick.failed",
+    "mosquitto.session.kicked", "mosquitto.device.synced", "mosquitto.reconciled", "mosquitto.state.rebuilt",
+    "mosquitto.crl.unproven",
 }
 
 
@@ -69,3 +74,13 @@ def test_other_followers() -> None:
     assert set(RABBITMQ_KICKS) == {"device.revoked", "device.suspended", "device.pending", "certificate.revoked"}
     # The RabbitMQ follower's own records neither change the CRL nor ask for a kick: it never feeds itself.
     assert not any(changes_crl(k) or k in RABBITMQ_KICKS for k in EventKind if k.value.startswith("rabbitmq."))
+
+
+def test_the_mosquitto_follower_kicks_on_what_the_broker_kicks_and_on_revoked_certificates() -> None:
+    assert dict(MOSQUITTO_KICKS) == {**DEVICE_KICKS, "certificate.revoked": "certificate-revoked"}
+    assert {k for k in EventKind if changes_mosquitto_state(k)} == {k for k in EventKind if changes_crl(k)}
+    assert changes_mosquitto_state("certificate.some-future-kind")  # a later kind re-reads the device: fails safe
+    # Records written by brokers and followers about their own work are never work for a follower.
+    assert all(written_by_follower(k) == k.value.startswith(("broker.", "mosquitto.", "push.", "rabbitmq."))
+               for k in EventKind)
+    assert not any(changes_mosquitto_state(k) for k in EventKind if written_by_follower(k))

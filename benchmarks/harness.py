@@ -241,6 +241,7 @@ class LightDevice(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.handshaken = False
         self.received = 0
+        self.pinged_at = time.monotonic()  # (the benchmarks' keep-alive pings)
         self.on_publish: Callable[[bytes], None] | None = None
         self._buffer = b""
 

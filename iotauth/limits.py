@@ -33,8 +33,9 @@ class IntakeLimits:
     max_pending: int = 4096
     max_pending_per_address: int = 64
     max_pending_per_network: int = 256
-    max_waiting_per_address: int = 1024
+    max_waiting_per_address: int = 4096
     max_waiting: int = 16_384
+    wait_timeout: float = 30.0
     failures_per_second: float = 20.0
     failure_burst: int = 200
     handshake_timeout: float = 10.0
@@ -44,12 +45,12 @@ class IntakeLimits:
 
     def __post_init__(self) -> None:
         _positive(self, tuple(f.name for f in fields(self)))
-        if not 0 < self.min_timeout <= min(self.handshake_timeout, self.connect_timeout):
-            raise ConfigError("[broker.limits] min_timeout must be > 0 and at most the handshake and connect timeouts")
+        if not 0 < self.min_timeout <= min(self.handshake_timeout, self.connect_timeout, self.wait_timeout):
+            raise ConfigError("[broker.limits] min_timeout must be > 0 and at most the wait, handshake and connect "
+                              "timeouts")
 
-    def timeout(self, base: float, pending: int) -> float:
-        """A phase deadline that shrinks linearly from ``base`` at half load to ``min_timeout`` at full load."""
-        load = pending / self.max_pending
+    def timeout(self, base: float, load: float) -> float:
+        """A phase deadline that shrinks linearly from ``base`` at half ``load`` (0..1) to ``min_timeout`` at full."""
         if load <= 0.5:
             return base
         return max(self.min_timeout, base - (base - self.min_timeout) * min(1.0, (load - 0.5) * 2))

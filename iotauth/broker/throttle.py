@@ -10,9 +10,11 @@ can hold and keeps the rest for everyone else:
   handshake or waiting for CONNECT per address, ``max_pending_per_network``
   per /24 (IPv4) or /64 (IPv6). Over that, up to ``max_waiting_per_address``
   more are *queued*: accepted but not read (no TLS work, a socket's worth of
-  memory), and started in arrival order as the source's own slots free up.
-  So a reconnect storm from one NAT address waits its turn instead of being
-  refused, and an idle flood fills only its own queue. Past the queue, a new
+  memory), and started in arrival order as the source's own slots free up,
+  for up to ``wait_timeout``. So a reconnect storm from one NAT address waits
+  its turn instead of being refused, and an idle flood fills only its own
+  queue: when all queues together hold ``max_waiting``, a newcomer from a
+  shorter queue evicts the oldest waiter of the longest. Past that, a new
   connection is closed at once.
 * **A fair share of the total.** When ``max_pending`` are pending, a newcomer
   from a source holding fewer than the biggest holder evicts that holder's
@@ -109,6 +111,26 @@ def network_of(address: str) -> str:
     return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
+class _Ranking:
+    """How many each key holds, with a key holding the most at hand in O(1) (counts never exceed ``cap``)."""
+
+    def __init__(self, cap: int) -> None:
+        self._keys: list[set[str]] = [set() for _ in range(cap + 1)]
+        self.top = 0
+
+    def move(self, key: str, old: int, new: int) -> None:
+        if old:
+            self._keys[old].discard(key)
+        if new:
+            self._keys[new].add(key)
+        self.top = max(self.top, new)
+        while self.top and not self._keys[self.top]:
+            self.top -= 1
+
+    def biggest(self) -> str:
+        return next(iter(self._keys[self.top]))
+
+
 class Throttle:
     """See the module docstring."""
 
@@ -117,8 +139,8 @@ class Throttle:
         self._clock = clock
         self._by_address: dict[str, dict[Pending, None]] = {}
         self._by_network: dict[str, int] = {}
-        self._holders: list[set[str]] = [set() for _ in range(limits.max_pending_per_address + 1)]
-        self._biggest = 0
+        self._holders = _Ranking(limits.max_pending_per_address)
+        self._waiters = _Ranking(limits.max_waiting_per_address)
         self._phases: dict[Phase, OrderedDict[Pending, None]] = {p: OrderedDict() for p in Phase}
         self._queues: dict[str, OrderedDict[Pending, None]] = {}
         self._queued_in: dict[str, dict[str, None]] = {}  # network -> addresses with a queue
@@ -141,22 +163,21 @@ class Throttle:
                    or self._by_network.get(network, 0) >= limits.max_pending_per_network)
         if crowded:
             queue = self._queues.get(address)
-            full = queue is not None and len(queue) >= limits.max_waiting_per_address
-            if full or self.queued >= limits.max_waiting:
+            waiting = len(queue) if queue is not None else 0
+            if waiting >= limits.max_waiting_per_address:
                 return self._refuse(Refusal.ADDRESS if held >= limits.max_pending_per_address else Refusal.NETWORK)
+            if self.queued >= limits.max_waiting:
+                if self._waiters.top <= waiting + 1:
+                    return self._refuse(Refusal.TOTAL)
+                self._evict_longest_queue()
         if not self._has_budget(address if ":" not in address else network):
             return self._refuse(Refusal.RATE)
         pending = Pending(address, network, close, start, Phase.HANDSHAKE, self._clock())
         if crowded:
-            pending.phase = Phase.QUEUED
-            self._queues.setdefault(address, OrderedDict())[pending] = None
-            self._queued_in.setdefault(network, {})[address] = None
-            self._phases[Phase.QUEUED][pending] = None
-            self.queued += 1
-            self.stats.queued += 1
+            self._enqueue(pending)
             return pending
         if self.pending >= limits.max_pending:
-            if self._biggest <= held + 1:
+            if self._holders.top <= held + 1:
                 return self._refuse(Refusal.TOTAL)
             self._evict_from_biggest()
         self._add(pending)
@@ -188,13 +209,15 @@ class Throttle:
         """Close every connection past its phase's *current* deadline; return how many."""
         now = self._clock()
         closed = 0
-        for phase, base, refusal in ((Phase.QUEUED, self.limits.handshake_timeout, Refusal.QUEUE_TIMEOUT),
-                                     (Phase.HANDSHAKE, self.limits.handshake_timeout, Refusal.HANDSHAKE_TIMEOUT),
-                                     (Phase.CONNECT, self.limits.connect_timeout, Refusal.CONNECT_TIMEOUT)):
+        limits = self.limits
+        for phase, base, refusal in ((Phase.QUEUED, limits.wait_timeout, Refusal.QUEUE_TIMEOUT),
+                                     (Phase.HANDSHAKE, limits.handshake_timeout, Refusal.HANDSHAKE_TIMEOUT),
+                                     (Phase.CONNECT, limits.connect_timeout, Refusal.CONNECT_TIMEOUT)):
             waiting = self._phases[phase]
             while waiting:
                 oldest = next(iter(waiting))
-                if now - oldest.since < self.limits.timeout(base, self.pending):
+                load = self.queued / limits.max_waiting if phase is Phase.QUEUED else self.pending / limits.max_pending
+                if now - oldest.since < limits.timeout(base, load):
                     break
                 if phase is Phase.QUEUED:
                     self._unqueue(oldest)
@@ -220,7 +243,7 @@ class Throttle:
 
     def _add(self, pending: Pending) -> None:
         group = self._by_address.setdefault(pending.address, {})
-        self._move(pending.address, len(group), len(group) + 1)
+        self._holders.move(pending.address, len(group), len(group) + 1)
         group[pending] = None
         self._by_network[pending.network] = self._by_network.get(pending.network, 0) + 1
         self._phases[pending.phase][pending] = None
@@ -230,7 +253,7 @@ class Throttle:
         pending.done = True
         group = self._by_address[pending.address]
         del group[pending]
-        self._move(pending.address, len(group) + 1, len(group))
+        self._holders.move(pending.address, len(group) + 1, len(group))
         if not group:
             del self._by_address[pending.address]
         count = self._by_network[pending.network] - 1
@@ -241,21 +264,26 @@ class Throttle:
         self._phases[pending.phase].pop(pending, None)
         self.pending -= 1
 
-    def _move(self, address: str, old: int, new: int) -> None:
-        """Keep ``_holders[n]`` = addresses holding ``n`` pending, and ``_biggest`` = the largest such ``n``."""
-        if old:
-            self._holders[old].discard(address)
-        if new:
-            self._holders[new].add(address)
-        if new > self._biggest:
-            self._biggest = new
-        while self._biggest and not self._holders[self._biggest]:
-            self._biggest -= 1
-
     def _evict_from_biggest(self) -> None:
-        address = next(iter(self._holders[self._biggest]))
-        victim = next(iter(self._by_address[address]))
+        victim = next(iter(self._by_address[self._holders.biggest()]))
         self._remove(victim)
+        self._charge(victim)
+        self.stats.count(Refusal.EVICTED)
+        victim.close(Refusal.EVICTED)
+
+    def _enqueue(self, pending: Pending) -> None:
+        pending.phase = Phase.QUEUED
+        queue = self._queues.setdefault(pending.address, OrderedDict())
+        queue[pending] = None
+        self._waiters.move(pending.address, len(queue) - 1, len(queue))
+        self._queued_in.setdefault(pending.network, {})[pending.address] = None
+        self._phases[Phase.QUEUED][pending] = None
+        self.queued += 1
+        self.stats.queued += 1
+
+    def _evict_longest_queue(self) -> None:
+        victim = next(iter(self._queues[self._waiters.biggest()]))
+        self._unqueue(victim)
         self._charge(victim)
         self.stats.count(Refusal.EVICTED)
         victim.close(Refusal.EVICTED)
@@ -264,6 +292,7 @@ class Throttle:
         pending.done = True
         queue = self._queues[pending.address]
         del queue[pending]
+        self._waiters.move(pending.address, len(queue) + 1, len(queue))
         if not queue:
             del self._queues[pending.address]
             addresses = self._queued_in[pending.network]

@@ -67,16 +67,37 @@ def test_one_network_holds_at_most_its_cap_and_its_addresses_take_turns() -> Non
     assert started == ["10.0.0.3"] and queued.phase is Phase.HANDSHAKE
 
 
-def test_waiting_connections_have_a_deadline() -> None:
+def test_waiting_connections_have_a_deadline_of_their_own() -> None:
     throttle, clock, closed = make(max_pending_per_address=1, max_waiting_per_address=5, max_waiting=5,
-                                   handshake_timeout=5.0)
-    arrive(throttle, "10.0.0.1", closed)
+                                   handshake_timeout=5.0, connect_timeout=60.0, wait_timeout=20.0)
+    holder = arrive(throttle, "10.0.0.1", closed)
+    assert isinstance(holder, Pending)
+    throttle.advance(holder)  # it holds the address's only slot, waiting for its CONNECT (60 s)
     waiting = arrive(throttle, "10.0.0.1", closed)
     assert isinstance(waiting, Pending) and waiting.phase is Phase.QUEUED
-    clock.now += 6.0
-    assert throttle.reap() == 2
-    assert sorted(r for _, r in closed) == sorted([Refusal.HANDSHAKE_TIMEOUT, Refusal.QUEUE_TIMEOUT])
-    assert (throttle.pending, throttle.queued) == (0, 0)
+    clock.now += 19.0
+    assert throttle.reap() == 0  # the handshake deadline (5 s) does not apply to a waiter
+    clock.now += 2.0
+    assert throttle.reap() == 1 and closed == [("10.0.0.1", Refusal.QUEUE_TIMEOUT)]
+    assert (throttle.pending, throttle.queued) == (1, 0)
+
+
+def test_when_all_queues_are_full_the_longest_gives_way() -> None:
+    throttle, _, closed = make(max_pending_per_address=1, max_waiting_per_address=10, max_waiting=6,
+                               max_pending_per_network=100)
+    for address in ("10.0.0.1", "10.0.1.1"):
+        assert isinstance(arrive(throttle, address, closed), Pending)  # each holds its one slot
+    flood = [arrive(throttle, "10.0.0.1", closed) for _ in range(6)]  # the attacker fills the waiting total
+    assert all(isinstance(p, Pending) and p.phase is Phase.QUEUED for p in flood)
+    storm = arrive(throttle, "10.0.1.1", closed)  # a NAT storm's next device still gets in line
+    assert isinstance(storm, Pending) and storm.phase is Phase.QUEUED
+    assert closed == [("10.0.0.1", Refusal.EVICTED)] and flood[0].done
+    assert throttle.queued == 6
+    for _ in range(2):
+        assert isinstance(arrive(throttle, "10.0.1.1", closed), Pending)
+    assert [r for _, r in closed].count(Refusal.EVICTED) == 3
+    # queues of 3 and 3: nobody is longer than the newcomer's would be, so the newcomer is refused
+    assert arrive(throttle, "10.0.1.1", closed) is Refusal.TOTAL
 
 
 def test_a_storm_from_one_address_waits_its_turn_instead_of_being_refused() -> None:

@@ -212,11 +212,18 @@ def start_mosquitto(home: Home, directory: Path) -> BrokerUnderTest | None:
     return BrokerUnderTest("mosquitto", [binary, "-c", str(config)], "", port=port)
 
 
-def raise_file_limit() -> None:
+def raise_file_limit(wanted: int = 65_536) -> None:
+    """Open-files limit for thousands of sessions (inherited by the brokers this process starts).
+
+    Root may raise the hard limit too; anyone else gets the hard limit as it is.
+    """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    target = max(hard, wanted) if os.geteuid() == 0 else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+    except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 

@@ -107,12 +107,19 @@ async def open_gate(runtime: Runtime, host: Host, options: BrokerOptions, engine
     return gate
 
 
-def raise_file_limit() -> None:
-    """Lift the soft open-files limit to the hard one: every device is a socket, and floods are many sockets."""
+def raise_file_limit() -> int:
+    """Lift the soft open-files limit to the hard one: every session and every pending connection is a socket.
+
+    Returns the limit, which caps how many connections the broker can hold at all; it is logged at start
+    (raise the hard limit with the service manager, e.g. systemd's ``LimitNOFILE``).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log.info("open-files limit %d: at most that many connections, pending ones included", limit)
+    return limit
 
 
 @dataclass(frozen=True)

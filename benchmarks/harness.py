@@ -219,7 +219,7 @@ def raise_file_limit(wanted: int = 65_536) -> None:
     """
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     target = max(hard, wanted) if os.geteuid() == 0 else hard
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))

@@ -407,9 +407,9 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         return dict(self.gate.addresses) if self.gate is not None else {}
 
     async def start(self) -> None:
-        raise_file_limit()
         options = self._plugin.options
         runtime = self.runtime = await open_runtime(options, self._registry)
+        raise_file_limit()
         self._plugin.guard = runtime.guard
         try:
             await super().start()

@@ -68,8 +68,8 @@ class Broker:
         return dict(self.gate.addresses) if self.gate is not None else {}
 
     async def start(self) -> None:
-        raise_file_limit()
         runtime = self.runtime = await open_runtime(self.options, self._registry)
+        raise_file_limit()
         try:
             engine = self.engine = Engine(runtime.guard, runtime.session_limits)
             await runtime.guard.start(engine)

@@ -8,7 +8,7 @@ import click
 
 from iotauth.authority import Authority
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import emit_json, fields, out, success, warn
+from iotauth.cli.render import emit_json, fields, line, success, warn
 from iotauth.config import parse_bind
 from iotauth.export import mosquitto
 from iotauth.policy import PolicySet
@@ -67,7 +67,7 @@ def export_mosquitto(
                 reload_pid,
                 refresh,
                 run_as,
-                lambda reason: out.print(f"re-exported ({reason})", highlight=False),
+                lambda reason: line(f"re-exported ({reason})"),
             )
         return files
 

@@ -10,7 +10,7 @@ import httpx
 
 from iotauth.authority import Authority
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import emit_json, fields, out, success, warn
+from iotauth.cli.render import emit_json, fields, line, success, warn
 from iotauth.config import parse_bind
 from iotauth.export import rabbitmq
 from iotauth.export.rabbitmq_follow import RabbitmqFollower, RabbitmqKicker
@@ -93,7 +93,7 @@ def export_rabbitmq(
                 result.files,
                 kicker,
                 refresh_every=max(60.0, settings.crl_next_update.total_seconds() / 2),
-                on_report=lambda line: out.print(line, highlight=False),
+                on_report=line,
             )
             await follower.run()
 

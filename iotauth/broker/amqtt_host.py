@@ -97,7 +97,7 @@ import ssl
 from collections.abc import Callable, Collection, Iterator
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
@@ -117,6 +117,9 @@ from iotauth.config import parse_bind
 from iotauth.errors import ConfigError
 from iotauth.policy import Action as PolicyAction
 from iotauth.registry import EventKind, Registry
+
+if TYPE_CHECKING:  # loaded only with --metrics-bind (prometheus_client, uvicorn)
+    from iotauth.broker.metrics import BrokerMetrics
 
 log = logging.getLogger("iotauth.broker")
 BINDING_KEY = "iotauth.binding"
@@ -177,6 +180,7 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # a
         sweep_interval: float | int = 30.0
         watch_config: float | int = 1.0
         durable_accept: bool = False
+        metrics_bind: str | None = None
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -396,6 +400,7 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         self.gate: Gate | None = None
         self.host: AmqttHost | None = None
         self.runtime: Runtime | None = None
+        self.metrics: BrokerMetrics | None = None
 
     @property
     def guard(self) -> Guard:
@@ -405,7 +410,10 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
-        return dict(self.gate.addresses) if self.gate is not None else {}
+        found = dict(self.gate.addresses) if self.gate is not None else {}
+        if self.metrics is not None and self.metrics.address is not None:
+            found["metrics"] = self.metrics.address
+        return found
 
     async def start(self) -> None:
         raise_file_limit()
@@ -426,6 +434,11 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
                 if bind:
                     host, port = parse_bind(bind, default_port)
                     await gate.listen(listener, host, port)
+            if options.metrics_bind:  # amqtt keeps no message counters: the gate's and the guard's only
+                from iotauth.broker.metrics import start_broker_metrics
+
+                self.metrics = await start_broker_metrics(options.metrics_bind, runtime, gate.throttle, None,
+                                                          host="amqtt")
         except BaseException:
             await self.shutdown()
             raise
@@ -436,6 +449,9 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         return self.runtime.reload() if self.runtime is not None else False
 
     async def shutdown(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         if self.gate is not None:
             await self.gate.close()
             self.gate = None

@@ -30,7 +30,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -201,11 +201,27 @@ async def start_exporter(registry: CollectorRegistry, bind: str) -> MetricsExpor
     return exporter
 
 
+@contextlib.asynccontextmanager
+async def exporting(bind: str | None, *collectors: Collector) -> AsyncIterator[MetricsExporter | None]:
+    """Serve ``collectors`` (and the process's CPU and memory) on ``bind`` for the duration; nothing if ``None``.
+
+    The one call a long-running command needs: ``async with exporting(metrics_bind, collector): await run()``.
+    """
+    if bind is None:
+        yield None
+        return
+    exporter = await start_exporter(new_registry(*collectors), bind)
+    try:
+        yield exporter
+    finally:
+        await exporter.close()
+
+
 def since(moment: float | None, now: Callable[[], float] = time.time) -> float:
     """Seconds from a wall-clock ``moment`` to now (0 when there is none yet)."""
     return 0.0 if moment is None else max(0.0, now() - moment)
 
 
-__all__ = ["LATENCY_BUCKETS", "CallbackCollector", "MetricsExporter", "bounded_labels", "exposition", "histogram",
-           "metrics_bind", "new_registry", "since", "start_exporter"]
+__all__ = ["LATENCY_BUCKETS", "CallbackCollector", "MetricsExporter", "bounded_labels", "exporting", "exposition",
+           "histogram", "metrics_bind", "new_registry", "since", "start_exporter"]
 

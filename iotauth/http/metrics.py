@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
 from typing import Protocol
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, Info
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from iotauth import __version__
 from iotauth.metrics import LATENCY_BUCKETS, exposition, new_registry
 
 DECISION_KEY = "iotauth.decision"
@@ -63,6 +64,7 @@ class ServeMetrics:
 
     def __init__(self, pushes: Callable[[], Sequence[PushStatus]] = list) -> None:
         self.registry = new_registry()
+        Info("iotauth_serve", "iotauth serve's version.", registry=self.registry).info({"version": __version__})
         self.decisions = Counter("iotauth_serve_decisions", "Answers of the broker-facing endpoints, by endpoint "
                                  "and result.", ["endpoint", "result"], registry=self.registry)
         self.latency = Histogram("iotauth_serve_request_duration_seconds", "Time from request to response in "

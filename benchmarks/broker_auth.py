@@ -351,6 +351,7 @@ async def measure_metrics_cost(home: Home, creds: dict[str, Creds], off: BrokerU
         with contextlib.suppress(asyncio.CancelledError):
             await scraper
     per_message = {label: statistics.fmean(values) for label, values in runs.items()}
+    scrape_cost = await cpu_per_scrape(on)
     return {
         "what": "iotauth broker with --metrics-bind, scraped, against the same broker without; interleaved rounds",
         "scrape_interval_seconds": scrape_every,
@@ -363,7 +364,23 @@ async def measure_metrics_cost(home: Home, creds: dict[str, Creds], off: BrokerU
         "cpu_us_per_message": {label: round(value, 2) for label, value in per_message.items()},
         "ratio_message_on_over_off": round(per_message["on"] / per_message["off"], 3),
         "goal_ratio": 1.03,
+        **scrape_cost,
     }
+
+
+async def cpu_per_scrape(broker: BrokerUnderTest, scrapes: int = 300, idle_seconds: float = 10.0) -> dict[str, float]:
+    """What one scrape costs the idle broker: CPU over ``scrapes`` scrapes, less its idle CPU for that time."""
+    await asyncio.sleep(1.0)
+    before = broker.cpu()
+    await asyncio.sleep(idle_seconds)
+    idle_rate = (broker.cpu() - before) / idle_seconds
+    async with httpx.AsyncClient(base_url=f"http://{HOST}:{broker.metrics_port}", timeout=10) as client:
+        before, started = broker.cpu(), time.perf_counter()
+        for _ in range(scrapes):
+            (await client.get("/metrics")).raise_for_status()
+        used, elapsed = broker.cpu() - before, time.perf_counter() - started
+    return {"idle_cpu_ms_per_second": round(idle_rate * 1000, 2),
+            "cpu_ms_per_scrape": round(max(0.0, used - idle_rate * elapsed) / scrapes * 1000, 3)}
 
 
 async def measure_revocation(home: Home, broker: BrokerUnderTest, count: int) -> dict[str, Any]:

@@ -36,6 +36,9 @@ Also measured:
 * revocation-to-disconnect latency: a live session per device, the device
   revoked through the registry from *this* process (another process than the
   broker), latency = client sees EOF - the registry's event timestamp;
+* the cost of metrics: broker CPU per connect and per message with ``--metrics-bind`` (scraped every
+  second by this script, a harsher load than Prometheus's usual 15 s) against the same broker without,
+  interleaved rounds, goal at most 1.03 (``--metrics-only`` runs just this);
 * authorization decision time per publish with 1k and 100k registered devices
   (registry filled with synthetic rows), both in-process (compiled policies
   for that many devices) and as broker CPU per published message.
@@ -59,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from harness import (
     DISCONNECT,
     HOST,
@@ -306,6 +310,79 @@ async def measure_throughput(home: Home, creds: dict[str, Creds], brokers: dict[
     return result
 
 
+async def scrape_forever(broker: BrokerUnderTest, every: float, seen: dict[str, int]) -> None:
+    """Prometheus's side, in this process (its CPU is not the broker's): GET /metrics every ``every`` seconds."""
+    async with httpx.AsyncClient(base_url=f"http://{HOST}:{broker.metrics_port}", timeout=10) as client:
+        while True:
+            answer = await client.get("/metrics")
+            answer.raise_for_status()
+            seen["scrapes"] += 1
+            seen["bytes"] = len(answer.content)
+            await asyncio.sleep(every)
+
+
+async def measure_metrics_cost(home: Home, creds: dict[str, Creds], off: BrokerUnderTest, on: BrokerUnderTest,
+                               connects: int, rounds: int, concurrency: int, messages: int,
+                               scrape_every: float = 1.0, runs_per_broker: int = 7) -> dict[str, Any]:
+    """Broker CPU per connect and per message with ``--metrics-bind`` (scraped) against without, interleaved."""
+    device, ingest = creds["bench-dev"], creds["bench-ingest"]
+    context = client_context(home, device)
+    seen = {"scrapes": 0, "bytes": 0}
+    scraper = asyncio.get_running_loop().create_task(scrape_forever(on, scrape_every, seen))
+    try:
+        for broker in (off, on):  # warm-up
+            await connect_batch(broker, context, device.device_id, 50, concurrency)
+        cpu = {"off": 0.0, "on": 0.0}
+        for turn in range(rounds):
+            order = (("off", off), ("on", on)) if turn % 2 == 0 else (("on", on), ("off", off))
+            for label, broker in order:
+                used, _elapsed = await connect_batch(broker, context, device.device_id, connects, concurrency)
+                cpu[label] += used
+        per_connect = {label: used / (connects * rounds) * 1000 for label, used in cpu.items()}
+        topic, sub_filter = "devices/bench-dev/telemetry/t", "devices/+/telemetry/#"
+        runs: dict[str, list[float]] = {"off": [], "on": []}
+        for turn in range(runs_per_broker):
+            order = (("off", off), ("on", on)) if turn % 2 == 0 else (("on", on), ("off", off))
+            for label, broker in order:
+                run = await publish_run(broker, home, device, ingest, topic, sub_filter, messages)
+                runs[label].append(run["cpu_us_per_message"])
+    finally:
+        scraper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scraper
+    per_message = {label: statistics.fmean(values) for label, values in runs.items()}
+    scrape_cost = await cpu_per_scrape(on)
+    return {
+        "what": "iotauth broker with --metrics-bind, scraped, against the same broker without; interleaved rounds",
+        "scrape_interval_seconds": scrape_every,
+        "scrapes": seen["scrapes"],
+        "exposition_bytes": seen["bytes"],
+        "connects_per_broker": connects * rounds,
+        "cpu_ms_per_connect": {label: round(value, 3) for label, value in per_connect.items()},
+        "ratio_connect_on_over_off": round(per_connect["on"] / per_connect["off"], 3),
+        "messages_per_broker": messages * runs_per_broker,
+        "cpu_us_per_message": {label: round(value, 2) for label, value in per_message.items()},
+        "ratio_message_on_over_off": round(per_message["on"] / per_message["off"], 3),
+        "goal_ratio": 1.03,
+        **scrape_cost,
+    }
+
+
+async def cpu_per_scrape(broker: BrokerUnderTest, scrapes: int = 300, idle_seconds: float = 10.0) -> dict[str, float]:
+    """What one scrape costs the idle broker: CPU over ``scrapes`` scrapes, less its idle CPU for that time."""
+    await asyncio.sleep(1.0)
+    before = broker.cpu()
+    await asyncio.sleep(idle_seconds)
+    idle_rate = (broker.cpu() - before) / idle_seconds
+    async with httpx.AsyncClient(base_url=f"http://{HOST}:{broker.metrics_port}", timeout=10) as client:
+        before, started = broker.cpu(), time.perf_counter()
+        for _ in range(scrapes):
+            (await client.get("/metrics")).raise_for_status()
+        used, elapsed = broker.cpu() - before, time.perf_counter() - started
+    return {"idle_cpu_ms_per_second": round(idle_rate * 1000, 2),
+            "cpu_ms_per_scrape": round(max(0.0, used - idle_rate * elapsed) / scrapes * 1000, 3)}
+
+
 async def measure_revocation(home: Home, broker: BrokerUnderTest, count: int) -> dict[str, Any]:
     devices = [(f"rev-{n}", "default") for n in range(count)]
     async with await open_registry(home.registry_db) as registry:
@@ -400,12 +477,31 @@ async def measure_scale(root: Path, messages: int, runs: int = 5) -> dict[str, A
     return out
 
 
+async def run_metrics_only(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="iotauth-broker-bench-"))
+    home, creds = await make_home(root, [("bench-dev", "default"), ("bench-ingest", "ingest")])
+    off, on = start_iotauth(home), start_iotauth(home, "--metrics-bind", "0", name="iotauth-metrics")
+    try:
+        cost = await measure_metrics_cost(home, creds, off, on, args.connects, args.rounds, args.concurrency,
+                                          args.messages)
+    finally:
+        off.stop()
+        on.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    return {"benchmark": "broker_auth", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+            "metrics_cost": cost}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.metrics_only:
+        return await run_metrics_only(args)
     root = Path(tempfile.mkdtemp(prefix="iotauth-broker-bench-"))
     cold = [(f"cold-{n}", "default") for n in range(args.cold)]
     home, creds = await make_home(root, [("bench-dev", "default"), ("bench-ingest", "ingest"), *cold])
     brokers: dict[str, BrokerUnderTest] = {"amqtt": start_amqtt(home), "iotauth": start_iotauth(home),
-                                           "iotauth-durable": start_iotauth(home, "--durable-accept-audit")}
+                                           "iotauth-durable": start_iotauth(home, "--durable-accept-audit"),
+                                           "iotauth-metrics": start_iotauth(home, "--metrics-bind", "0",
+                                                                            name="iotauth-metrics")}
     mosquitto = start_mosquitto(home, root)
     if mosquitto is not None:
         brokers["mosquitto"] = mosquitto
@@ -413,6 +509,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         connects = await measure_connects(home, creds, brokers, args.connects, args.rounds, args.concurrency)
         throughput = await measure_throughput(home, creds, brokers, args.messages)
         revocation = await measure_revocation(home, brokers["iotauth"], args.revocations)
+        metrics_cost = await measure_metrics_cost(home, creds, brokers["iotauth"], brokers["iotauth-metrics"],
+                                                  args.connects, args.rounds, args.concurrency, args.messages)
     finally:
         for broker in brokers.values():
             broker.stop()
@@ -425,6 +523,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "connect": connects,
         "publish_throughput": throughput,
         "revocation_to_disconnect": revocation,
+        "metrics_cost": metrics_cost,
         "authorization_at_scale": scale,
     }
 
@@ -438,6 +537,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput run")
     parser.add_argument("--revocations", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--metrics-only", action="store_true",
+                        help="only the cost of --metrics-bind: CPU per connect and per message, on against off")
     args = parser.parse_args()
     if args.quick:
         args.connects, args.rounds, args.messages, args.revocations, args.cold = 100, 2, 5000, 20, 50

@@ -118,6 +118,7 @@ class BrokerUnderTest:
                  port: int = 0) -> None:
         self.name = name
         self.port = port
+        self.metrics_port: int | None = None
         self.command, self.ready, self.env = command, ready, env
         self.process = self._spawn()
         self.ps = psutil.Process(self.process.pid)
@@ -130,7 +131,10 @@ class BrokerUnderTest:
             if not line:
                 raise RuntimeError(f"{self.name} did not start")
             if self.ready == "json":
-                self.port = int(json.loads(line)["listening"]["mqtts"].rsplit(":", 1)[1])
+                listening = json.loads(line)["listening"]
+                self.port = int(listening["mqtts"].rsplit(":", 1)[1])
+                if "metrics" in listening:
+                    self.metrics_port = int(listening["metrics"].rsplit(":", 1)[1])
         else:
             wait_listening(self.port)
         return process

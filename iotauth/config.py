@@ -197,6 +197,8 @@ class ServeSettings:
     bind: str = "127.0.0.1:8443"
     admin_token_sha256: tuple[str, ...] = ()
     broker_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    metrics_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    """Who may read ``/metrics`` (Prometheus); loopback by default, ``[]`` answers nobody."""
     trusted_proxies: tuple[str, ...] = ()
     """Peers whose ``X-Forwarded-For`` names the client; none by default (the TCP peer is the client)."""
 
@@ -337,6 +339,8 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
                     serve,
                 )
             ),
+            metrics_networks=tuple(_strings(serve.get("metrics_networks", list, list(ServeSettings.metrics_networks)),
+                                            "serve.metrics_networks", serve)),
             trusted_proxies=tuple(_strings(serve.get("trusted_proxies", list, []), "serve.trusted_proxies", serve)),
         ),
         emqx=EmqxSettings(

@@ -74,6 +74,8 @@ bind = "127.0.0.1:8443"
 admin_token_sha256 = []
 # Broker-facing endpoints answer only these networks ([] answers nobody).
 broker_networks = ["127.0.0.0/8", "::1/128"]
+# Who may read /metrics (Prometheus) ([] answers nobody).
+metrics_networks = ["127.0.0.0/8", "::1/128"]
 # Behind a reverse proxy: the proxies' addresses. Only their X-Forwarded-For is believed.
 trusted_proxies = []
 

@@ -21,6 +21,9 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgre
 # The RabbitMQ suite starts its own 3-node cluster (private epmd, ports and data in a temp dir), so a
 # packaged rabbitmq service that apt may start on a systemd host does not get in its way.
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
+# The metrics suite scrapes a running broker and 'iotauth serve' with Debian's real Prometheus (and promtool
+# checks docker/prometheus.yml); the tests start it themselves on loopback, never the packaged service.
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 if [ -n "${IOTAUTH_EXTRA_DEB:-}" ]; then missing="$missing $IOTAUTH_EXTRA_DEB"; fi
 
 if [ -z "$missing" ]; then

@@ -97,7 +97,7 @@ import ssl
 from collections.abc import Callable, Collection, Iterator
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
@@ -116,6 +116,9 @@ from iotauth.broker.server import Started, open_gate, raise_file_limit, run
 from iotauth.errors import ConfigError
 from iotauth.policy import Action as PolicyAction
 from iotauth.registry import EventKind, Registry
+
+if TYPE_CHECKING:  # loaded only with --metrics-bind (prometheus_client, uvicorn)
+    from iotauth.broker.metrics import BrokerMetrics
 
 log = logging.getLogger("iotauth.broker")
 BINDING_KEY = "iotauth.binding"
@@ -176,6 +179,7 @@ class IotAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # a
         sweep_interval: float | int = 30.0
         watch_config: float | int = 1.0
         durable_accept: bool = False
+        metrics_bind: str | None = None
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -395,6 +399,7 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         self.gate: Gate | None = None
         self.host: AmqttHost | None = None
         self.runtime: Runtime | None = None
+        self.metrics: BrokerMetrics | None = None
 
     @property
     def guard(self) -> Guard:
@@ -404,7 +409,10 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
-        return dict(self.gate.addresses) if self.gate is not None else {}
+        found = dict(self.gate.addresses) if self.gate is not None else {}
+        if self.metrics is not None and self.metrics.address is not None:
+            found["metrics"] = self.metrics.address
+        return found
 
     async def start(self) -> None:
         options = self._plugin.options
@@ -420,7 +428,12 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         try:
             await runtime.guard.start(self)
             self.host = AmqttHost(self)
-            self.gate = await open_gate(runtime, self.host, options, engine="amqtt")
+            gate = self.gate = await open_gate(runtime, self.host, options, engine="amqtt")
+            if options.metrics_bind:  # amqtt keeps no message counters: the gate's and the guard's only
+                from iotauth.broker.metrics import start_broker_metrics
+
+                self.metrics = await start_broker_metrics(options.metrics_bind, runtime, gate.throttle, None,
+                                                          host="amqtt")
         except BaseException:
             await self.shutdown()
             raise
@@ -429,6 +442,9 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         return self.runtime.reload() if self.runtime is not None else False
 
     async def shutdown(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         if self.gate is not None:
             await self.gate.close()
             self.gate = None

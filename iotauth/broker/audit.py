@@ -73,11 +73,23 @@ class _TopicDenials:
 
 @dataclass
 class AuditStats:
+    """What the broker decided, counted as it writes the records (read by metrics and benchmarks).
+
+    ``refusals``: refused connects by reason; ``limits``: sessions closed for a
+    limit or a protocol violation, by limit; ``kicks``: disconnects by reason;
+    ``topic_denials``: denied PUBLISH/SUBSCRIBE/RECEIVE by (action, reason),
+    moved here from the per-second aggregate when it is written (see
+    :meth:`BrokerAudit.topic_denial_counts` for the live figure).
+    """
+
     accepted: int = 0
     denied: int = 0
     kicked: int = 0
     refusals: Counter[str] = field(default_factory=Counter)
+    limits: Counter[str] = field(default_factory=Counter)
+    kicks: Counter[str] = field(default_factory=Counter)
     topic_denied: int = 0
+    topic_denials: Counter[tuple[str, str]] = field(default_factory=Counter)
     lost: int = 0
 
 
@@ -109,6 +121,11 @@ class BrokerAudit:
         self._topics_flushed = clock()
         self.durable_accept = durable_accept
         self.stats = AuditStats()
+
+    @property
+    def backlog(self) -> int:
+        """Records queued for the next group commit."""
+        return self._journal.backlog
 
     @property
     def healthy(self) -> bool:
@@ -159,11 +176,12 @@ class BrokerAudit:
 
     def limit_exceeded(self, kind: EventKind, reason: str, device_id: str, data: dict[str, Any]) -> bool:
         """Record a session closed for a limit or a protocol violation (aggregated like refusals)."""
-        self.stats.refusals[reason] += 1
+        self.stats.limits[reason] += 1
         return self.ledger.record(kind, reason, device_id, data)
 
     def kicked(self, device_id: str, data: dict[str, Any]) -> None:
         self.stats.kicked += 1
+        self.stats.kicks[str(data.get("reason"))] += 1
         self._enqueue(EventKind.BROKER_SESSION_KICKED, device_id, data)
 
     def event(self, kind: EventKind, device_id: str | None, data: dict[str, Any]) -> None:
@@ -178,6 +196,13 @@ class BrokerAudit:
         if entry is None:
             entry = self._topics[key] = _TopicDenials(first_topic=clip(topic))
         entry.count += 1
+
+    def topic_denial_counts(self) -> Counter[tuple[str, str]]:
+        """Denied topic actions by (action, reason) so far: written ones plus the aggregate not yet written."""
+        counts = Counter(self.stats.topic_denials)
+        for (_device_id, action, reason), entry in self._topics.items():
+            counts[(action, reason)] += entry.count
+        return counts
 
     def _enqueue(self, kind: EventKind, device_id: str | None, data: dict[str, Any]) -> None:
         if self._journal.backlog >= MAX_QUEUE:
@@ -202,6 +227,7 @@ class BrokerAudit:
         now = self._clock()
         if self._topics and (self._closing or now - self._topics_flushed >= self._topic_interval):
             for (device_id, action, reason), entry in self._topics.items():
+                self.stats.topic_denials[(action, reason)] += entry.count
                 self._journal.record(
                     topic_denied(action), device_id,
                     {"reason": reason, "count": entry.count, "first_topic": entry.first_topic},

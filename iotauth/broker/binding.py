@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from iotauth.broker.audit import BrokerAudit
 from iotauth.broker.mqtt import NOT_AUTHORISED
+from iotauth.certs import TIMESTAMP_FORMAT
+from iotauth.histogram import LatencyHistogram
 from iotauth.policy import Action, SessionPolicy
 from iotauth.registry import AuditEvent
 
@@ -147,10 +150,13 @@ class Bindings:
         audit: where every disconnect is recorded (``broker.session.kicked``).
     """
 
-    def __init__(self, audit: BrokerAudit) -> None:
+    def __init__(self, audit: BrokerAudit, clock: Callable[[], float] = time.time) -> None:
         self.audit = audit
         self.host: SessionHost | None = None
         self._connected: dict[str, set[Binding]] = {}
+        self._clock = clock
+        self.revocation_latency = LatencyHistogram()
+        """Seconds from the registry event that revoked a connection to its disconnect (metrics)."""
 
     def connected(self, device_id: str | None = None) -> list[Binding]:
         """Connections that are up (of ``device_id``, or all)."""
@@ -199,6 +205,8 @@ class Bindings:
                 log.debug("withdrew the rights of %s's offline session: %s", binding.device_id, reason)
                 continue
             kicked += 1
+            if trigger is not None:
+                self._measure(trigger)
             admission = binding.admission
             log.warning("disconnected %s (certificate %s, %s): %s", admission.device_id, admission.serial,
                         admission.peer, reason)
@@ -214,3 +222,11 @@ class Bindings:
                 },
             )
         return kicked
+
+    def _measure(self, trigger: AuditEvent) -> None:
+        """Revocation -> disconnect: the triggering event's registry time to now (clocks of two hosts)."""
+        try:
+            written = datetime.strptime(trigger.ts, TIMESTAMP_FORMAT).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            return
+        self.revocation_latency.observe(self._clock() - written)

@@ -46,6 +46,7 @@ from iotauth.registry import AuditEvent, EventKind
 from iotauth.registry.events import DEVICE_KICKS, HARMLESS_TO_SESSIONS, written_by_broker
 
 log = logging.getLogger("iotauth.broker")
+FEED_BATCH = 1000  # events per read; a full batch means the follower is behind
 
 
 class FeedSource(CredentialSource, Protocol):
@@ -89,6 +90,12 @@ class FeedFollower:
         self._cursor = 0
         self._unhealthy_since: float | None = None
         self._outage_kicked = False
+        self.last_read: float | None = None
+        """Wall-clock time of the last successful read of the feed (metrics: time since the last poll)."""
+        self.last_applied_ts: str | None = None
+        """Registry timestamp of the last event applied (metrics: change-feed lag)."""
+        self.caught_up = True
+        """Whether the last read reached the end of the feed (then the follower is not behind)."""
 
     @property
     def cursor(self) -> int:
@@ -102,6 +109,7 @@ class FeedFollower:
     async def start(self) -> None:
         """Start from the registry's newest event (which must be readable now)."""
         self._cursor = await asyncio.wait_for(self.registry.last_event_id(), self.options.registry_timeout)
+        self.last_read = time.time()
 
     async def run(self) -> None:
         """Follow the feed until cancelled."""
@@ -113,7 +121,7 @@ class FeedFollower:
                 if replaced:  # outside the timeout: re-checking sessions bounds each read itself
                     await self.reopened()
                 async with asyncio.timeout(self.options.registry_timeout):
-                    batch = await self.registry.events(after_id=self._cursor, limit=1000)
+                    batch = await self.registry.events(after_id=self._cursor, limit=FEED_BATCH)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -123,6 +131,8 @@ class FeedFollower:
                 continue
             backoff = self.options.poll_interval
             self.recovered()
+            self.last_read = time.time()
+            self.caught_up = len(batch) < FEED_BATCH
             if batch:
                 await self.apply(batch)
             else:  # PostgreSQL wakes this at once on NOTIFY; SQLite sleeps the poll interval
@@ -157,6 +167,8 @@ class FeedFollower:
             elif device_id:
                 recheck.add(device_id)
             self._cursor = event.id
+        if batch:
+            self.last_applied_ts = batch[-1].ts
         host = self.bindings.host
         if host is not None:
             for device_id, fp in forget:

@@ -51,6 +51,7 @@ from iotauth.broker.feed import FeedFollower, FeedSource
 from iotauth.broker.mqtt import Connect
 from iotauth.certs import now_utc
 from iotauth.errors import IotAuthError, PolicyDenied
+from iotauth.histogram import LatencyHistogram
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.policy import Action, PolicySet, deny_all
 from iotauth.registry import AuditEvent, EventKind
@@ -163,6 +164,15 @@ class Guard:
 
     def connections(self, device_id: str | None = None) -> list[Binding]:
         return self._bindings.connected(device_id)
+
+    def sessions(self) -> list[Binding]:
+        """Every binding the broker holds: connected ones and those of offline persistent sessions."""
+        return self._bindings.matching(None, None)
+
+    @property
+    def revocation_latency(self) -> LatencyHistogram:
+        """Seconds from a revoking registry event to the disconnect it caused."""
+        return self._bindings.revocation_latency
 
     # -- admission -------------------------------------------------------------------------
 

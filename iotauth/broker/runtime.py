@@ -50,6 +50,7 @@ class BrokerOptions:
         sweep_interval: seconds between wall-clock expiry sweeps.
         watch_config: seconds between checks of ``iotauth.toml`` for changes (0: SIGHUP only).
         durable_accept: commit each accept record before CONNACK (one commit per connect).
+        metrics_bind: ``PORT`` or ``HOST:PORT`` of the Prometheus exporter (``PORT`` alone: loopback), or ``None``.
     """
 
     home: str | None = None
@@ -63,6 +64,7 @@ class BrokerOptions:
     sweep_interval: float = 30.0
     watch_config: float = 1.0
     durable_accept: bool = False
+    metrics_bind: str | None = None
 
 
 @dataclass

@@ -19,7 +19,7 @@ import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from iotauth.broker.binding import Binding
 from iotauth.broker.core.connection import start as start_connection
@@ -32,6 +32,9 @@ from iotauth.broker.tls import Receiver
 from iotauth.config import parse_bind
 from iotauth.errors import ConfigError
 from iotauth.registry import EventKind, Registry
+
+if TYPE_CHECKING:  # loaded only with --metrics-bind (prometheus_client, uvicorn)
+    from iotauth.broker.metrics import BrokerMetrics
 
 log = logging.getLogger("iotauth.broker")
 
@@ -55,6 +58,7 @@ class Broker:
         self.runtime: Runtime | None = None
         self.engine: Engine | None = None
         self.gate: Gate | None = None
+        self.metrics: BrokerMetrics | None = None
 
     @property
     def guard(self) -> Guard:
@@ -64,8 +68,11 @@ class Broker:
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
-        """Where each listener listens (``mqtts``/``wss`` -> (host, port)); ports are real even when 0 was asked."""
-        return dict(self.gate.addresses) if self.gate is not None else {}
+        """Where each listener listens (``mqtts``/``wss``/``metrics`` -> (host, port)); real ports even for 0."""
+        found = dict(self.gate.addresses) if self.gate is not None else {}
+        if self.metrics is not None and self.metrics.address is not None:
+            found["metrics"] = self.metrics.address
+        return found
 
     async def start(self) -> None:
         runtime = self.runtime = await open_runtime(self.options, self._registry)
@@ -73,12 +80,20 @@ class Broker:
         try:
             engine = self.engine = Engine(runtime.guard, runtime.session_limits)
             await runtime.guard.start(engine)
-            self.gate = await open_gate(runtime, EngineHost(engine), self.options)
+            gate = self.gate = await open_gate(runtime, EngineHost(engine), self.options)
+            if self.options.metrics_bind:
+                from iotauth.broker.metrics import start_broker_metrics
+
+                self.metrics = await start_broker_metrics(self.options.metrics_bind, runtime, gate.throttle,
+                                                          engine.stats, host="iotauth")
         except BaseException:
             await self.shutdown()
             raise
 
     async def shutdown(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         if self.gate is not None:
             await self.gate.close()
             self.gate = None

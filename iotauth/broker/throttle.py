@@ -232,6 +232,10 @@ class Throttle:
             self._forget_full_buckets(now)
         return closed
 
+    def by_phase(self) -> dict[Phase, int]:
+        """Connections not yet authenticated, by where they wait (metrics)."""
+        return {phase: len(waiting) for phase, waiting in self._phases.items()}
+
     def held_by(self, address: str) -> int:
         return len(self._by_address.get(address, ()))
 

@@ -32,6 +32,9 @@ from iotauth.cli.render import warn
               help="The MQTT engine behind the mTLS gate. 'amqtt' is for amqtt plugin users: identity, policy and "
               "revocation are enforced by the same gate and guard; amqtt's own gaps (keep-alive, QoS redelivery, "
               "limits after authentication) remain.")
+@click.option("--metrics-bind", metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP, no authentication). "
+              "PORT alone listens on 127.0.0.1 only. Off by default.")
 @click.option("--json", "as_json", is_flag=True, help="Print the listening addresses as one JSON line on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: also log every accepted connect.")
 @pass_cli
@@ -44,6 +47,7 @@ def broker(
     registry_grace: float,
     durable_accept_audit: bool,
     engine: str,
+    metrics_bind: str | None,
     as_json: bool,
     verbose: int,
 ) -> None:
@@ -83,6 +87,7 @@ def broker(
         poll_interval=poll_interval,
         registry_grace=registry_grace,
         durable_accept=durable_accept_audit,
+        metrics_bind=metrics_bind,
     )
 
     def started(info: Started) -> None:

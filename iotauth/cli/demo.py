@@ -15,7 +15,7 @@ import click
 from rich.console import Group
 from rich.live import Live
 
-from iotauth.cli.render import LiveView, emit_json, err, out, table
+from iotauth.cli.render import LiveView, emit_json, err, line, mark, table, text_block
 from iotauth.config import Home
 from iotauth.errors import ConfigError
 
@@ -75,9 +75,9 @@ def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, mosqu
     if run.ok and temporary and not keep:
         shutil.rmtree(root, ignore_errors=True)
         if not as_json:
-            err.print("the temporary home was removed; use --keep or --dir DIR to explore it", highlight=False)
+            line("the temporary home was removed; use --keep or --dir DIR to explore it", stderr=True)
     elif not run.ok:
-        err.print(f"the demo's files are kept for inspection in {root}", highlight=False)
+        line(f"the demo's files are kept for inspection in {root}", stderr=True)
     if not run.ok:
         raise click.exceptions.Exit(1)
 
@@ -98,12 +98,10 @@ async def _run(
             live.stop()
             provisioning["active"] = False
         if not quiet:
-            mark = "[green]✓[/green]" if step.ok else "[red]✗[/red]"
-            err.print(f"{mark} {step.name} [dim]({step.seconds:.2f} s)[/dim]  {step.detail}", highlight=False)
+            mark(step.ok, step.name, aside=f"({step.seconds:.2f} s)", detail=step.detail)
         if keep and step.name == "audit log verifies" and step.ok:
             if rabbitmq:
-                err.print("\nThe cluster keeps running (Ctrl-C to stop); its MQTTS ports are listed above.",
-                          highlight=False)
+                text_block("\nThe cluster keeps running (Ctrl-C to stop); its MQTTS ports are listed above.")
             else:
                 _explain_keep(home)
 
@@ -135,14 +133,13 @@ async def _run(
 
 
 def _explain_keep(home: Home) -> None:
-    err.print(
+    text_block(
         f"\nThe broker keeps running (Ctrl-C to stop). Explore with:\n"
         f"  export IOTAUTH_HOME={home.root}\n"
         f"  iotauth devices list; iotauth audit\n"
         f"  mosquitto_sub -h localhost -p $(grep '^port' {home.config_file} | cut -d= -f2 | tr -d ' ') "
         f"--cafile {home.root_cert} --cert {home.root / 'operator/ingest.crt'} "
         f"--key {home.root / 'operator/ingest.key'} -i ops-ingest -t 'devices/+/telemetry/#' -v\n",
-        highlight=False,
     )
 
 
@@ -153,7 +150,7 @@ def _summary(run: DemoRun) -> None:
         [(s.name, "ok" if s.ok else "FAILED", f"{s.seconds:.2f}", s.detail) for s in run.steps],
     )
     total = sum(s.seconds for s in run.steps)
-    out.print(f"total {total:.1f} s", highlight=False)
+    line(f"total {total:.1f} s")
 
 
 COMMANDS = (demo,)

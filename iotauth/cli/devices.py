@@ -9,7 +9,7 @@ import click
 
 from iotauth.authority import Authority, CrlRefresh, StatusChange, certificate_pem, operator_actor
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import emit_json, fields, out, status, success, table, warn
+from iotauth.cli.render import emit_json, fields, line, status, success, table, warn
 from iotauth.registry import DeviceStatus, Registry, RevocationReason
 
 
@@ -135,7 +135,7 @@ def _report_crl(refresh: CrlRefresh | None) -> None:
     if refresh is not None and refresh.published is None:
         warn(str(note))
     elif note:
-        out.print(note, highlight=False)
+        line(note)
 
 
 def _status_command(name: str, doc: str) -> click.Command:

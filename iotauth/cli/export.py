@@ -8,7 +8,7 @@ import click
 
 from iotauth.authority import Authority
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import emit_json, fields, out, success, warn
+from iotauth.cli.render import emit_json, fields, line, success, warn
 from iotauth.config import parse_bind
 from iotauth.export import mosquitto
 from iotauth.export.managed.layout import ManagedFiles
@@ -102,7 +102,7 @@ def export_mosquitto(
                 reload_pid,
                 refresh,
                 run_as,
-                lambda reason: out.print(f"re-exported ({reason})", highlight=False),
+                lambda reason: line(f"re-exported ({reason})"),
             )
         return files
 
@@ -159,7 +159,7 @@ async def _managed(
     fields("files", data)
     if not done.state_written:
         warn("kept the existing dynamic-security state (Mosquitto owns it); --reset-state writes it afresh")
-    out.print(f"next: mosquitto -c {files.config}   and   iotauth mosquitto follow {files.directory}", highlight=False)
+    line(f"next: mosquitto -c {files.config}   and   iotauth mosquitto follow {files.directory}")
 
 
 COMMANDS = (export,)

@@ -9,7 +9,20 @@ import traceback
 import click
 
 from iotauth import __version__
-from iotauth.cli import audit, broker, ceremony, demo, devices, export, mosquitto, pki, provision, rabbitmq, serve
+from iotauth.cli import (
+    audit,
+    broker,
+    ceremony,
+    demo,
+    devices,
+    export,
+    mosquitto,
+    pki,
+    provision,
+    rabbitmq,
+    serve,
+    status,
+)
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
@@ -41,6 +54,7 @@ for command in (
     *pki.COMMANDS,
     *ceremony.COMMANDS,
     *devices.COMMANDS,
+    *status.COMMANDS,
     audit.audit,
     *provision.COMMANDS,
     *broker.COMMANDS,

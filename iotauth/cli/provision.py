@@ -17,11 +17,10 @@ from pathlib import Path
 import click
 from rich.console import Group
 from rich.live import Live
-from rich.markup import escape
 
 from iotauth.authority import Authority, operator_actor
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import LiveView, emit_json, err, success, table, warn
+from iotauth.cli.render import LiveView, emit_json, err, mark, success, table, warn
 from iotauth.provisioning.line import LineOutcome, LineRequest, run_line
 from iotauth.provisioning.report import append_report, report_format
 from iotauth.provisioning.results import ProvisionResult
@@ -32,19 +31,15 @@ from iotauth.provisioning.station import StationConfig
 def _line(result: ProvisionResult) -> None:
     """Progress for logs and pipes: one line per finished board."""
     elapsed = (result.finished_at - result.started_at).total_seconds()
-    mark = "[red]✗[/red]" if not result.ok else "[green]✓[/green]"
-    text = escape(f"{result.port} {result.hardware_id or '-'} {result.device_id or '-'} {result.result} "
-                  f"({elapsed:.1f}s){': ' + result.error if result.error else ''}")
-    err.print(f"{mark} {text}", highlight=False, markup=True)
+    mark(result.ok, f"{result.port} {result.hardware_id or '-'} {result.device_id or '-'} {result.result} "
+                    f"({elapsed:.1f}s){': ' + result.error if result.error else ''}")
 
 
 def _summary(outcome: LineOutcome) -> None:
     table(
         "provisioning summary",
         ("port", "result", "device id", "hardware id", "serial", "reason"),
-        [tuple(escape(str(v)) if v is not None else None
-               for v in (r.port, r.result, r.device_id, r.hardware_id, (r.serial or "")[:16], r.error))
-         for r in outcome.results],
+        [(r.port, r.result, r.device_id, r.hardware_id, (r.serial or "")[:16], r.error) for r in outcome.results],
     )
     counts = {kind: sum(1 for r in outcome.results if r.result == kind)
               for kind in ("provisioned", "already-provisioned", "failed")}

@@ -10,10 +10,12 @@ import httpx
 
 from iotauth.authority import Authority
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import emit_json, fields, out, success, warn
+from iotauth.cli.render import emit_json, fields, line, success, warn
 from iotauth.config import parse_bind
 from iotauth.export import rabbitmq
+from iotauth.export.metrics import rabbitmq_follower_metrics
 from iotauth.export.rabbitmq_follow import RabbitmqFollower, RabbitmqKicker
+from iotauth.metrics import exporting
 from iotauth.rabbitmq import ensure_admin_secret
 
 
@@ -49,6 +51,9 @@ from iotauth.rabbitmq import ensure_admin_secret
     multiple=True,
     help="Management API to kick through (repeatable). [default: [rabbitmq] management_urls, else --management-bind]",
 )
+@click.option("--metrics-bind", metavar="[HOST:]PORT",
+              help="With --watch: Prometheus metrics of the follower at http://HOST:PORT/metrics (PORT alone: "
+              "127.0.0.1 only).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every kick attempt.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
@@ -61,10 +66,13 @@ def export_rabbitmq(
     account: str,
     watch: bool,
     management_urls: tuple[str, ...],
+    metrics_bind: str | None,
     verbose: bool,
     as_json: bool,
 ) -> None:
     """Write RabbitMQ's configuration for MQTTS with certificate login, authorised by 'iotauth serve'."""
+    if metrics_bind is not None and not watch:
+        raise click.UsageError("--metrics-bind goes with --watch")
     settings = ctx.settings()
     management = parse_bind(management_bind, 15672)
     options = rabbitmq.ExportOptions(
@@ -93,9 +101,10 @@ def export_rabbitmq(
                 result.files,
                 kicker,
                 refresh_every=max(60.0, settings.crl_next_update.total_seconds() / 2),
-                on_report=lambda line: out.print(line, highlight=False),
+                on_report=line,
             )
-            await follower.run()
+            async with exporting(metrics_bind, rabbitmq_follower_metrics(follower)):
+                await follower.run()
 
     def report(result: rabbitmq.ExportResult) -> None:
         files = result.files

@@ -133,6 +133,8 @@ class PushHealth:
     cursor: int = 0
     delivered: int = 0
     rejected: int = 0
+    failures: int = 0  # failed attempts since the start, retried (metrics: a rate of them)
+    last_success: float | None = None  # time.time() of the last delivery to the broker
     last_error: str | None = None
     failing_since: float | None = None  # time.monotonic() of the first failure of the current streak
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
@@ -153,6 +155,8 @@ class PushHealth:
             "cursor": self.cursor,
             "delivered": self.delivered,
             "rejected": self.rejected,
+            "failures": self.failures,
+            "last_success": self.last_success,
             "failing_for_seconds": failing_for,
             "last_error": self.last_error,
         }
@@ -276,6 +280,7 @@ class PushFollower:
             if not answers:  # refused for good (audited), or nothing to do for this device
                 continue
             self.health.delivered += 1
+            self.health.last_success = time.time()
             data = {"events": [e.id for e in own], "answers": {**prepared, **answers}}
             await self._retrying(partial(self._audit, EventKind.PUSH_DELIVERED, device_id, data), None)
 
@@ -319,6 +324,7 @@ class PushFollower:
 
     async def _failed(self, exc: Exception, state: PushState, device_id: str | None) -> None:
         self._failures += 1
+        self.health.failures += 1
         self.health.state = state
         self.health.last_error = str(exc)
         if self.health.failing_since is None:

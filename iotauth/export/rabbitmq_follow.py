@@ -25,6 +25,9 @@ suspension (:data:`~iotauth.registry.events.RABBITMQ_KICKS`) the follower:
 :class:`~iotauth.errors.RabbitmqApiRefused` ends the follower (a supervisor
 restarts it; it resumes from its cursor). No node answering after the
 retries ends it the same way with :class:`~iotauth.errors.RabbitmqApiError`.
+
+What it did is counted in :class:`FollowerStats` (exported by ``--metrics-bind``,
+:mod:`iotauth.export.metrics`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -157,6 +160,18 @@ def devices_to_kick(events: Sequence[AuditEvent]) -> dict[str, int]:
     return found
 
 
+@dataclass
+class FollowerStats:
+    """What the follower did, for ``--metrics-bind`` (plain numbers; read when scraped)."""
+
+    kicks: dict[str, int] = field(default_factory=dict)  # by cause: event, replay, retry, sweep
+    kick_failures: int = 0
+    crl_writes: int = 0
+    cursor: int = 0
+    last_kick: float | None = None  # time.time()
+    last_crl: float | None = None
+
+
 class RabbitmqFollower:
     """Follows the registry and keeps one RabbitMQ export's CRL and the cluster's sessions in step.
 
@@ -181,6 +196,7 @@ class RabbitmqFollower:
         self.report = on_report
         self.actor = f"rabbitmq-follower@{socket.gethostname()}"
         self.pending: dict[str, int] = {}  # device id -> first event id whose kick is still owed
+        self.stats = FollowerStats()
         self._rechecks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -233,6 +249,8 @@ class RabbitmqFollower:
 
     async def refresh_crl(self, reason: str) -> None:
         path, next_update = await write_crl(self.home, self.authority, self.files)
+        self.stats.crl_writes += 1
+        self.stats.last_crl = time.time()
         self.report(f"CRL {path.name} rewritten ({reason}); next update {next_update}")
 
     async def kick_all(self, owed: dict[str, int], cause: str) -> None:
@@ -253,6 +271,8 @@ class RabbitmqFollower:
                     self.pending[device_id] = event_id
             return False
         self.pending.pop(device_id, None)
+        self.stats.kicks[cause] = self.stats.kicks.get(cause, 0) + 1
+        self.stats.last_kick = time.time()
         await self.registry.record_event(EventKind.RABBITMQ_SESSION_KICKED, actor=self.actor, device_id=device_id,
                                          data={"cause": cause, **outcome.as_dict()})
         self.report(f"kicked {device_id}: {outcome.closed} connection(s) via {outcome.node} ({cause})")
@@ -263,6 +283,7 @@ class RabbitmqFollower:
         return True
 
     async def _failed(self, device_id: str, cause: str, exc: RabbitmqApiError) -> None:
+        self.stats.kick_failures += 1
         log.error("RabbitMQ kick of %s failed: %s", device_id, exc)
         self.report(f"KICK FAILED for {device_id}: {exc}")
         await self.registry.record_event(EventKind.RABBITMQ_KICK_FAILED, actor=self.actor, device_id=device_id,
@@ -309,3 +330,4 @@ class RabbitmqFollower:
         """Save how far every owed kick is done: up to the first one still owed."""
         done = min([cursor, *(event_id - 1 for event_id in self.pending.values())])
         await self.registry.save_follower_cursor(CURSOR, done)
+        self.stats.cursor = done

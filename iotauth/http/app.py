@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from cryptography.x509 import ocsp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -30,6 +31,7 @@ from iotauth.authority import Authority
 from iotauth.errors import BadRequest, Conflict, InvalidIdentity, IotAuthError, NotFound, RegistryError
 from iotauth.http.access import AccessPolicy
 from iotauth.http.crl import CrlSource
+from iotauth.http.metrics import MetricsMiddleware, ServeMetrics, metrics_endpoint
 from iotauth.pki.ocsp import CertificateStatusAnswer, OcspResponder
 from iotauth.registry import CertificateStatus, DeviceStatus, Registry, RevocationReason
 from iotauth.registry.models import CRL_REASONS
@@ -59,6 +61,10 @@ class ServiceState:
     ocsp: OcspResponder
     extra_routes: list[BaseRoute] = field(default_factory=list)
     push: list[ComponentHealth] = field(default_factory=list)
+    metrics: ServeMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServeMetrics(lambda: self.push)
 
     @property
     def registry(self) -> Registry:
@@ -264,6 +270,7 @@ async def health(request: Request) -> Response:
 def create_app(state: ServiceState) -> Starlette:
     routes: list[BaseRoute] = [
         Route("/healthz", answer_errors(health)),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/crl.der", answer_errors(crl_der)),
         Route("/crl.pem", answer_errors(crl_pem)),
         Route("/ocsp", answer_errors(ocsp_post), methods=["POST"]),
@@ -275,6 +282,7 @@ def create_app(state: ServiceState) -> Starlette:
         Route("/admin/devices/{device_id}/resume", admin(resume_device), methods=["POST"]),
         *state.extra_routes,
     ]
-    app = Starlette(routes=routes, max_body_size=MAX_BODY)
+    app = Starlette(routes=routes, max_body_size=MAX_BODY,
+                    middleware=[Middleware(MetricsMiddleware, metrics=state.metrics)])
     app.state.iotauth = state
     return app

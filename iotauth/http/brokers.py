@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from iotauth.errors import BadRequest, CertificateRejected, InvalidIdentity, NotFound, PolicyDenied
 from iotauth.http.app import Handler, answer_errors, read_json, state_of
+from iotauth.http.metrics import Result, decided
 from iotauth.identity import validate_device_id
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.policy import Action, PolicySet, SessionPolicy
@@ -199,15 +200,18 @@ def broker_peer_allowed(request: Request) -> bool:
 def broker_only(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         if not broker_peer_allowed(request):
+            decided(request, Result.OUTSIDE_NETWORKS)
             return JSONResponse(
                 {"result": "deny", "error": "this endpoint only answers the broker's network"}, status_code=403
             )
+        decided(request, Result.ERROR)  # until the handler answers: bad input is a 400 (a deny for the broker)
         return await handler(request)
 
     return answer_errors(wrapped)
 
 
-def _go_auth(verdict: Verdict) -> Response:
+def _go_auth(request: Request, verdict: Verdict) -> Response:
+    decided(request, Result.ALLOW if verdict.allowed else Result.DENY)
     return JSONResponse(
         {"Ok": verdict.allowed, "Error": "" if verdict.allowed else verdict.reason},
         status_code=200 if verdict.allowed else 403,
@@ -219,14 +223,14 @@ async def go_auth_user(request: Request) -> Response:
     # With use_identity_as_username the username is the certificate CN; the client id must match it.
     username, client_id = body.get("username"), body.get("clientid") or body.get("username")
     if username != client_id:
-        return _go_auth(Verdict(False, "client id does not match the certificate identity"))
+        return _go_auth(request, Verdict(False, "client id does not match the certificate identity"))
     verdict = await front_end(request).authenticate(client_id, username, None, WithoutCertificate.PER_DEVICE)
-    return _go_auth(verdict)
+    return _go_auth(request, verdict)
 
 
 async def go_auth_superuser(request: Request) -> Response:
     await read_json(request)
-    return _go_auth(Verdict(False, "devices are never superusers"))
+    return _go_auth(request, Verdict(False, "devices are never superusers"))
 
 
 async def go_auth_acl(request: Request) -> Response:
@@ -236,13 +240,13 @@ async def go_auth_acl(request: Request) -> Response:
         raise BadRequest(f"acc must be 1 (read), 2 (write), 3 (readwrite) or 4 (subscribe), got {access!r}")
     username, client_id = body.get("username"), body.get("clientid")
     if client_id not in (None, "", username):
-        return _go_auth(Verdict(False, "client id does not match the certificate identity"))
+        return _go_auth(request, Verdict(False, "client id does not match the certificate identity"))
     verdict = Verdict(True, "ok")
     for action in GO_AUTH_ACCESS[access]:
         verdict = await front_end(request).authorize(username, action, body.get("topic"))
         if not verdict.allowed:
             break
-    return _go_auth(verdict)
+    return _go_auth(request, verdict)
 
 
 def broker_routes() -> list[BaseRoute]:

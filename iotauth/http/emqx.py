@@ -65,6 +65,7 @@ from starlette.routing import BaseRoute, Route
 from iotauth.errors import BadRequest
 from iotauth.http.brokers import WithoutCertificate, broker_peer_allowed, front_end
 from iotauth.http.emqx_acl import render_acl
+from iotauth.http.metrics import Result, decided
 from iotauth.policy import Action
 
 log = logging.getLogger("iotauth.http.emqx")
@@ -167,10 +168,14 @@ def emqx_endpoint(decide: Decide) -> Callable[[Request], Awaitable[Response]]:
             if not broker_peer_allowed(request):
                 log.info("emqx %s from %s: not on [serve] broker_networks: deny", request.url.path[:64],
                          request.client.host if request.client else "?")
+                decided(request, Result.OUTSIDE_NETWORKS)
                 return JSONResponse(DENY)
-            return JSONResponse(await decide(request, await read_params(request)))
+            answer = await decide(request, await read_params(request))
+            decided(request, Result.ALLOW if answer.get("result") == "allow" else Result.DENY)
+            return JSONResponse(answer)
         except Exception as exc:  # every failure is a deny: see the module docstring
             log.info("emqx %s: deny on error: %s", request.url.path[:64], str(exc)[:200])
+            decided(request, Result.ERROR)
             return JSONResponse(DENY)
 
     return endpoint

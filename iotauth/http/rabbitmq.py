@@ -56,6 +56,7 @@ from iotauth.config import Home, RabbitmqSettings
 from iotauth.errors import InvalidIdentity
 from iotauth.http.app import state_of
 from iotauth.http.brokers import BrokerFrontEnd, Verdict
+from iotauth.http.metrics import Result, decided
 from iotauth.identity import validate_device_id
 from iotauth.rabbitmq import ADMIN_USER, EXCHANGE, VHOST, admin_secret, subscription_queues, topic_request
 
@@ -207,16 +208,19 @@ def endpoint(decide: Decision) -> Callable[[Request], Awaitable[Response]]:
         try:
             host = request.client.host if request.client else None
             if not state_of(request).access.broker_allowed(host):
-                answer = deny(f"caller {host} is outside [serve] broker_networks")
+                answer, outcome = deny(f"caller {host} is outside [serve] broker_networks"), Result.OUTSIDE_NETWORKS
             else:
                 text = request.url.query if request.method == "GET" else await read_capped(request)
                 fields = None if text is None or len(text) > MAX_REQUEST else parse_fields(text)
                 authorizer: RabbitmqAuthorizer = request.app.state.rabbitmq
                 answer = deny("malformed request") if fields is None else await decide(authorizer, fields)
+                outcome = (Result.ERROR if fields is None
+                           else Result.DENY if answer.text == DENY else Result.ALLOW)
         except Exception as exc:  # the boundary: a failure is a deny, said loudly
             log.warning("rabbitmq %s: deny after an error: %s: %s", path, type(exc).__name__, exc)
-            answer = deny("error")
+            answer, outcome = deny("error"), Result.ERROR
         log.info("rabbitmq %s: %s (%s)", path, answer.text, answer.reason)
+        decided(request, outcome)
         return PlainTextResponse(answer.text)
 
     return handler

@@ -56,7 +56,8 @@ async def build_state(home: Home, registry: Registry, settings: Settings, option
         log.warning("CRL signing disabled (%s); serving the CRL last published by 'iotauth crl'",
                     authority.signing_unavailable)
     access = AccessPolicy.build(
-        settings.serve.admin_token_sha256, options.admin_tokens, settings.serve.broker_networks, options.tls
+        settings.serve.admin_token_sha256, options.admin_tokens, settings.serve.broker_networks, options.tls,
+        settings.serve.metrics_networks,
     )
     parse_networks(settings.serve.trusted_proxies, "[serve] trusted_proxies")
     if not access.broker_networks:

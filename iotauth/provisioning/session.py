@@ -77,6 +77,11 @@ class RetryPolicy:
         return self.attempts * self.try_timeout(byte_time, extra) + (self.attempts - 1) * self.backoff_max
 
 
+SILENT_HINT = "check --baud and the cable"
+"""Said when every try of a request timed out: a device that never answers at all is most often one
+listening at another baud rate (its replies, if any, never form a frame) or not connected."""
+
+
 def printable(text: str, limit: int = 64) -> str:
     """Device-supplied text made safe for terminals, logs and reports."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
@@ -113,6 +118,7 @@ class Session:
         wanted = response_type(message.TYPE)
         timeout = self.policy.try_timeout(self.link.byte_time, extra_timeout)
         problem = "no reply"
+        silent = 0
         for attempt in range(1, self.policy.attempts + 1):
             await self._send(wire)
             reply = await self._await_reply(seq, wanted, timeout)
@@ -134,10 +140,12 @@ class Session:
                 return reply
             if reply is None:
                 problem = f"no reply within {timeout:.1f}s"
+                silent += 1
                 await asyncio.sleep(self.policy.pause(attempt))
             else:
                 problem = f"garbled reply ({reply}; wrong baud rate or line noise?)"
-        raise ProvisioningError(f"{message.TYPE.name}: {problem} after {self.policy.attempts} attempts")
+        hint = f" ({SILENT_HINT})" if silent == self.policy.attempts and silent > 1 else ""
+        raise ProvisioningError(f"{message.TYPE.name}: {problem} after {self.policy.attempts} attempts{hint}")
 
     async def _send(self, data: bytes) -> None:
         self.bytes_sent += len(data)

@@ -27,6 +27,7 @@ from iotauth.registry.backend import SqlConnection, Tx, WriteBatcher
 from iotauth.registry.cursors import advance_cursor, read_cursor
 from iotauth.registry.events import EventKind, device_status_changed
 from iotauth.registry.feed import EventFeed
+from iotauth.registry.fleet import HORIZONS, FleetSummary, fleet_summary
 from iotauth.registry.issuance import Coalescer, IssuanceRequest, record_issuances
 from iotauth.registry.models import (
     CRL_REASONS,
@@ -427,6 +428,10 @@ class Registry(EventFeed):
             return number
 
         return await self.write(op)
+
+    async def summary(self, now: datetime, horizons: Sequence[int] = HORIZONS) -> FleetSummary:
+        """Devices and certificates by status, devices expiring within ``horizons`` days, the audit head."""
+        return await fleet_summary(self._reader, now, horizons)
 
     # -- followers' cursors ------------------------------------------------------------------
 

@@ -48,9 +48,11 @@ def node_account() -> str:
 class Follower:
     """``iotauth export rabbitmq --watch`` as a process, its output in a file."""
 
-    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, metrics_port: int | None = None) -> None:
         self.process = process
         self.log = log
+        self.metrics_port = metrics_port
+        """Where its Prometheus metrics are served (``http://127.0.0.1:PORT/metrics``)."""
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -155,12 +157,14 @@ class RabbitDeployment:
         """``iotauth export rabbitmq --watch`` kicking through every node; ``wait``: until it follows."""
         log = self.work / f"follower-{time.monotonic_ns()}.log"
         urls = [arg for url in self.cluster.management_urls() for arg in ("--management-url", url)]
+        metrics_port = free_port()
         process = subprocess.Popen(  # noqa: S603 - this interpreter, our own arguments
             [*IOTAUTH, "--home", str(self.home.root), "export", "rabbitmq", "--out", str(self.export_dir),
-             "--serve-url", self.serve_url, "--user", self.account, "--watch", *urls],
+             "--serve-url", self.serve_url, "--user", self.account, "--watch", *urls,
+             "--metrics-bind", str(metrics_port)],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},  # noqa: SIM115
         )
-        follower = Follower(process, log)
+        follower = Follower(process, log, metrics_port)
         if wait:
             follower.wait_for(FOLLOWING)
         return follower

@@ -19,7 +19,8 @@ import pytest
 
 from iotauth.errors import ConnectRefused
 from iotauth.testing import CredentialFiles, MqttClient
-from tests.fixtures.broker import Pki
+from tests.fixtures.broker import Pki, event_time
+from tests.fixtures.metrics import scrape
 from tests.fixtures.rabbitmq import WAIT, RabbitDeployment
 from tests.fixtures.raw_mqtt import connect_packet
 
@@ -169,6 +170,11 @@ def test_revoke_drops_the_busy_session_on_another_node_and_the_crl_refuses_the_r
     assert revoked_at is not None and dropped_at - revoked_at < WAIT
     kicked = rabbit.wait_event("rv-sensor", "rabbitmq.session.kicked")
     assert kicked.data["closed"] >= 1 and kicked.data["cause"] == "event"
+    assert rabbit.follower is not None and rabbit.follower.metrics_port is not None
+    shown = scrape(f"http://127.0.0.1:{rabbit.follower.metrics_port}/metrics")
+    assert shown.value("iotauth_rabbitmq_kicks_total", cause="event") >= 1
+    assert shown.value("iotauth_rabbitmq_crl_writes_total") >= 2  # at start, and for the revocation
+    assert shown.value("iotauth_rabbitmq_last_kick_timestamp_seconds") >= event_time(kicked) - 60
     # The reconnect is refused at the TLS handshake: the CRL was rewritten before the kick.
     assert "CERTIFICATE_REVOKED" in tls_refusal(rabbit, rabbit.tls_context(creds), 0, "rv-sensor")
     assert rabbit.connections("rv-sensor") == 0

@@ -217,3 +217,18 @@ def test_watch_mode_provisions_hot_plugged_ports_until_interrupted(
     assert watcher.returncode == 0, err
     assert "2 provisioned" in err
     assert sorted(r["hardware_id"] for r in rows(report)) == sorted(b.hardware_id for b in boards)
+
+
+def test_a_port_where_nothing_answers_says_to_check_the_baud_rate(home: Home, tmp_path: Path) -> None:
+    """A pty with nobody behind it is what a board listening at another baud rate looks like: silence."""
+    controller, device = os.openpty()
+    try:
+        run = cli(home, "provision", "--port", os.ttyname(device), "--timeout", "0.1", "--retries", "3",
+                  "--report", str(tmp_path / "line.csv"))
+    finally:
+        os.close(device)
+        os.close(controller)
+    assert run.returncode == 1
+    failure = rows(tmp_path / "line.csv")[0]["error"]
+    assert "no reply within" in failure and failure.endswith("after 3 attempts (check --baud and the cable)")
+    assert "(check --baud and the cable)" in run.stderr  # the piped progress line says it too

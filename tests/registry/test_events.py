@@ -12,9 +12,12 @@ from iotauth.registry.events import (
     HARMLESS_TO_SESSIONS,
     PUSH_RESTORES,
     RABBITMQ_KICKS,
+    ROTATION_ORDERS,
     changes_crl,
     changes_mosquitto_export,
     device_status_changed,
+    renewal_activated,
+    superseded_at_connect,
     topic_denied,
     written_by_broker,
     written_by_push,
@@ -34,6 +37,7 @@ STORED = {
     "broker.limit.exceeded", "broker.protocol.violation",
     "push.started", "push.delivered", "push.failed",
     "rabbitmq.session.kicked", "rabbitmq.kick.failed",
+    "rotation.requested", "rotation.refused",
 }
 
 
@@ -69,3 +73,16 @@ def test_other_followers() -> None:
     assert set(RABBITMQ_KICKS) == {"device.revoked", "device.suspended", "device.pending", "certificate.revoked"}
     # The RabbitMQ follower's own records neither change the CRL nor ask for a kick: it never feeds itself.
     assert not any(changes_crl(k) or k in RABBITMQ_KICKS for k in EventKind if k.value.startswith("rabbitmq."))
+
+
+def test_rotation_events_withdraw_no_rights_and_name_what_the_renewer_acts_on() -> None:
+    rotation = {k for k in EventKind if k.value.startswith("rotation.")}
+    assert rotation <= HARMLESS_TO_SESSIONS  # an order or a refusal never costs a live session a registry look-up
+    assert not any(changes_crl(k) for k in rotation)
+    assert set(ROTATION_ORDERS) == {"rotation.requested"}
+    assert renewal_activated("certificate.activated", {"serial": "1", "renewal_of": "2"})
+    assert not renewal_activated("certificate.activated", {"serial": "1"})  # a provisioned certificate
+    revoked = {"serial": "2", "reason": "superseded", "superseded_by": "1"}
+    assert superseded_at_connect("certificate.revoked", {**revoked, "via": "connect"})
+    assert not superseded_at_connect("certificate.revoked", {**revoked, "via": "confirm"})
+    assert not superseded_at_connect("certificate.revoked", {"serial": "2", "reason": "key-compromise", "via": "connect"})

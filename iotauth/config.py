@@ -28,6 +28,7 @@ REGISTRY_ENV = "IOTAUTH_REGISTRY"
 CONFIG_NAME = "iotauth.toml"
 KEY_TYPES = frozenset({"p256", "p384", "ed25519", "rsa"})
 DEFAULT_PROFILE = "default"
+RENEWER_PROFILE = "renewer"
 
 
 def default_home() -> Path:
@@ -181,13 +182,50 @@ class Profile:
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     limits: SessionLimits = field(default_factory=SessionLimits)
+    renew_after: float = 0.66
+    """Fraction of a certificate's validity after which its device may renew it over MQTT (0: any time)."""
 
 
 DEFAULT_DEVICE_PROFILE = Profile(
     name=DEFAULT_PROFILE,
-    publish=("devices/{device_id}/telemetry/#", "devices/{device_id}/state"),
-    subscribe=("devices/{device_id}/commands/#",),
+    publish=("devices/{device_id}/telemetry/#", "devices/{device_id}/state", "devices/{device_id}/rotation/request"),
+    subscribe=("devices/{device_id}/commands/#", "devices/{device_id}/rotation/response"),
 )
+
+
+def renewer_profile(limits: SessionLimits) -> Profile:
+    """``[profiles.renewer]`` unless ``iotauth.toml`` sets it: the renewal service's identity (``iotauth renewer``).
+
+    It reads every device's renewal requests and answers on every device's
+    response and command topics, so its session may hold far more in flight
+    and retained (one rotation order per device) than a device's.
+    """
+    return Profile(
+        name=RENEWER_PROFILE,
+        validity=timedelta(days=90),
+        key_types=frozenset({"p256", "p384"}),
+        publish=("devices/+/rotation/response", "devices/+/commands/rotate"),
+        subscribe=("devices/+/rotation/request",),
+        limits=replace(limits, max_inflight=1024, max_queued=200_000, max_queued_bytes=512 * 1024 * 1024,
+                       max_retained=1_000_000, max_subscriptions=max(limits.max_subscriptions, 16)),
+    )
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    """``[rotation]``: how ``iotauth renewer`` judges renewal requests (windows are per profile: ``renew_after``).
+
+    Attributes:
+        max_clock_skew: a request's timestamp may differ this much from the renewer's clock.
+        max_renewals_per_hour: new renewal certificates per device and hour (a retry of a pending one is free).
+        max_requests_per_minute: requests per device and minute one renewer reads before it refuses unread.
+        renewer_id: the renewer's own identity (its certificate's device id, and its MQTT client id).
+    """
+
+    max_clock_skew: timedelta = timedelta(minutes=10)
+    max_renewals_per_hour: int = 3
+    max_requests_per_minute: int = 30
+    renewer_id: str = "iotauth-renewer"
 
 
 @dataclass(frozen=True)
@@ -269,6 +307,7 @@ class Settings:
     ca: CaSettings = CaSettings()
     intake_limits: IntakeLimits = field(default_factory=IntakeLimits)
     rabbitmq: RabbitmqSettings = RabbitmqSettings()
+    rotation: RotationSettings = RotationSettings()
 
     def check_device_id(self, value: object) -> str:
         """Validate a device id for this home: the safe alphabet, narrowed when RabbitMQ is enabled."""
@@ -310,8 +349,10 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     emqx = reader.table("emqx")
     ca = _parse_ca(reader.table("ca"))
     rabbitmq = _parse_rabbitmq(reader.table("rabbitmq"))
+    rotation = _parse_rotation(reader.table("rotation"))
     intake, session_limits = parse_limits(broker.table("limits").raw, f"{source}: [broker.limits]")
-    profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits)}
+    profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits),
+                RENEWER_PROFILE: renewer_profile(session_limits)}
     for name, table in reader.table("profiles").raw.items():
         profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source),
                                         session_limits)
@@ -350,10 +391,28 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
         ca=ca,
         intake_limits=intake,
         rabbitmq=rabbitmq,
+        rotation=rotation,
     )
     if rabbitmq.enabled:
         _check_rabbitmq_compatible(settings, source)
     return settings
+
+
+def _parse_rotation(table: _Reader) -> RotationSettings:
+    defaults = RotationSettings()
+    renewer_id = table.get("renewer_id", str, defaults.renewer_id)
+    try:
+        validate_device_id(renewer_id)
+    except InvalidIdentity as exc:
+        raise ConfigError(f"{table.source}: rotation.renewer_id: {exc}") from exc
+    return RotationSettings(
+        max_clock_skew=timedelta(seconds=table.get("max_clock_skew_seconds", float,
+                                                   defaults.max_clock_skew.total_seconds(), minimum=1.0)),
+        max_renewals_per_hour=table.get("max_renewals_per_hour", int, defaults.max_renewals_per_hour, minimum=1),
+        max_requests_per_minute=table.get("max_requests_per_minute", int, defaults.max_requests_per_minute,
+                                          minimum=1),
+        renewer_id=renewer_id,
+    )
 
 
 def _parse_rabbitmq(table: _Reader) -> RabbitmqSettings:
@@ -410,7 +469,8 @@ def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> 
         validate_profile_name(name)
     except InvalidIdentity as exc:
         raise ConfigError(f"{table.source}: {exc}") from exc
-    base = DEFAULT_DEVICE_PROFILE if name == DEFAULT_PROFILE else Profile(name=name)
+    base = {DEFAULT_PROFILE: DEFAULT_DEVICE_PROFILE, RENEWER_PROFILE: renewer_profile(default_limits)}.get(
+        name, Profile(name=name))
     key_types = frozenset(table.get("key_types", list, sorted(base.key_types)))
     unknown = key_types - KEY_TYPES
     if unknown or not key_types:
@@ -418,6 +478,10 @@ def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> 
             f"{table.source}: profiles.{name}.key_types must list some of {sorted(KEY_TYPES)}, got {sorted(key_types)}"
         )
     rsa_min_bits = table.get("rsa_min_bits", int, base.rsa_min_bits, minimum=2048)
+    renew_after = table.get("renew_after", float, base.renew_after, minimum=0.0)
+    if renew_after > 1.0:
+        raise ConfigError(f"{table.source}: profiles.{name}.renew_after is a fraction of the validity (0 to 1), "
+                          f"got {renew_after}")
     return Profile(
         name=name,
         validity=timedelta(days=table.get("validity_days", float, base.validity.days, minimum=0.0001)),
@@ -427,7 +491,9 @@ def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> 
         subscribe=tuple(
             _strings(table.get("subscribe", list, list(base.subscribe)), f"profiles.{name}.subscribe", table)
         ),
-        limits=override(default_limits, table.table("limits").raw, f"{table.source}: [profiles.{name}.limits]"),
+        limits=override(base.limits if name == RENEWER_PROFILE else default_limits, table.table("limits").raw,
+                        f"{table.source}: [profiles.{name}.limits]"),
+        renew_after=renew_after,
     )
 
 

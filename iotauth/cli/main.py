@@ -9,7 +9,7 @@ import traceback
 import click
 
 from iotauth import __version__
-from iotauth.cli import audit, broker, ceremony, demo, devices, export, pki, provision, rabbitmq, serve
+from iotauth.cli import audit, broker, ceremony, demo, devices, export, pki, provision, rabbitmq, rotation, serve
 from iotauth.cli.context import CliContext
 from iotauth.cli.render import error
 from iotauth.config import Home
@@ -45,6 +45,7 @@ for command in (
     *provision.COMMANDS,
     *broker.COMMANDS,
     *serve.COMMANDS,
+    *rotation.COMMANDS,
     *export.COMMANDS,
     *demo.COMMANDS,
 ):

@@ -155,14 +155,15 @@ class RenewalRefused(IotAuthError):
 
 
 class RotationMessageError(RenewalRefused):
-    """A rotation message that is not what PROTOCOL.md part 2 allows (``bad-request``).
+    """A rotation message that is not what PROTOCOL.md part 2 allows (``bad-request``; no signature: ``bad-signature``).
 
     Attributes:
         request_id: the message's request id if it could be read (the refusal is then answered), else None.
     """
 
-    def __init__(self, message: str, request_id: str | None = None) -> None:
-        super().__init__(RefusalCode.BAD_REQUEST, message)
+    def __init__(self, message: str, request_id: str | None = None,
+                 code: RefusalCode = RefusalCode.BAD_REQUEST) -> None:
+        super().__init__(code, message)
         self.request_id = request_id
 
 

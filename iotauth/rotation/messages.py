@@ -223,7 +223,7 @@ def decode_request(payload: bytes) -> Renew | Confirm:
     try:
         return _fields(data, request_id)
     except RotationMessageError as exc:
-        raise RotationMessageError(str(exc), answer_as) from None
+        raise RotationMessageError(str(exc), answer_as, exc.code) from None
 
 
 def _fields(data: dict[str, Any], request_id: bytes | None) -> Renew | Confirm:
@@ -233,6 +233,9 @@ def _fields(data: dict[str, Any], request_id: bytes | None) -> Renew | Confirm:
         kind = Kind(str(data.get("type")))
     except ValueError:
         raise RotationMessageError("type must be 'renew' or 'confirm'") from None
+    if data.get("signature") in (None, ""):
+        raise RotationMessageError("the message carries no signature (the proof of the key)",
+                                   code=RefusalCode.BAD_SIGNATURE)
     unknown = set(data) - _FIELDS[kind]
     missing = _FIELDS[kind] - set(data)
     if unknown or missing:

@@ -170,8 +170,9 @@ class Renewer:
             return self._refuse(device_id, request_id, exc, details)
         except RenewalRefused as exc:
             return self._refuse(device_id, request_id, exc, details)
-        except IotAuthError as exc:  # the registry or the CA: the device should come back later
-            log.error("renewal request of %s failed: %s", device_id, exc)
+        except Exception as exc:  # the registry or the CA failed: the device should come back later
+            log.error("renewal request of %s failed: %s: %s", device_id, type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, IotAuthError))
             return self._refuse(device_id, request_id, RenewalRefused(
                 RefusalCode.INTERNAL, "the renewal service cannot decide now; try again later", RETRY_INTERNAL),
                 {**details, "detail": str(exc)[:200]})

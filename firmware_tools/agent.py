@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import queue
+import signal
 import ssl
 import sys
 import tempfile
@@ -65,6 +66,9 @@ JOURNAL = "rotation.json"
 LIVE = ("key.pem", "cert.pem", "chain.pem", "fullchain.pem")
 RETRY_CODES = frozenset({RefusalCode.REPLAYED, RefusalCode.STALE, RefusalCode.INTERNAL})
 EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_STATE = 1, 2, 3
+CRASH_POINTS = ("keyed", "requested", "published", "issued", "confirmed", "confirm-sent", "activated", "switched",
+                "promoting", "promoted")
+"""Where ``--crash-at`` kills the agent with SIGKILL (a power cut at that step), for the crash tests."""
 
 
 class AgentError(Exception):
@@ -146,8 +150,9 @@ class Identity:
 class StateDir:
     """The device's state directory and its rotation journal."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, crash_at: str | None = None) -> None:
         self.root = root
+        self.crash_at = crash_at
         try:
             self.config = json.loads((root / "config.json").read_text())
             self.device_id = str(self.config["device_id"])
@@ -161,6 +166,11 @@ class StateDir:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def crash(self, point: str) -> None:
+        """Die here, as a power cut would, if ``--crash-at`` names this point (the crash tests)."""
+        if point == self.crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def journal(self) -> dict[str, Any]:
         try:
@@ -183,16 +193,19 @@ class StateDir:
     def promote(self) -> None:
         """Make the new files the live ones (idempotent: a crash in the middle is finished by the next call)."""
         self.record(state="switched")
+        self.crash("switched")
         new_fp = messages.certificate_sha256(self.next.cert()) if self.next.fullchain.exists() else None
         live_fp = messages.certificate_sha256(self.live.cert())
         for name in LIVE:
-            source, keep = self.path(f"next-{name}"), self.path(f"previous-{name}")
+            keep = self.path(f"previous-{name}")
             if live_fp != new_fp and not keep.exists() and self.path(name).exists():
                 write_atomic(keep, self.path(name).read_bytes(), 0o600)
         for name in LIVE:
             source = self.path(f"next-{name}")
             if source.exists():
                 write_atomic(self.path(name), source.read_bytes(), 0o600 if name == "key.pem" else 0o644)
+                self.crash("promoting")  # the live key replaced, the live certificate not yet
+        self.crash("promoted")
         _remove(*(self.path(f"next-{n}") for n in LIVE), *(self.path(f"previous-{n}") for n in LIVE))
         _remove(self.path(JOURNAL))
 
@@ -321,7 +334,9 @@ class Agent:
                                           self.state.device_id)
             request_id = messages.b64(request.request_id)
             self.state.record(state="requested", request_id=request_id, timestamp=request.timestamp)
+            self.state.crash("requested")
             session.publish(self.request_topic, request.encode())
+            self._settle("published")
             answer = self._wait(session, request_id)
             if answer is None:
                 self.log(f"no answer to request {request_id} (attempt {attempt + 1}); trying again")
@@ -350,7 +365,9 @@ class Agent:
     def _new_key(self, live_cert: x509.Certificate) -> dict[str, Any]:
         key = new_key_like(load_key(self.state.live.key))
         write_atomic(self.state.next.key, key_pem(key), 0o600)
-        return self.state.record(state="keyed", renewing=messages.certificate_sha256(live_cert))
+        journal = self.state.record(state="keyed", renewing=messages.certificate_sha256(live_cert))
+        self.state.crash("keyed")
+        return journal
 
     def _store(self, answer: messages.Response) -> None:
         assert answer.chain is not None
@@ -370,6 +387,7 @@ class Agent:
         write_atomic(self.state.path("next-chain.pem"), b"".join(pems[1:]))
         write_atomic(self.state.path("next-fullchain.pem"), b"".join(pems))
         self.state.record(state="issued", serial=answer.serial)
+        self.state.crash("issued")
         self.log(f"issued {answer.serial} (valid until {answer.not_after})")
 
     # -- switch ------------------------------------------------------------------------------
@@ -404,12 +422,15 @@ class Agent:
             confirm = messages.make_confirm(load_key(self.state.next.key), self.state.device_id, serial)
             request_id = messages.b64(confirm.request_id)
             self.state.record(state="confirmed", confirm_id=request_id)
+            self.state.crash("confirmed")
             session.publish(self.request_topic, confirm.encode())
+            self._settle("confirm-sent")
             answer = self._wait(session, request_id)
             if answer is None:  # kicked (the old certificate was just revoked) or no answer: try the new one
                 return
             if answer.status is messages.Status.ACTIVATED:
                 self.log(f"renewal {serial} activated")
+                self.state.crash("activated")
                 return
             code = answer.error or RefusalCode.INTERNAL
             if code in (RefusalCode.RENEWAL_EXPIRED, RefusalCode.NOT_CURRENT_CERTIFICATE):
@@ -417,6 +438,12 @@ class Agent:
                 raise AgentError(code.value, f"{answer.reason}; the next renewal starts from a new key")
             if code not in RETRY_CODES:
                 raise AgentError(code.value, answer.reason or code.value, retry_after=answer.retry_after)
+
+    def _settle(self, point: str) -> None:
+        """Before a crash after a PUBLISH: give paho's thread the moment it needs to put it on the wire."""
+        if self.state.crash_at == point:
+            time.sleep(0.3)
+            self.state.crash(point)
 
     def _try_new(self) -> bool:
         opened = self.open(self.state.next)
@@ -537,10 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempts", type=int, default=5)
     parser.add_argument("--renew-at", type=float, default=0.7,
                         help="run: renew on its own after this fraction of the validity (0: only when ordered)")
+    parser.add_argument("--crash-at", choices=CRASH_POINTS, help="testing: die with SIGKILL at this step")
     parser.add_argument("command", choices=("renew", "run", "status"))
     args = parser.parse_args(argv)
     try:
-        state = StateDir(args.state)
+        state = StateDir(args.state, args.crash_at)
         if args.command == "status":
             print(json.dumps(status(state), indent=2))
             return 0

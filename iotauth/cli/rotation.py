@@ -31,9 +31,11 @@ from iotauth.rotation.orders import Ordered, Progress, ProgressWatch, choose_dev
               help="Messages decided at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line on stdout once connected.")
 @click.option("-v", "--verbose", count=True, help="-v: log every renewal.")
+@click.option("--crash-at", hidden=True, help="Testing: die with SIGKILL at this step (received, issued, activated, "
+              "answered).")
 @pass_cli
 def renewer(ctx: CliContext, broker_address: str | None, cafile: Path | None, workers: int, as_json: bool,
-            verbose: int) -> None:
+            verbose: int, crash_at: str | None) -> None:
     """Run the renewal service: devices renew their certificates over MQTT, on any broker.
 
     It connects to the broker as an ordinary client with its own certificate
@@ -50,7 +52,8 @@ def renewer(ctx: CliContext, broker_address: str | None, cafile: Path | None, wo
                         stream=sys.stderr)
     logging.getLogger("iotauth").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
     broker = parse_bind(broker_address, settings.broker_port) if broker_address else None
-    options = RenewerOptions(home=ctx.home, registry=ctx.registry_url, broker=broker, cafile=cafile, workers=workers)
+    options = RenewerOptions(home=ctx.home, registry=ctx.registry_url, broker=broker, cafile=cafile, workers=workers,
+                             crash_at=crash_at)
 
     def started(info: Started) -> None:
         if as_json:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -91,6 +92,13 @@ class RenewerOptions:
     workers: int = 256
     poll_interval: float = 0.2
     keepalive: int = 30
+    crash_at: str | None = None
+    """Testing: die with SIGKILL at this step of the first message that reaches it (see :data:`CRASH_POINTS`)."""
+
+
+CRASH_POINTS = ("received", "issued", "activated", "answered")
+"""``received``: before deciding; ``issued``/``activated``: after the registry committed, before answering;
+``answered``: after answering, before acknowledging the request to the broker."""
 
 
 @dataclass(frozen=True)
@@ -297,13 +305,23 @@ class RenewerService:
     async def _worker(self) -> None:
         while True:
             topic, payload, mid, qos = await self._queue.get()
+            self._crash("received")
             try:
                 answer = await self.renewer.handle(topic, payload)
                 if answer is not None:
+                    self._crash(answer.response.status.value)
                     self.link.publish(answer.topic, answer.response.encode())
             except Exception:  # one message must never stop the service
                 log.exception("could not answer a message on %r", topic[:120])
+            if self.options.crash_at == "answered":
+                await asyncio.sleep(0.3)  # paho's thread puts the answer on the wire
+                self._crash("answered")
             self.link.ack(mid, qos)
+
+    def _crash(self, point: str) -> None:
+        if point == self.options.crash_at:
+            log.error("--crash-at %s: dying with SIGKILL", point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _follow_orders(self) -> None:
         """Publish operators' orders (retained) and clear them once the device's renewal is active."""

@@ -85,4 +85,5 @@ def test_rotation_events_withdraw_no_rights_and_name_what_the_renewer_acts_on() 
     revoked = {"serial": "2", "reason": "superseded", "superseded_by": "1"}
     assert superseded_at_connect("certificate.revoked", {**revoked, "via": "connect"})
     assert not superseded_at_connect("certificate.revoked", {**revoked, "via": "confirm"})
-    assert not superseded_at_connect("certificate.revoked", {"serial": "2", "reason": "key-compromise", "via": "connect"})
+    compromised = {"serial": "2", "reason": "key-compromise", "via": "connect"}
+    assert not superseded_at_connect("certificate.revoked", compromised)

@@ -409,6 +409,7 @@ class Agent:
                     continue
                 session = opened
             self._confirm(session, serial)
+            self.state.crash("activated")  # answered (or the old session closed): not yet connected with the new
             session.close()
             session = None
             if self._try_new():
@@ -430,7 +431,6 @@ class Agent:
                 return
             if answer.status is messages.Status.ACTIVATED:
                 self.log(f"renewal {serial} activated")
-                self.state.crash("activated")
                 return
             code = answer.error or RefusalCode.INTERNAL
             if code in (RefusalCode.RENEWAL_EXPIRED, RefusalCode.NOT_CURRENT_CERTIFICATE):

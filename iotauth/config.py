@@ -22,13 +22,20 @@ from iotauth.errors import ConfigError, InvalidIdentity, KeyUriError
 from iotauth.identity import RABBITMQ_RESERVED, validate_device_id, validate_profile_name, validate_trust_domain
 from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
 from iotauth.pki.signer import OFFLINE, parse_key_uri
+from iotauth.profiles import (
+    DEFAULT_DEVICE_PROFILE,
+    DEFAULT_PROFILE,
+    KEY_TYPES,
+    RENEWER_PROFILE,
+    Profile,
+    renewer_profile,
+)
 
 HOME_ENV = "IOTAUTH_HOME"
 REGISTRY_ENV = "IOTAUTH_REGISTRY"
 CONFIG_NAME = "iotauth.toml"
-KEY_TYPES = frozenset({"p256", "p384", "ed25519", "rsa"})
-DEFAULT_PROFILE = "default"
-RENEWER_PROFILE = "renewer"
+__all__ = ["DEFAULT_DEVICE_PROFILE", "DEFAULT_PROFILE", "KEY_TYPES", "RENEWER_PROFILE", "Home", "Profile", "Settings",
+           "load_settings", "parse_bind", "parse_settings", "registry_location", "renewer_profile"]
 
 
 def default_home() -> Path:
@@ -165,50 +172,6 @@ def parse_bind(text: str, default_port: int) -> tuple[str, int]:
 def registry_location(home: Home, explicit: str | None = None) -> str:
     """``--registry``, else ``$IOTAUTH_REGISTRY``, else the SQLite file in the home."""
     return explicit or os.environ.get(REGISTRY_ENV) or str(home.registry_db)
-
-
-@dataclass(frozen=True)
-class Profile:
-    """What a class of identities may hold (key types, validity) and do (topics).
-
-    Topic templates may use ``{device_id}`` and ``{profile}``; they are filled in
-    only with validated identity values by :mod:`iotauth.policy`.
-    """
-
-    name: str
-    validity: timedelta = timedelta(days=365)
-    key_types: frozenset[str] = frozenset({"p256", "p384"})
-    rsa_min_bits: int = 2048
-    publish: tuple[str, ...] = ()
-    subscribe: tuple[str, ...] = ()
-    limits: SessionLimits = field(default_factory=SessionLimits)
-    renew_after: float = 0.66
-    """Fraction of a certificate's validity after which its device may renew it over MQTT (0: any time)."""
-
-
-DEFAULT_DEVICE_PROFILE = Profile(
-    name=DEFAULT_PROFILE,
-    publish=("devices/{device_id}/telemetry/#", "devices/{device_id}/state", "devices/{device_id}/rotation/request"),
-    subscribe=("devices/{device_id}/commands/#", "devices/{device_id}/rotation/response"),
-)
-
-
-def renewer_profile(limits: SessionLimits) -> Profile:
-    """``[profiles.renewer]`` unless ``iotauth.toml`` sets it: the renewal service's identity (``iotauth renewer``).
-
-    It reads every device's renewal requests and answers on every device's
-    response and command topics, so its session may hold far more in flight
-    and retained (one rotation order per device) than a device's.
-    """
-    return Profile(
-        name=RENEWER_PROFILE,
-        validity=timedelta(days=90),
-        key_types=frozenset({"p256", "p384"}),
-        publish=("devices/+/rotation/response", "devices/+/commands/rotate"),
-        subscribe=("devices/+/rotation/request",),
-        limits=replace(limits, max_inflight=1024, max_queued=200_000, max_queued_bytes=512 * 1024 * 1024,
-                       max_retained=1_000_000, max_subscriptions=max(limits.max_subscriptions, 16)),
-    )
 
 
 @dataclass(frozen=True)

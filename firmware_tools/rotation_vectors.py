@@ -150,7 +150,7 @@ def rotation_vectors() -> dict[str, Any]:
          "message": messages.refused(rid, RefusalCode.KEY_REUSED, "the new key was already used by a certificate: "
                                      "make a new key").encode().decode()},
     ]
-    good = json.loads(requests[0]["message"])
+    good = json.loads(str(requests[0]["message"]))
     return {
         "keys": {name: {"type": _type(key), "pkcs8": _pkcs8(key), "spki": _spki(key)} for name, key in found.items()},
         "ca_certificate": ca_cert.public_bytes(serialization.Encoding.DER).hex(),

@@ -39,6 +39,7 @@ from harness import (
     Creds,
     LightDevice,
     client_context,
+    connect_all,
     free_port,
     machine,
     make_home,
@@ -60,24 +61,6 @@ publish = ["devices/{device_id}/telemetry/#"]
 subscribe = ["devices/{device_id}/commands/#"]
 """
 STORM_LIMITS_NOTE = "admission control on, with the defaults of iotauth.toml"
-
-
-async def connect_all(port: int, home: Home, creds: list[Creds], concurrency: int,
-                      source: Any = None, devices: list[LightDevice] | None = None) -> list[LightDevice]:
-    """Connect every device (``concurrency`` at a time) into ``devices``; raise if any is refused."""
-    semaphore = asyncio.Semaphore(concurrency)
-    devices = [] if devices is None else devices
-
-    async def one(index: int, c: Creds) -> None:
-        async with semaphore:
-            address = source(index) if callable(source) else source
-            device, code = await open_device(port, client_context(home, c), c.device_id, source=address)
-            if code != 0:
-                raise RuntimeError(f"{c.device_id} refused ({code})")
-            devices.append(device)
-
-    await asyncio.gather(*(one(i, c) for i, c in enumerate(creds)))
-    return devices
 
 
 async def idle_memory(broker: BrokerUnderTest, home: Home, creds: list[Creds], concurrency: int) -> dict[str, Any]:

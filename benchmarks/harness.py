@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from cryptography import x509
@@ -384,6 +385,24 @@ async def open_device(port: int, context: ssl.SSLContext, client_id: str, *, sou
         device.close()
         code = -1
     return device, code
+
+
+async def connect_all(port: int, home: Home, creds: list[Creds], concurrency: int,
+                      source: Any = None, devices: list[LightDevice] | None = None) -> list[LightDevice]:
+    """Connect every device (``concurrency`` at a time) into ``devices``; raise if any is refused."""
+    semaphore = asyncio.Semaphore(concurrency)
+    devices = [] if devices is None else devices
+
+    async def one(index: int, c: Creds) -> None:
+        async with semaphore:
+            address = source(index) if callable(source) else source
+            device, code = await open_device(port, client_context(home, c), c.device_id, source=address)
+            if code != 0:
+                raise RuntimeError(f"{c.device_id} refused ({code})")
+            devices.append(device)
+
+    await asyncio.gather(*(one(i, c) for i, c in enumerate(creds)))
+    return devices
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -19,6 +19,9 @@ File formats (all byte strings are lower-case hex):
 * ``behaviour.json``: device-behaviour cases (requests, expected replies and
   resulting state), replayed on a real device by ``python -m firmware_tools.conformance``;
   the format is described in :mod:`firmware_tools.behaviour`.
+* ``rotation.json``: certificate rotation over MQTT (PROTOCOL.md part 2): exact
+  messages, the bytes they sign and deterministic signatures; the format is
+  described in :mod:`firmware_tools.rotation_vectors`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import sys
 import zlib
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from firmware_tools.behaviour import behaviour_vectors
+from firmware_tools.rotation_vectors import rotation_vectors
 from iotauth.provisioning.codec import MAX_ENCODED, MAX_PAYLOAD, encode, raw_frame
 from iotauth.provisioning.messages import (
     Capability,
@@ -229,8 +235,8 @@ def object_vectors() -> dict[str, Any]:
     }
 
 
-def write_all(target: Path = VECTORS) -> None:
-    target.mkdir(parents=True, exist_ok=True)
+def all_vectors() -> dict[str, Any]:
+    """Every vector file's content, by file name."""
     messages = {
         "valid": [
             {"name": name, "type": int(msg.TYPE), "seq": seq, "fields": message_to_json(msg),
@@ -239,10 +245,21 @@ def write_all(target: Path = VECTORS) -> None:
         ],
         "invalid": invalid_payloads(),
     }
-    for name, data in (("frames.json", {"cases": frame_cases()}), ("messages.json", messages),
-                       ("objects.json", object_vectors()), ("behaviour.json", behaviour_vectors())):
-        (target / name).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return {"frames.json": {"cases": frame_cases()}, "messages.json": messages, "objects.json": object_vectors(),
+            "behaviour.json": behaviour_vectors(), "rotation.json": rotation_vectors()}
+
+
+def render(data: Any) -> str:
+    return json.dumps(data, indent=1) + "\n"
+
+
+def write_all(target: Path = VECTORS, only: Sequence[str] = ()) -> None:
+    """Write the vector files (``only``: just these, e.g. ``rotation.json``, leaving the others' random bytes be)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in all_vectors().items():
+        if not only or name in only:
+            (target / name).write_text(render(data), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    write_all()
+    write_all(only=sys.argv[1:])

@@ -21,7 +21,7 @@ import getpass
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -42,6 +42,7 @@ from iotauth.registry import (
     RevocationReason,
     RevokedSerial,
 )
+from iotauth.registry.renewal import RenewalIssued, RenewalRequest
 
 
 def operator_actor() -> str:
@@ -202,6 +203,44 @@ class Authority:
         cert = self.ca.issue_for_key(public_key, device_id, chosen, hardware_id=hardware_id)
         return await self._record(cert, device_id, profile, hardware_id, activate, actor, {"key_source": "host"},
                                   exclusive=exclusive)
+
+    async def renew(
+        self,
+        csr: x509.CertificateSigningRequest,
+        device: Device,
+        current: CertificateRecord,
+        *,
+        request_id: str,
+        window_opens: str | None,
+        actor: str,
+    ) -> tuple[RenewalIssued, tuple[x509.Certificate, ...]]:
+        """Issue a renewal of ``current`` for the key in ``csr`` and record it *pending* (``renewal_of``).
+
+        Signed first, then checked and recorded in one registry transaction (see
+        :mod:`iotauth.registry.renewal`), which may instead answer with the pending
+        renewal already issued for this device and key (a retry) or refuse. The
+        certificate is returned only once its record is durable.
+
+        Returns:
+            the recorded renewal, and its chain: the certificate, then the CA that issued it.
+        """
+        profile = self.settings.profile(device.profile)
+        cert = self.ca.issue(csr, device.device_id, profile)
+        rotation = self.settings.rotation
+        result = await self.registry.record_renewal(RenewalRequest(
+            cert=cert, device_id=device.device_id, current_serial=current.serial, request_id=request_id,
+            window_opens=window_opens, max_renewals=rotation.max_renewals_per_hour, rate_window=timedelta(hours=1),
+            pending_ttl=self.settings.pending_ttl, actor=actor,
+        ))
+        leaf = cert if result.record.serial == serial_hex(cert) else x509.load_pem_x509_certificate(
+            result.record.pem.encode())
+        return result, (leaf, self._issuer_of(leaf))
+
+    def _issuer_of(self, cert: x509.Certificate) -> x509.Certificate:
+        for ca in (self.ca, *self.previous):
+            if ca.issuing_cert.subject == cert.issuer:
+                return ca.issuing_cert
+        return self.ca.issuing_cert
 
     async def check_public_key_free(self, public_key: CertificatePublicKeyTypes, device_id: str) -> None:
         """Refuse early (before signing) a key that already belongs to another device."""

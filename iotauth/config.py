@@ -22,12 +22,20 @@ from iotauth.errors import ConfigError, InvalidIdentity, KeyUriError
 from iotauth.identity import RABBITMQ_RESERVED, validate_device_id, validate_profile_name, validate_trust_domain
 from iotauth.limits import IntakeLimits, SessionLimits, override, parse_limits
 from iotauth.pki.signer import OFFLINE, parse_key_uri
+from iotauth.profiles import (
+    DEFAULT_DEVICE_PROFILE,
+    DEFAULT_PROFILE,
+    KEY_TYPES,
+    RENEWER_PROFILE,
+    Profile,
+    renewer_profile,
+)
 
 HOME_ENV = "IOTAUTH_HOME"
 REGISTRY_ENV = "IOTAUTH_REGISTRY"
 CONFIG_NAME = "iotauth.toml"
-KEY_TYPES = frozenset({"p256", "p384", "ed25519", "rsa"})
-DEFAULT_PROFILE = "default"
+__all__ = ["DEFAULT_DEVICE_PROFILE", "DEFAULT_PROFILE", "KEY_TYPES", "RENEWER_PROFILE", "Home", "Profile", "Settings",
+           "load_settings", "parse_bind", "parse_settings", "registry_location", "renewer_profile"]
 
 
 def default_home() -> Path:
@@ -167,27 +175,20 @@ def registry_location(home: Home, explicit: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class Profile:
-    """What a class of identities may hold (key types, validity) and do (topics).
+class RotationSettings:
+    """``[rotation]``: how ``iotauth renewer`` judges renewal requests (windows are per profile: ``renew_after``).
 
-    Topic templates may use ``{device_id}`` and ``{profile}``; they are filled in
-    only with validated identity values by :mod:`iotauth.policy`.
+    Attributes:
+        max_clock_skew: a request's timestamp may differ this much from the renewer's clock.
+        max_renewals_per_hour: new renewal certificates per device and hour (a retry of a pending one is free).
+        max_requests_per_minute: requests per device and minute one renewer reads before it refuses unread.
+        renewer_id: the renewer's own identity (its certificate's device id, and its MQTT client id).
     """
 
-    name: str
-    validity: timedelta = timedelta(days=365)
-    key_types: frozenset[str] = frozenset({"p256", "p384"})
-    rsa_min_bits: int = 2048
-    publish: tuple[str, ...] = ()
-    subscribe: tuple[str, ...] = ()
-    limits: SessionLimits = field(default_factory=SessionLimits)
-
-
-DEFAULT_DEVICE_PROFILE = Profile(
-    name=DEFAULT_PROFILE,
-    publish=("devices/{device_id}/telemetry/#", "devices/{device_id}/state"),
-    subscribe=("devices/{device_id}/commands/#",),
-)
+    max_clock_skew: timedelta = timedelta(minutes=10)
+    max_renewals_per_hour: int = 3
+    max_requests_per_minute: int = 30
+    renewer_id: str = "iotauth-renewer"
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ class Settings:
     ca: CaSettings = CaSettings()
     intake_limits: IntakeLimits = field(default_factory=IntakeLimits)
     rabbitmq: RabbitmqSettings = RabbitmqSettings()
+    rotation: RotationSettings = RotationSettings()
 
     def check_device_id(self, value: object) -> str:
         """Validate a device id for this home: the safe alphabet, narrowed when RabbitMQ is enabled."""
@@ -312,8 +314,10 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
     emqx = reader.table("emqx")
     ca = _parse_ca(reader.table("ca"))
     rabbitmq = _parse_rabbitmq(reader.table("rabbitmq"))
+    rotation = _parse_rotation(reader.table("rotation"))
     intake, session_limits = parse_limits(broker.table("limits").raw, f"{source}: [broker.limits]")
-    profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits)}
+    profiles = {DEFAULT_PROFILE: replace(DEFAULT_DEVICE_PROFILE, limits=session_limits),
+                RENEWER_PROFILE: renewer_profile(session_limits)}
     for name, table in reader.table("profiles").raw.items():
         profiles[name] = _parse_profile(name, _Reader(_as_table(table, f"profiles.{name}", source), source),
                                         session_limits)
@@ -354,10 +358,28 @@ def parse_settings(raw: Mapping[str, Any], source: str = CONFIG_NAME) -> Setting
         ca=ca,
         intake_limits=intake,
         rabbitmq=rabbitmq,
+        rotation=rotation,
     )
     if rabbitmq.enabled:
         _check_rabbitmq_compatible(settings, source)
     return settings
+
+
+def _parse_rotation(table: _Reader) -> RotationSettings:
+    defaults = RotationSettings()
+    renewer_id = table.get("renewer_id", str, defaults.renewer_id)
+    try:
+        validate_device_id(renewer_id)
+    except InvalidIdentity as exc:
+        raise ConfigError(f"{table.source}: rotation.renewer_id: {exc}") from exc
+    return RotationSettings(
+        max_clock_skew=timedelta(seconds=table.get("max_clock_skew_seconds", float,
+                                                   defaults.max_clock_skew.total_seconds(), minimum=1.0)),
+        max_renewals_per_hour=table.get("max_renewals_per_hour", int, defaults.max_renewals_per_hour, minimum=1),
+        max_requests_per_minute=table.get("max_requests_per_minute", int, defaults.max_requests_per_minute,
+                                          minimum=1),
+        renewer_id=renewer_id,
+    )
 
 
 def _parse_rabbitmq(table: _Reader) -> RabbitmqSettings:
@@ -414,7 +436,8 @@ def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> 
         validate_profile_name(name)
     except InvalidIdentity as exc:
         raise ConfigError(f"{table.source}: {exc}") from exc
-    base = DEFAULT_DEVICE_PROFILE if name == DEFAULT_PROFILE else Profile(name=name)
+    base = {DEFAULT_PROFILE: DEFAULT_DEVICE_PROFILE, RENEWER_PROFILE: renewer_profile(default_limits)}.get(
+        name, Profile(name=name))
     key_types = frozenset(table.get("key_types", list, sorted(base.key_types)))
     unknown = key_types - KEY_TYPES
     if unknown or not key_types:
@@ -422,6 +445,10 @@ def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> 
             f"{table.source}: profiles.{name}.key_types must list some of {sorted(KEY_TYPES)}, got {sorted(key_types)}"
         )
     rsa_min_bits = table.get("rsa_min_bits", int, base.rsa_min_bits, minimum=2048)
+    renew_after = table.get("renew_after", float, base.renew_after, minimum=0.0)
+    if renew_after > 1.0:
+        raise ConfigError(f"{table.source}: profiles.{name}.renew_after is a fraction of the validity (0 to 1), "
+                          f"got {renew_after}")
     return Profile(
         name=name,
         validity=timedelta(days=table.get("validity_days", float, base.validity.days, minimum=0.0001)),
@@ -431,7 +458,9 @@ def _parse_profile(name: str, table: _Reader, default_limits: SessionLimits) -> 
         subscribe=tuple(
             _strings(table.get("subscribe", list, list(base.subscribe)), f"profiles.{name}.subscribe", table)
         ),
-        limits=override(default_limits, table.table("limits").raw, f"{table.source}: [profiles.{name}.limits]"),
+        limits=override(base.limits if name == RENEWER_PROFILE else default_limits, table.table("limits").raw,
+                        f"{table.source}: [profiles.{name}.limits]"),
+        renew_after=renew_after,
     )
 
 

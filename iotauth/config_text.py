@@ -86,6 +86,13 @@ enabled = {"true" if rabbitmq else "false"}
 # Management API of the nodes revoked devices are kicked through (any one that answers).
 # management_urls = ["http://rabbit-1:15672", "http://rabbit-2:15672", "http://rabbit-3:15672"]
 
+[rotation]
+# How 'iotauth renewer' judges renewal requests over MQTT (see the README, "Certificate rotation").
+max_clock_skew_seconds = 600     # a request's timestamp may be this far from the renewer's clock
+max_renewals_per_hour = 3        # new certificates per device and hour (resending a pending one is free)
+max_requests_per_minute = 30     # per device; beyond it requests are refused unread
+renewer_id = "iotauth-renewer"   # the renewer's own identity (certificate device id and MQTT client id)
+
 [emqx]
 # /emqx/authn refuses a CONNECT for which EMQX passed no certificate (empty or literal "${{cert_pem}}").
 # false: decide per device instead, only while every unexpired certificate of the device is active.
@@ -103,8 +110,15 @@ reset_node_cache = true
 [profiles.default]
 validity_days = 365
 key_types = ["p256", "p384"]
-publish = ["devices/{{device_id}}/telemetry/#", "devices/{{device_id}}/state"]
-subscribe = ["devices/{{device_id}}/commands/#"]
+# Devices may renew over MQTT ('iotauth renewer') once this fraction of the validity has passed
+# (0: any time); 'iotauth rotate' opens it early for the devices it names.
+renew_after = 0.66
+publish = ["devices/{{device_id}}/telemetry/#", "devices/{{device_id}}/state",
+           "devices/{{device_id}}/rotation/request"]
+subscribe = ["devices/{{device_id}}/commands/#", "devices/{{device_id}}/rotation/response"]
+
+# The renewal service 'iotauth renewer' (built in; set [profiles.renewer] to change it) reads
+# devices/+/rotation/request and answers on devices/+/rotation/response and devices/+/commands/rotate.
 
 # A back-end service that reads every device's telemetry and sends commands.
 [profiles.ingest]

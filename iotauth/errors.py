@@ -7,6 +7,8 @@ as a single line, so messages never rely on a traceback for context.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class IotAuthError(Exception):
     """Root of every error iotauth raises on purpose."""
@@ -112,6 +114,57 @@ class RegistryMissing(RegistryError):
 
 class RegistryReplaced(RegistryError):
     """The database at the registry's location is another registry than the one opened (another instance id)."""
+
+
+class RefusalCode(StrEnum):
+    """Why a renewal request or confirmation was refused: the exact ``error`` a device receives.
+
+    The values are part of the rotation protocol (``firmware_tools/PROTOCOL.md``, part 2): firmware
+    acts on them, so they never change. Some are decided by the renewer (shape, clock, signature,
+    key type), the rest inside the registry's write transaction, where they can race.
+    """
+
+    BAD_REQUEST = "bad-request"
+    BAD_SIGNATURE = "bad-signature"
+    NOT_CURRENT_CERTIFICATE = "not-current-certificate"
+    CERTIFICATE_EXPIRED = "certificate-expired"
+    DEVICE_NOT_ACTIVE = "device-not-active"
+    KEY_REUSED = "key-reused"
+    KEY_TYPE_NOT_ALLOWED = "key-type-not-allowed"
+    OUTSIDE_WINDOW = "outside-window"
+    REPLAYED = "replayed"
+    STALE = "stale"
+    RATE_LIMITED = "rate-limited"
+    RENEWAL_PENDING = "renewal-pending"
+    RENEWAL_EXPIRED = "renewal-expired"
+    INTERNAL = "internal"
+
+
+class RenewalRefused(IotAuthError):
+    """A certificate renewal (or its confirmation) was refused; ``code`` is what the device is told.
+
+    Attributes:
+        code: the protocol's error code.
+        retry_after: seconds after which the same request may succeed (a window, a rate limit), if known.
+    """
+
+    def __init__(self, code: RefusalCode, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
+
+
+class RotationMessageError(RenewalRefused):
+    """A rotation message that is not what PROTOCOL.md part 2 allows (``bad-request``; no signature: ``bad-signature``).
+
+    Attributes:
+        request_id: the message's request id if it could be read (the refusal is then answered), else None.
+    """
+
+    def __init__(self, message: str, request_id: str | None = None,
+                 code: RefusalCode = RefusalCode.BAD_REQUEST) -> None:
+        super().__init__(code, message)
+        self.request_id = request_id
 
 
 class AuditChainBroken(RegistryError):

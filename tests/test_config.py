@@ -17,9 +17,13 @@ def test_default_config_has_default_and_ingest_profiles() -> None:
     settings = parse_settings(tomllib.loads(default_config_text("factory.test")))
     assert settings.trust_domain == "factory.test"
     default = settings.profile("default")
-    assert default.publish == ("devices/{device_id}/telemetry/#", "devices/{device_id}/state")
-    assert default.subscribe == ("devices/{device_id}/commands/#",)
+    assert default.publish == ("devices/{device_id}/telemetry/#", "devices/{device_id}/state",
+                               "devices/{device_id}/rotation/request")
+    assert default.subscribe == ("devices/{device_id}/commands/#", "devices/{device_id}/rotation/response")
     assert default.key_types == {"p256", "p384"}
+    assert default.renew_after == 0.66
+    assert settings.rotation.max_renewals_per_hour == 3 and settings.rotation.max_clock_skew == timedelta(minutes=10)
+    assert settings.profile("renewer").subscribe == ("devices/+/rotation/request",)
     assert "devices/+/telemetry/#" in settings.profile("ingest").subscribe
     assert settings.crl_next_update == timedelta(hours=24)
     # EMQX: no certificate, no entry; the push bans and resets the node caches unless told otherwise.
@@ -30,7 +34,20 @@ def test_default_config_has_default_and_ingest_profiles() -> None:
 
 def test_builtin_default_profile_applies_without_a_profiles_table() -> None:
     settings = parse_settings({"trust_domain": "x.test"})
-    assert settings.profile("default").subscribe == ("devices/{device_id}/commands/#",)
+    assert settings.profile("default").subscribe == ("devices/{device_id}/commands/#",
+                                                     "devices/{device_id}/rotation/response")
+    renewer = settings.profile("renewer")  # built in, like default: homes made before rotation get it too
+    assert renewer.publish == ("devices/+/rotation/response", "devices/+/commands/rotate")
+    assert renewer.limits.max_retained >= 1_000_000 and renewer.limits.max_inflight > 32
+
+
+def test_a_configured_renewer_profile_keeps_its_generous_limits() -> None:
+    settings = parse_settings({"trust_domain": "x.test", "profiles": {"renewer": {"validity_days": 30,
+                                                                                 "limits": {"max_inflight": 64}}}})
+    renewer = settings.profile("renewer")
+    assert renewer.validity == timedelta(days=30) and renewer.limits.max_inflight == 64
+    assert renewer.limits.max_retained >= 1_000_000
+    assert renewer.subscribe == ("devices/+/rotation/request",)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +59,10 @@ def test_builtin_default_profile_applies_without_a_profiles_table() -> None:
         ({"trust_domain": "x.test", "profiles": {"Bad/Name": {}}}, "invalid profile name"),
         ({"trust_domain": "x.test", "profiles": {"p": {"publish": [1]}}}, "list of strings"),
         ({"trust_domain": "x.test", "profiles": {"p": {"rsa_min_bits": 1024}}}, "at least 2048"),
+        ({"trust_domain": "x.test", "profiles": {"p": {"renew_after": 1.5}}}, "fraction of the validity"),
+        ({"trust_domain": "x.test", "profiles": {"p": {"renew_after": -0.1}}}, "at least 0.0"),
+        ({"trust_domain": "x.test", "rotation": {"renewer_id": "a/b"}}, "rotation.renewer_id"),
+        ({"trust_domain": "x.test", "rotation": {"max_renewals_per_hour": 0}}, "at least 1"),
         ({"trust_domain": "x.test", "crl": {"next_update_hours": "soon"}}, "must be float"),
         ({"trust_domain": "x.test", "emqx": {"ban": "yes"}}, "'ban' must be bool"),
         ({"trust_domain": "x.test", "emqx": {"require_certificate": 0}}, "'require_certificate' must be bool"),
@@ -55,7 +76,7 @@ def test_bad_settings_are_rejected_with_a_clear_message(raw: dict[str, object], 
 
 def test_unknown_profile_lists_known_ones() -> None:
     settings = parse_settings({"trust_domain": "x.test"})
-    with pytest.raises(ConfigError, match=r"profiles in iotauth\.toml: default"):
+    with pytest.raises(ConfigError, match=r"profiles in iotauth\.toml: default, renewer"):
         settings.profile("nope")
 
 

@@ -187,16 +187,18 @@ def test_malformed_templates_are_refused_at_load(template: str, needle: str) -> 
 def test_rendering_for_other_brokers_keeps_their_variables() -> None:
     parsed = ProfilePolicy.parse(DEFAULT_DEVICE_PROFILE)
     assert parsed.render({"device_id": "%c", "profile": "default"}) == {
-        "publish": ["devices/%c/telemetry/#", "devices/%c/state"],
-        "subscribe": ["devices/%c/commands/#"],
+        "publish": ["devices/%c/telemetry/#", "devices/%c/state", "devices/%c/rotation/request"],
+        "subscribe": ["devices/%c/commands/#", "devices/%c/rotation/response"],
     }
     compiled = parsed.bind("dev1")
     assert [(r.action.value, r.topic_filter) for r in compiled.rules()] == [
         ("publish", "devices/dev1/telemetry/#"),
         ("publish", "devices/dev1/state"),
+        ("publish", "devices/dev1/rotation/request"),
         ("subscribe", "devices/dev1/commands/#"),
+        ("subscribe", "devices/dev1/rotation/response"),
     ]
-    assert compiled.as_dict()["subscribe"] == ["devices/dev1/commands/#"]
+    assert compiled.as_dict()["subscribe"] == ["devices/dev1/commands/#", "devices/dev1/rotation/response"]
 
 
 # -- reference matching --------------------------------------------------------------------

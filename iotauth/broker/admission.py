@@ -22,6 +22,14 @@ in between.
   (:class:`RecentRevocations`); one that lands later finds the registered binding.
 * **Fail closed.** While the feed cannot be read or the audit log cannot be
   written, connects are refused with CONNACK 0x03, unless ``fail_open``.
+* **Renewals activate at their first CONNECT.** A *pending* certificate is
+  refused, except a renewal issued over MQTT (``renewal_of``) of an active
+  device, younger than ``renewal_ttl``: the device proved it holds the new key
+  in this handshake, so after the CONNECT checks (client id, will) the renewal
+  is activated -- new certificate active, the one it replaces revoked
+  (superseded), one registry transaction -- before CONNACK. The feed then
+  closes any session still on the old certificate. The registry re-checks
+  everything in that transaction; a refusal there refuses the CONNECT.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from iotauth.broker.audit import BrokerAudit
@@ -41,10 +49,12 @@ from iotauth.broker.binding import Admission, Binding, Bindings, Denial, GuardOp
 from iotauth.broker.mqtt import IDENTIFIER_REJECTED, NOT_AUTHORISED, SERVER_UNAVAILABLE, Connect
 from iotauth.certs import cert_time
 from iotauth.config import DEFAULT_PROFILE
-from iotauth.errors import IotAuthError, PolicyDenied, Rejection
+from iotauth.errors import IotAuthError, PolicyDenied, Rejection, RenewalRefused
 from iotauth.pki.verify import CertificateIdentity, ClientCertificateVerifier
 from iotauth.policy import PolicySet, SessionPolicy
 from iotauth.registry import CertificateStatus, Credential, DeviceStatus
+from iotauth.registry.events import ACTIVATED_AT_CONNECT
+from iotauth.registry.renewal import Activation
 
 log = logging.getLogger("iotauth.broker")
 
@@ -53,9 +63,12 @@ RECENT_TTL = 300.0  # far longer than any admission can take (its awaits are all
 
 
 class CredentialSource(Protocol):
-    """The registry read admission makes (``iotauth.registry.Registry`` provides it)."""
+    """The registry read admission makes, and its one write (``iotauth.registry.Registry`` provides them)."""
 
     async def find_credential(self, cert_fingerprint: str) -> Credential | None: ...
+
+    async def activate_renewal(self, serial: str, *, device_id: str, actor: str, via: str,
+                               max_age: timedelta | None = None, request_id: str | None = None) -> Activation: ...
 
 
 class FeedPosition(Protocol):
@@ -192,6 +205,14 @@ class Precheck:
     profile: str
     policy: SessionPolicy
     cursor: int
+    renewal: str | None = None
+    """The serial of a pending renewal this connection activates once its CONNECT passes."""
+
+
+@dataclass(frozen=True)
+class _PendingRenewal:
+    profile: str
+    serial: str
 
 
 class AdmissionControl:
@@ -283,11 +304,12 @@ class AdmissionControl:
         found = await self._lookup(identity)
         if isinstance(found, Denial):
             return found
+        profile, renewal = (found.profile, found.serial) if isinstance(found, _PendingRenewal) else (found, None)
         try:
-            policy = self.compiled.bind(found, identity.device_id)
+            policy = self.compiled.bind(profile, identity.device_id)
         except (PolicyDenied, IotAuthError) as exc:
             return deny("unknown-profile", str(exc))
-        return Precheck(identity, found, policy, cursor)
+        return Precheck(identity, profile, policy, cursor, renewal)
 
     async def _admit(
         self, pre: Precheck, connect: Connect, peer: str, listener: str, close: Callable[[], None]
@@ -306,6 +328,10 @@ class AdmissionControl:
             return deny("unknown-profile", str(exc))
         if connect.will is not None and not policy.allows_publish(connect.will.topic):
             return deny("will-topic-denied", f"will topic {connect.will.topic[:120]!r} is outside the policy")
+        if pre.renewal is not None:
+            refused = await self._activate(identity, pre.renewal)
+            if refused is not None:
+                return refused
         admission = Admission(
             identity.device_id, profile, identity.fingerprint, identity.serial, identity.not_after, peer, listener,
             connect.clean_session,
@@ -329,8 +355,29 @@ class AdmissionControl:
                   identity.device_id, profile, identity.serial, peer)
         return binding
 
-    async def _lookup(self, identity: CertificateIdentity) -> str | Denial:
-        """The device's profile if the registry says certificate and device are both active (cached)."""
+    async def _activate(self, identity: CertificateIdentity, serial: str) -> Denial | None:
+        """Activate the pending renewal this connection presents (see the module docstring); a Denial if not."""
+        deny = _denier(identity)
+        try:
+            async with asyncio.timeout(self.options.registry_timeout):
+                await self.registry.activate_renewal(serial, device_id=identity.device_id, actor=self.audit.actor,
+                                                     via=ACTIVATED_AT_CONNECT,
+                                                     max_age=timedelta(seconds=self.options.renewal_ttl))
+        except RenewalRefused as exc:
+            return deny(f"renewal-{exc.code.value}", str(exc))
+        except Exception as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return deny("registry-unavailable", f"activating renewal {serial}: {exc or type(exc).__name__}",
+                        SERVER_UNAVAILABLE)
+        log.info("activated renewal %s of %s at its first CONNECT", serial, identity.device_id)
+        return None
+
+    async def _lookup(self, identity: CertificateIdentity) -> str | _PendingRenewal | Denial:
+        """The device's profile if the registry says certificate and device are both active (cached).
+
+        A pending renewal that may be activated at this CONNECT is returned as such (never cached).
+        """
         if self.feed.healthy:
             cached = self.credentials.profile(identity.fingerprint)
             if cached is not None:
@@ -352,6 +399,8 @@ class AdmissionControl:
             return deny("certificate-unknown", "certificate is not in the registry")
         if credential.certificate.device_id != identity.device_id:
             return deny("registry-mismatch", f"registry has this certificate for {credential.certificate.device_id!r}")
+        if credential.activatable(self._clock(), timedelta(seconds=self.options.renewal_ttl)):
+            return _PendingRenewal(credential.device.profile, credential.certificate.serial)
         if credential.certificate.status is not CertificateStatus.ACTIVE:
             return deny(f"certificate-{credential.certificate.status.value}", "certificate is not active")
         if credential.device.status is not DeviceStatus.ACTIVE:

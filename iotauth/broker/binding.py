@@ -43,6 +43,9 @@ class GuardOptions:
         registry_timeout: bound on each registry read and on the accept audit write.
         registry_grace: how long live sessions survive a registry outage (fail closed).
         sweep_interval: seconds between wall-clock expiry checks and feed-reset checks.
+        renewal_ttl: a *pending* renewal certificate (issued over MQTT by ``iotauth renewer``) younger than
+            this is accepted, and activated, at its device's first CONNECT with it (``[provisioning]
+            pending_ttl_minutes``); 0 refuses every pending certificate.
     """
 
     fail_open: bool = False
@@ -50,6 +53,7 @@ class GuardOptions:
     registry_timeout: float = 2.0
     registry_grace: float = 10.0
     sweep_interval: float = 30.0
+    renewal_ttl: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,7 @@ async def open_runtime(options: BrokerOptions, registry: Registry | None = None)
             registry_timeout=float(options.registry_timeout),
             registry_grace=float(options.registry_grace),
             sweep_interval=float(options.sweep_interval),
+            renewal_ttl=settings.pending_ttl.total_seconds(),
         ),
         load_policies=lambda: load_policies(home),
         revoked_serials=CrlSerials(home.crl_der),

@@ -8,9 +8,11 @@ from typing import Any
 import click
 
 from iotauth.authority import Authority, CrlRefresh, StatusChange, certificate_pem, operator_actor
+from iotauth.certs import now_utc
 from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, fields, line, status, success, table, warn
 from iotauth.registry import DeviceStatus, Registry, RevocationReason
+from iotauth.rotation.orders import expiring_rows, parse_duration
 
 
 @click.group()
@@ -35,6 +37,25 @@ def list_devices(ctx: CliContext, status_filter: str | None, limit: int | None, 
         ["device id", "hardware id", "profile", "status", "updated"],
         [(d.device_id, d.hardware_id, d.profile, status(d.status.value), d.updated_at) for d in found],
     )
+
+
+@devices.command("expiring")
+@click.option("--within", default="30d", show_default=True, metavar="DURATION",
+              help="Active certificates ending within this long from now: 30d, 12h, 2w.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+def expiring_devices(ctx: CliContext, within: str, as_json: bool) -> None:
+    """List active devices whose active certificate ends soon (renew them with 'iotauth rotate')."""
+    horizon = parse_duration(within)
+    now = now_utc()
+    found = run(ctx.with_registry(lambda reg: reg.expiring(now + horizon)))
+    rows = expiring_rows(found, now)
+    if as_json:
+        emit_json(rows)
+        return
+    table(f"{len(rows)} certificate(s) ending within {within}", ["device id", "profile", "serial", "not after",
+                                                                  "days left"],
+          [(r["device_id"], r["profile"], r["serial"], r["not_after"], r["days_left"]) for r in rows])
 
 
 @devices.command("show")

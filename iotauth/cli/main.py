@@ -20,6 +20,7 @@ from iotauth.cli import (
     pki,
     provision,
     rabbitmq,
+    rotation,
     serve,
     status,
 )
@@ -59,6 +60,7 @@ for command in (
     *provision.COMMANDS,
     *broker.COMMANDS,
     *serve.COMMANDS,
+    *rotation.COMMANDS,
     *export.COMMANDS,
     *mosquitto.COMMANDS,
     *demo.COMMANDS,

@@ -11,26 +11,35 @@ claims: the broker passes the certificate (EMQX's ``${cert_pem}``) or at least
 its CN, and the MQTT client id must equal the device id in the certificate.
 With the certificate iotauth decides per certificate; without it, only per
 device, which :class:`WithoutCertificate` makes an explicit choice.
+
+With the certificate, a *pending* renewal (issued over MQTT by ``iotauth
+renewer``) of an active device is activated by its first authentication, as
+``iotauth broker`` does (:mod:`iotauth.broker.admission`): one registry
+transaction makes it active and revokes the certificate it replaces; the
+broker's own session takeover (the client id is the device id) closes the
+old session.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from iotauth.errors import BadRequest, CertificateRejected, InvalidIdentity, NotFound, PolicyDenied
+from iotauth.errors import BadRequest, CertificateRejected, InvalidIdentity, NotFound, PolicyDenied, RenewalRefused
 from iotauth.http.app import Handler, answer_errors, read_json, state_of
 from iotauth.http.metrics import Result, decided
 from iotauth.identity import validate_device_id
 from iotauth.pki.verify import ClientCertificateVerifier
 from iotauth.policy import Action, PolicySet, SessionPolicy
 from iotauth.registry import CertificateStatus, Credential, Device, DeviceStatus, Registry
+from iotauth.registry.events import ACTIVATED_AT_CONNECT
 
 log = logging.getLogger("iotauth.http.brokers")
 
@@ -75,6 +84,8 @@ class BrokerFrontEnd:
     registry: Registry
     policies: PolicySet
     verifier: ClientCertificateVerifier
+    renewal_ttl: timedelta | None = None
+    """Pending renewals younger than this are activated by their first authentication; None: refused."""
     _compiled: dict[tuple[str, str], SessionPolicy | None] = field(default_factory=dict)
 
     async def authenticate(
@@ -112,6 +123,16 @@ class BrokerFrontEnd:
         credential = await self.registry.find_credential(identity.fingerprint)
         if credential is None:
             return Verdict(False, "certificate unknown to the registry")
+        if (self.renewal_ttl is not None and credential.device.device_id == device_id
+                and credential.activatable(datetime.now().astimezone(), self.renewal_ttl)):
+            try:
+                done = await self.registry.activate_renewal(
+                    credential.certificate.serial, device_id=device_id, actor=f"serve@{socket.gethostname()}"[:128],
+                    via=ACTIVATED_AT_CONNECT, max_age=self.renewal_ttl)
+            except RenewalRefused as exc:
+                return Verdict(False, f"pending renewal not activated: {exc}")
+            log.info("activated renewal %s of %s at its first authentication", done.certificate.serial, device_id)
+            credential = Credential(done.certificate, credential.device)
         return self._usable(credential, device_id)
 
     def _usable(self, credential: Credential, device_id: str) -> Verdict:

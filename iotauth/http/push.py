@@ -59,7 +59,7 @@ import httpx
 from iotauth.errors import NotFound, PushRejected, PushUnauthorized, PushUnavailable
 from iotauth.identity import validate_device_id
 from iotauth.registry import AuditEvent, CertificateRecord, Device, DeviceStatus, EventKind
-from iotauth.registry.events import EMQX_KICKS, PUSH_RESTORES
+from iotauth.registry.events import EMQX_KICKS, PUSH_RESTORES, superseded_at_connect
 
 log = logging.getLogger("iotauth.http.push")
 TIMEOUT = 10.0
@@ -103,6 +103,8 @@ class EmqxTarget:
         return "emqx"
 
     def relevant(self, event: AuditEvent) -> bool:
+        if superseded_at_connect(event.kind, event.data):  # EMQX took the old session over itself: a kick by
+            return False  # client id would close the device's new session on its renewed certificate
         return event.kind in EMQX_KICKS or (self.ban and event.kind in PUSH_RESTORES)
 
     async def prepare(self, events: Sequence[AuditEvent]) -> Mapping[str, object]:

@@ -80,6 +80,7 @@ def broker_front_end(home: Home, registry: Registry, settings: Settings) -> Brok
         registry=registry,
         policies=PolicySet.from_profiles(settings.profiles.values()),
         verifier=client_verifier(home, settings),
+        renewal_ttl=settings.pending_ttl,
     )
 
 

@@ -60,6 +60,9 @@ class EventKind(StrEnum):
     BROKER_POLICY_RELOADED = "broker.policy.reloaded"
     BROKER_POLICY_RELOAD_FAILED = "broker.policy.reload_failed"
 
+    ROTATION_REQUESTED = "rotation.requested"  # an operator asked a device to renew now (``iotauth rotate``)
+    ROTATION_REFUSED = "rotation.refused"  # the renewer refused a device's request or confirmation (aggregated)
+
     PUSH_STARTED = "push.started"
     PUSH_DELIVERED = "push.delivered"
     PUSH_FAILED = "push.failed"
@@ -95,7 +98,8 @@ def written_by_broker(kind: str) -> bool:
 
 
 HARMLESS_TO_SESSIONS: frozenset[str] = frozenset(
-    {EventKind.CERTIFICATE_ISSUED, EventKind.CERTIFICATE_ACTIVATED, EventKind.DEVICE_CREATED, EventKind.DEVICE_ACTIVE}
+    {EventKind.CERTIFICATE_ISSUED, EventKind.CERTIFICATE_ACTIVATED, EventKind.DEVICE_CREATED, EventKind.DEVICE_ACTIVE,
+     EventKind.ROTATION_REQUESTED, EventKind.ROTATION_REFUSED}
 )
 """Changes that can only grant, never withdraw, a live session's rights: the broker lets them pass."""
 
@@ -111,6 +115,33 @@ DEVICE_KICKS: Mapping[str, str] = MappingProxyType(
 Any other event that names a device makes the broker ask the registry again
 about that device's sessions, so a kind added later fails safe.
 """
+
+
+# -- rotation ------------------------------------------------------------------------------
+
+ROTATION_ORDERS: frozenset[str] = frozenset({EventKind.ROTATION_REQUESTED})
+"""Events after which the renewer tells the device to renew now (``devices/<id>/commands/rotate``)."""
+
+ACTIVATED_AT_CONNECT = "connect"
+"""``via`` of a renewal activated by the device's first authentication with its new certificate."""
+
+
+def renewal_activated(kind: str, data: Mapping[str, object]) -> bool:
+    """A renewal certificate became active (the renewer then withdraws the device's rotation order)."""
+    return kind == EventKind.CERTIFICATE_ACTIVATED and bool(data.get("renewal_of"))
+
+
+def superseded_at_connect(kind: str, data: Mapping[str, object]) -> bool:
+    """A certificate revoked because its device just authenticated with its renewal.
+
+    The broker that admitted the new certificate has already replaced the old
+    session (the client id is the device id, so MQTT's session takeover closes
+    it): a follower that can only kick by client id (EMQX) must not kick, or it
+    would close the device's new session instead. ``iotauth broker`` kicks by
+    certificate and needs no exception.
+    """
+    return (kind == EventKind.CERTIFICATE_REVOKED and data.get("reason") == "superseded"
+            and data.get("via") == ACTIVATED_AT_CONNECT)
 
 
 # -- other followers ---------------------------------------------------------------------

@@ -40,6 +40,8 @@ class IssuanceRequest:
     reuse: bool = False
     """An unexpired, unrevoked certificate of this device for this key is the answer (a retry), not a new one."""
     exclusive: bool = False  # one board per hardware id: refuse while the device has a live certificate of another key
+    renewal_of: str | None = None
+    """A renewal over MQTT: the serial of the certificate this one replaces (checked by :mod:`.renewal`)."""
 
 
 class Coalescer(Generic[Req, Res]):
@@ -86,7 +88,8 @@ class Coalescer(Generic[Req, Res]):
 _CHUNK = 300
 
 
-async def _lookup(tx: Tx, sql: str, values: list[str]) -> list[Row]:
+async def lookup(tx: Tx, sql: str, values: list[str]) -> list[Row]:
+    """Rows of ``sql`` (with ``{marks}`` for the IN list) over ``values``, in chunks of bound parameters."""
     found: list[Row] = []
     for start in range(0, len(values), _CHUNK):
         chunk = values[start : start + _CHUNK]
@@ -108,19 +111,19 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
     key_hashes = {id(r): public_key_sha256(r.cert.public_key()) for r in requests}
     devices = {
         row[0]: rows.device(row)
-        for row in await _lookup(
+        for row in await lookup(
             tx, f"SELECT {rows.DEVICE_COLUMNS} FROM devices WHERE device_id IN ({{marks}})", device_ids
         )
     }
     hardware_owner = {
         row[0]: row[1]
-        for row in await _lookup(
+        for row in await lookup(
             tx, "SELECT hardware_id, device_id FROM devices WHERE hardware_id IN ({marks})", hardware_ids
         )
     }
     key_owner = {
         row[0]: row[1]
-        for row in await _lookup(
+        for row in await lookup(
             tx,
             "SELECT public_key_sha256, device_id FROM certificates WHERE public_key_sha256 IN ({marks})",
             sorted(set(key_hashes.values())),
@@ -129,7 +132,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
     reusable = await _reusable(tx, requests, key_hashes)
     exclusive_ids = sorted({r.device_id for r in requests if r.exclusive})
     live: dict[str, list[tuple[str, str, str]]] = {}
-    for device_id, serial, key_sha256, status in await _lookup(
+    for device_id, serial, key_sha256, status in await lookup(
         tx,
         "SELECT device_id, serial, public_key_sha256, status FROM certificates "
         "WHERE device_id IN ({marks}) AND status <> 'revoked'",
@@ -203,6 +206,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
             status=cert_status,
             issued_at=tx.now,
             pem=pem(request.cert).decode(),
+            renewal_of=request.renewal_of,
         )
         new_certs.append(
             (
@@ -216,6 +220,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
                 tx.now,
                 tx.now if request.activate else None,
                 record.pem,
+                request.renewal_of,
             )
         )
         tx.event(
@@ -241,7 +246,7 @@ async def record_issuances(tx: Tx, requests: list[IssuanceRequest]) -> list[Cert
     if new_certs:
         await tx.executemany(
             "INSERT INTO certificates (serial, fingerprint, device_id, public_key_sha256, not_before, not_after, "
-            "status, issued_at, activated_at, pem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "status, issued_at, activated_at, pem, renewal_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             new_certs,
         )
     return results
@@ -255,7 +260,7 @@ async def _reusable(
     if not keys:
         return {}
     found: dict[tuple[str, str], CertificateRecord] = {}
-    rows_found = await _lookup(
+    rows_found = await lookup(
         tx, f"SELECT {rows.CERT_COLUMNS} FROM certificates WHERE status <> 'revoked' AND public_key_sha256 IN "
         "({marks}) ORDER BY issued_at, serial", keys)
     now = tx.now[:19] + "Z"  # the certificate time format (seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -78,6 +79,8 @@ class CertificateRecord:
     pem: str
     revoked_at: str | None = None
     revocation_reason: RevocationReason | None = None
+    renewal_of: str | None = None
+    """The serial of the certificate this one replaces, for a certificate issued by a renewal over MQTT."""
 
     def as_dict(self, *, include_pem: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -91,6 +94,7 @@ class CertificateRecord:
             "issued_at": self.issued_at,
             "revoked_at": self.revoked_at,
             "revocation_reason": self.revocation_reason.value if self.revocation_reason else None,
+            "renewal_of": self.renewal_of,
         }
         if include_pem:
             data["pem"] = self.pem
@@ -107,6 +111,17 @@ class Credential:
     @property
     def usable(self) -> bool:
         return self.certificate.status is CertificateStatus.ACTIVE and self.device.status is DeviceStatus.ACTIVE
+
+    def activatable(self, now: datetime, ttl: timedelta) -> bool:
+        """A pending renewal (issued over MQTT) of an active device, younger than ``ttl``.
+
+        Its first authentication with the new key activates it (the registry re-checks inside that transaction).
+        """
+        cert = self.certificate
+        if cert.status is not CertificateStatus.PENDING or cert.renewal_of is None or ttl <= timedelta(0):
+            return False
+        issued = datetime.fromisoformat(cert.issued_at.replace("Z", "+00:00"))
+        return self.device.status is DeviceStatus.ACTIVE and now - issued < ttl
 
 
 @dataclass(frozen=True)

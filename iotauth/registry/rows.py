@@ -7,9 +7,12 @@ reads it, in the order the mappers expect.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from typing import Any
 
 from iotauth.errors import NotFound
 from iotauth.registry.backend import Row, Tx
+from iotauth.registry.events import EventKind
 from iotauth.registry.models import (
     AuditEvent,
     CertificateRecord,
@@ -22,7 +25,7 @@ from iotauth.registry.models import (
 DEVICE_COLUMNS = "device_id, hardware_id, profile, status, created_at, updated_at"
 CERT_COLUMNS = (
     "serial, fingerprint, device_id, public_key_sha256, not_before, not_after, status, issued_at, pem, "
-    "revoked_at, revocation_reason"
+    "revoked_at, revocation_reason, renewal_of"
 )
 EVENT_COLUMNS = "id, ts, kind, actor, device_id, data, prev_hash, hash"
 CERT_COLUMN_COUNT = len(CERT_COLUMNS.split(","))
@@ -35,7 +38,8 @@ def device(row: Row) -> Device:
 def certificate(row: Row) -> CertificateRecord:
     reason = RevocationReason(row[10]) if row[10] else None
     return CertificateRecord(
-        row[0], row[1], row[2], row[3], row[4], row[5], CertificateStatus(row[6]), row[7], row[8], row[9], reason
+        row[0], row[1], row[2], row[3], row[4], row[5], CertificateStatus(row[6]), row[7], row[8], row[9], reason,
+        row[11],
     )
 
 
@@ -57,3 +61,20 @@ async def certificate_in_tx(tx: Tx, serial: str) -> CertificateRecord:
     if row is None:
         raise NotFound(f"unknown certificate serial {serial!r}")
     return certificate(row)
+
+
+async def revoke_in_tx(
+    tx: Tx, cert: CertificateRecord, reason: RevocationReason, actor: str, details: dict[str, Any] | None = None
+) -> CertificateRecord:
+    """Revoke ``cert`` in the open write transaction, with its ``certificate.revoked`` event (plus ``details``)."""
+    await tx.execute(
+        "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? WHERE serial = ?",
+        (tx.now, reason.value, cert.serial),
+    )
+    tx.event(
+        EventKind.CERTIFICATE_REVOKED,
+        actor,
+        cert.device_id,
+        {"serial": cert.serial, "fingerprint": cert.fingerprint, "reason": reason.value, **(details or {})},
+    )
+    return replace(cert, status=CertificateStatus.REVOKED, revoked_at=tx.now, revocation_reason=reason)

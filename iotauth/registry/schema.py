@@ -81,7 +81,29 @@ _INSTANCE_ID: dict[Backend, str] = {
     "postgresql": "INSERT INTO meta (key, value) VALUES ('instance_id', replace(gen_random_uuid()::text, '-', ''));\n",
 }
 
+# v3: certificate rotation over MQTT. A renewal certificate names the certificate it replaces
+# (``renewal_of``); the request ids a renewer has seen (replay protection, pruned after the clock
+# window) and the operators' open rotation orders (one per device) are kept here so that every
+# renewer process and host decides on the same facts.
+_ROTATION = """
+ALTER TABLE certificates ADD COLUMN renewal_of TEXT;
+CREATE INDEX certificates_renewal ON certificates (device_id, issued_at) WHERE renewal_of IS NOT NULL;
+CREATE TABLE rotation_requests (
+    request_id TEXT PRIMARY KEY,
+    device_id  TEXT NOT NULL,
+    seen_at    TEXT NOT NULL
+);
+CREATE INDEX rotation_requests_seen ON rotation_requests (seen_at);
+CREATE TABLE rotation_orders (
+    device_id    TEXT PRIMARY KEY REFERENCES devices (device_id),
+    serial       TEXT NOT NULL,
+    requested_at TEXT NOT NULL,
+    actor        TEXT NOT NULL
+);
+"""
+
 
 def migrations(backend: Backend) -> tuple[str, ...]:
     """Every migration script for ``backend``, oldest first."""
-    return (_TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend], _INSTANCE_ID[backend])
+    return (_TABLES_V1.replace("{event_id}", _EVENT_ID[backend]) + _APPEND_ONLY[backend], _INSTANCE_ID[backend],
+            _ROTATION)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ from iotauth.registry.models import (
     RevocationReason,
     RevokedSerial,
 )
+from iotauth.registry.renewal import RenewalRecords
 from iotauth.registry.store import Connections, Store, Unavailable
 
 T = TypeVar("T")
@@ -46,10 +46,11 @@ RecordOnCursor = tuple[EventKind, str | None, dict[str, Any]]  # (kind, device i
 log = logging.getLogger("iotauth.registry")
 
 
-class Registry(EventFeed):
+class Registry(EventFeed, RenewalRecords):
     """Async registry API over a storage backend. Use as an async context manager.
 
-    Reading the audit log and following it as a change feed come from :class:`EventFeed`.
+    Reading the audit log and following it as a change feed come from :class:`EventFeed`;
+    renewals over MQTT, their activation and operators' rotation orders from :class:`RenewalRecords`.
     """
 
     def __init__(self, store: Store, connections: Connections) -> None:
@@ -326,7 +327,7 @@ class Registry(EventFeed):
                 f"SELECT {rows.CERT_COLUMNS} FROM certificates WHERE device_id = ? AND status <> 'revoked'",
                 (device_id,),
             )
-            revoked = [await _revoke_certificate(tx, rows.certificate(r), reason, actor) for r in found]
+            revoked = [await rows.revoke_in_tx(tx, rows.certificate(r), reason, actor) for r in found]
             if device.status is not DeviceStatus.REVOKED:
                 await _set_device_status(tx, device_id, DeviceStatus.REVOKED, actor, {"reason": reason.value})
             return revoked
@@ -340,7 +341,7 @@ class Registry(EventFeed):
             cert = await rows.certificate_in_tx(tx, serial)
             if cert.status is CertificateStatus.REVOKED:
                 return cert
-            return await _revoke_certificate(tx, cert, reason, actor)
+            return await rows.revoke_in_tx(tx, cert, reason, actor)
 
         return await self.write(op)
 
@@ -363,7 +364,7 @@ class Registry(EventFeed):
             found = await tx.fetchall(
                 f"SELECT {rows.CERT_COLUMNS} FROM certificates WHERE status = 'pending' AND issued_at < ?", (cutoff,)
             )
-            return [await _revoke_certificate(tx, rows.certificate(r), reason, actor) for r in found]
+            return [await rows.revoke_in_tx(tx, rows.certificate(r), reason, actor) for r in found]
 
         return await self.write(op)
 
@@ -478,22 +479,6 @@ async def _set_device_status(
         "UPDATE devices SET status = ?, updated_at = ? WHERE device_id = ?", (status.value, tx.now, device_id)
     )
     tx.event(device_status_changed(status.value), actor, device_id, data)
-
-
-async def _revoke_certificate(
-    tx: Tx, cert: CertificateRecord, reason: RevocationReason, actor: str
-) -> CertificateRecord:
-    await tx.execute(
-        "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? WHERE serial = ?",
-        (tx.now, reason.value, cert.serial),
-    )
-    tx.event(
-        EventKind.CERTIFICATE_REVOKED,
-        actor,
-        cert.device_id,
-        {"serial": cert.serial, "fingerprint": cert.fingerprint, "reason": reason.value},
-    )
-    return replace(cert, status=CertificateStatus.REVOKED, revoked_at=tx.now, revocation_reason=reason)
 
 
 async def _close_quietly(connections: Connections) -> None:

@@ -43,7 +43,9 @@ def test_acl_rendering_narrows_other_profiles() -> None:
     )
     acl = render_acl(PolicySet.from_profiles(settings.profiles.values()), {"ingest": ["svc-1"], "reader": ["ro-1"]})
     assert (
-        "pattern write devices/%u/telemetry/#\npattern write devices/%u/state\npattern read devices/%u/commands/#"
+        "pattern write devices/%u/telemetry/#\npattern write devices/%u/state\n"
+        "pattern write devices/%u/rotation/request\npattern read devices/%u/commands/#\n"
+        "pattern read devices/%u/rotation/response\n"
         in acl
     )
     assert "user svc-1\ntopic write devices/+/commands/#\ntopic read devices/+/telemetry/#\n" in acl

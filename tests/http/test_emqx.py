@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotauth.authority import Authority, Issued
@@ -26,6 +27,7 @@ from iotauth.pki.keys import generate_private_key
 from iotauth.registry import Registry, RevocationReason
 from tests.fixtures import emqx
 from tests.fixtures.pki import forge_certificate
+from tests.fixtures.rotation import pending_renewal
 from tests.http.conftest import ClientFactory, CsrFactory
 
 TEMPLATE = {"clientid": "${clientid}", "cert_common_name": "${cert_common_name}", "cert_pem": "${cert_pem}"}
@@ -37,6 +39,10 @@ AUTHZ_TEMPLATE = {"clientid": "${clientid}", "cert_common_name": "${cert_common_
 
 def der(issued: Issued) -> bytes:
     return issued.certificate.public_bytes(Encoding.DER)
+
+
+def pem_to_der(text: str) -> bytes:
+    return x509.load_pem_x509_certificate(text.encode()).public_bytes(Encoding.DER)
 
 
 def device(issued: Issued | None, clientid: str, **overrides: object) -> emqx.Client:
@@ -180,6 +186,32 @@ async def test_decisions_follow_the_registry_at_once(
     await registry.revoke("sensor-2", RevocationReason.KEY_COMPROMISE, actor="op")
     assert (await connect(client, device(fleet["sensor-2"], "sensor-2"))).result == "deny"
     assert await authorize(client, "sensor-2", "publish", "devices/sensor-2/state") == "deny"
+
+
+async def test_a_pending_renewal_is_activated_by_its_first_authentication(
+    client: httpx.AsyncClient, authority: Authority, registry: Registry
+) -> None:
+    """Rotation on EMQX: the new certificate's first CONNECT activates it; EMQX's own session takeover (same client
+    id) closes the old session, so the push does not kick (tests/http/test_push.py)."""
+    current, renewal = await pending_renewal(authority, "renew-1")
+    outcome = await connect(client, emqx.Client("renew-1", cert_der=renewal, cert_common_name="renew-1"))
+    assert outcome.result == "allow"
+    states = {c.serial: c for c in await registry.certificates_of("renew-1")}
+    assert states.pop(current.serial).revocation_reason is RevocationReason.SUPERSEDED
+    assert [c.status.value for c in states.values()] == ["active"]
+    activated = [e for e in await registry.events(device_id="renew-1") if e.kind == "certificate.activated"]
+    assert activated[-1].data["via"] == "connect" and activated[-1].actor.startswith("serve@")
+    old = await connect(client, emqx.Client("renew-1", cert_der=pem_to_der(current.pem), cert_common_name="renew-1"))
+    assert old.result == "deny"
+
+
+async def test_a_renewal_presented_for_another_client_id_is_not_activated(
+    client: httpx.AsyncClient, authority: Authority, registry: Registry
+) -> None:
+    _, renewal = await pending_renewal(authority, "renew-2")
+    outcome = await connect(client, emqx.Client("renew-3", cert_der=renewal, cert_common_name="renew-2"))
+    assert outcome.result == "deny"
+    assert "pending" in {c.status.value for c in await registry.certificates_of("renew-2")}
 
 
 # -- authorization ---------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from iotauth.http.push import EmqxTarget
 from iotauth.pki.keys import PrivateKey
 from iotauth.registry import EventKind, Registry, RevocationReason
 from tests.fixtures.emqx_api import EmqxApiServer
+from tests.fixtures.rotation import pending_renewal
 from tests.fixtures.service import RunningService
 
 CsrFactory = Callable[..., tuple[PrivateKey, x509.CertificateSigningRequest]]
@@ -115,6 +116,24 @@ async def test_one_revoked_certificate_of_an_active_device_is_a_kick_without_a_b
     await push.catch_up()
     assert emqx_api.api.paths() == ["DELETE /api/v5/clients/sensor-3"]
     assert emqx_api.api.connected == set() and emqx_api.api.bans == {}
+    await push.aclose()
+
+
+async def test_a_renewal_kicks_the_old_session_only_when_emqx_did_not_replace_it(
+    registry: Registry, authority: Authority, emqx_api: EmqxApiServer
+) -> None:
+    """Activated at the new certificate's first authentication, EMQX has already taken the old session over (same
+    client id): a kick by client id would close the *new* one. Activated by the device's confirmation (sent on the old
+    session), the old session must go."""
+    push = await pushed(registry, emqx_api, reset_node_cache=False)
+    for device_id, via in (("renew-connect", "connect"), ("renew-confirm", "confirm")):
+        current, _ = await pending_renewal(authority, device_id)
+        renewal = next(c for c in await registry.certificates_of(device_id) if c.serial != current.serial)
+        emqx_api.api.connected.add(device_id)
+        await registry.activate_renewal(renewal.serial, device_id=device_id, actor="t", via=via)
+    await push.catch_up()
+    assert emqx_api.api.paths() == ["DELETE /api/v5/clients/renew-confirm"]
+    assert emqx_api.api.connected == {"renew-connect"} and emqx_api.api.bans == {}
     await push.aclose()
 
 

@@ -13,10 +13,13 @@ from iotauth.registry.events import (
     MOSQUITTO_KICKS,
     PUSH_RESTORES,
     RABBITMQ_KICKS,
+    ROTATION_ORDERS,
     changes_crl,
     changes_mosquitto_export,
     changes_mosquitto_state,
     device_status_changed,
+    renewal_activated,
+    superseded_at_connect,
     topic_denied,
     written_by_broker,
     written_by_follower,
@@ -39,6 +42,7 @@ STORED = {
     "rabbitmq.session.kicked", "rabbitmq.kick.failed",
     "mosquitto.session.kicked", "mosquitto.device.synced", "mosquitto.reconciled", "mosquitto.state.rebuilt",
     "mosquitto.crl.unproven",
+    "rotation.requested", "rotation.refused",
 }
 
 
@@ -84,3 +88,17 @@ def test_the_mosquitto_follower_kicks_on_what_the_broker_kicks_and_on_revoked_ce
     assert all(written_by_follower(k) == k.value.startswith(("broker.", "mosquitto.", "push.", "rabbitmq."))
                for k in EventKind)
     assert not any(changes_mosquitto_state(k) for k in EventKind if written_by_follower(k))
+
+
+def test_rotation_events_withdraw_no_rights_and_name_what_the_renewer_acts_on() -> None:
+    rotation = {k for k in EventKind if k.value.startswith("rotation.")}
+    assert rotation <= HARMLESS_TO_SESSIONS  # an order or a refusal never costs a live session a registry look-up
+    assert not any(changes_crl(k) for k in rotation)
+    assert set(ROTATION_ORDERS) == {"rotation.requested"}
+    assert renewal_activated("certificate.activated", {"serial": "1", "renewal_of": "2"})
+    assert not renewal_activated("certificate.activated", {"serial": "1"})  # a provisioned certificate
+    revoked = {"serial": "2", "reason": "superseded", "superseded_by": "1"}
+    assert superseded_at_connect("certificate.revoked", {**revoked, "via": "connect"})
+    assert not superseded_at_connect("certificate.revoked", {**revoked, "via": "confirm"})
+    compromised = {"serial": "2", "reason": "key-compromise", "via": "connect"}
+    assert not superseded_at_connect("certificate.revoked", compromised)

@@ -126,9 +126,16 @@ async def test_a_file_overwritten_in_place_is_noticed(home: Home, tmp_path: Path
             await registry.ensure_identity()
 
 
+ROTATION_UNDONE = ("DROP TABLE rotation_orders", "DROP TABLE rotation_requests", "DROP INDEX certificates_renewal",
+                   "ALTER TABLE certificates DROP COLUMN renewal_of")
+"""What schema version 3 (rotation) added, undone."""
+
+
 async def test_a_registry_before_instance_ids_gets_one(home: Home) -> None:
     with sqlite3.connect(home.registry_db) as conn:  # what a registry of schema version 1 looks like
         conn.execute("DELETE FROM meta WHERE key = 'instance_id'")
+        for statement in ROTATION_UNDONE:
+            conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
     async with await open_registry(home.registry_db) as registry:
         first = registry.instance_id

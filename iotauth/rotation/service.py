@@ -68,6 +68,7 @@ log = logging.getLogger("iotauth.rotation")
 CURSOR = "renewer:orders"
 V5_TO_V311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 FATAL_REFUSALS = 5
+RESUBSCRIBE_AFTER = 2.0  # seconds before a refused subscription to the requests is tried again
 
 
 def renewer_actor() -> str:
@@ -179,8 +180,11 @@ class MqttLink:
         self.broker = broker
         self.keepalive = keepalive
         self.connected = asyncio.Event()
+        """Set while connected *and* the broker granted the subscription to the requests."""
         self.refusals = 0
         self.last_refusal: str | None = None
+        self.subscription_refusals = 0
+        self.resubscribe_after = RESUBSCRIBE_AFTER
         self._loop = loop
         self._deliver = deliver
         self._lock = threading.Lock()
@@ -194,6 +198,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self.client = client
 
     def start(self) -> None:
@@ -220,9 +225,35 @@ class MqttLink:
             log.error("the broker at %s:%d refused the renewer: %s", *self.broker, self.last_refusal)
             return
         self.refusals = 0
+        log.info("connected to %s:%d; subscribing to %s", *self.broker, messages.REQUEST_FILTER)
         client.subscribe(messages.REQUEST_FILTER, qos=1)
-        log.info("connected to %s:%d; reading %s", *self.broker, messages.REQUEST_FILTER)
-        self._loop.call_soon_threadsafe(self.connected.set)
+
+    def _on_subscribe(self, client: paho.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        """Ready only once the broker *granted* the subscription: a refused one would read nothing, silently.
+
+        A managed Mosquitto refuses it when the renewer connects before the
+        follower gave its new identity a client and role (it then kicks the
+        renewer into its rights, and the reconnect subscribes again); any broker
+        refuses it when the ``renewer`` profile lacks the rights. Either way the
+        renewer says so and tries again every ``resubscribe_after`` seconds.
+        """
+        if reasons and not any(getattr(r, "is_failure", False) for r in reasons):
+            self.subscription_refusals = 0
+            log.info("reading %s", messages.REQUEST_FILTER)
+            self._loop.call_soon_threadsafe(self.connected.set)
+            return
+        self.subscription_refusals += 1
+        self.last_refusal = f"the subscription to {messages.REQUEST_FILTER} was refused"
+        log.error("the broker at %s:%d refused the renewer's subscription to %s (does the %r profile allow it?); "
+                  "retrying in %g s", *self.broker, messages.REQUEST_FILTER, RENEWER_PROFILE, self.resubscribe_after)
+        retry = threading.Timer(self.resubscribe_after, self._resubscribe, (client,))
+        retry.daemon = True
+        retry.start()
+
+    @staticmethod
+    def _resubscribe(client: paho.Client) -> None:
+        if client.is_connected():
+            client.subscribe(messages.REQUEST_FILTER, qos=1)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         log.warning("disconnected from %s:%d (%s); reconnecting", *self.broker, reason)

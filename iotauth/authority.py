@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -317,9 +317,15 @@ class Authority:
     # -- CRLs ------------------------------------------------------------------------------
 
     async def build_crl(
-        self, now: datetime | None = None, *, extra: Sequence[x509.RevokedCertificate] = ()
+        self, now: datetime | None = None, *, extra: Sequence[x509.RevokedCertificate] = (),
+        hold: Collection[str] = (),
     ) -> PublishedCrl:
-        """Sign a fresh CRL over the registry's complete revocation state (plus ``extra`` entries: canaries)."""
+        """Sign a fresh CRL over the registry's complete revocation state (plus ``extra`` entries: canaries).
+
+        ``hold``: serials (hex) to list as certificateHold as well, unless the
+        registry lists them already (the Mosquitto follower holds a renewal
+        until it has closed the sessions of the certificate it replaced).
+        """
         ca = self.ca
         at = now or now_utc()
         entries = await self.registry.crl_entries(at)
@@ -328,7 +334,10 @@ class Authority:
             e: known.get(e) or revoked_entry(int(e.serial, 16), datetime.fromisoformat(e.revoked_at), e.reason)
             for e in entries
         }
-        revoked = [*self._crl_entries.values(), *extra]
+        listed = {e.serial for e in entries}
+        held = [revoked_entry(int(serial, 16), at, x509.ReasonFlags.certificate_hold)
+                for serial in sorted(set(hold) - listed)]
+        revoked = [*self._crl_entries.values(), *extra, *held]
         number = await self.registry.next_crl_number()
         crl = ca.sign_crl(revoked, number, self.settings.crl_next_update, at)
         # A previous issuing CA lists the same entries: serials are random 159-bit numbers, so an entry for another

@@ -144,6 +144,20 @@ def superseded_at_connect(kind: str, data: Mapping[str, object]) -> bool:
             and data.get("via") == ACTIVATED_AT_CONNECT)
 
 
+def superseded_by(kind: str, data: Mapping[str, object]) -> str | None:
+    """The serial of the renewal that superseded a revoked certificate, or None for any other event.
+
+    The Mosquitto follower keeps that renewal on its CRL (certificateHold)
+    until it has closed the sessions of the certificate it replaces: Mosquitto
+    kicks by user name, which is the device id, so a session the device had
+    already opened with its new certificate would be closed too.
+    """
+    if kind != EventKind.CERTIFICATE_REVOKED or data.get("reason") != "superseded":
+        return None
+    serial = data.get("superseded_by")
+    return serial if isinstance(serial, str) and serial else None
+
+
 # -- other followers ---------------------------------------------------------------------
 
 EMQX_KICKS: frozenset[str] = frozenset(
@@ -198,7 +212,8 @@ The device statuses withdraw the device (CRL first, then the session is
 kicked and its dynamic-security client deleted). ``certificate.revoked`` of a
 device that stays active (a superseded certificate) kicks its session once,
 after the CRL refuses the old certificate, so it reconnects with the current
-one. Every other device or certificate event makes the follower re-read that
+one; a renewal that superseded it is held on the CRL until then
+(:func:`superseded_by`). Every other device or certificate event makes the follower re-read that
 device from the registry and bring its client and role in step, so a kind
 added later fails safe.
 """

@@ -43,10 +43,17 @@ class EventFeed:
         after_id: int = 0,
         since: str | None = None,
         device_id: str | None = None,
+        kinds: Sequence[str] | None = None,
         limit: int | None = None,
     ) -> list[AuditEvent]:
+        """Events after ``after_id``, oldest first (optionally since a time, of one device, of these kinds)."""
         sql = f"SELECT {rows.EVENT_COLUMNS} FROM events WHERE id > ?"
         params: list[Any] = [after_id]
+        if kinds is not None:
+            if not kinds:
+                return []
+            sql += f" AND kind IN ({', '.join('?' for _ in kinds)})"
+            params.extend(kinds)
         if since is not None:
             sql += " AND ts >= ?"
             params.append(since)

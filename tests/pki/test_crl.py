@@ -58,6 +58,21 @@ async def test_suspended_and_pending_are_on_hold_and_resume_lifts_it(
     assert crl.get_revoked_certificate_by_serial_number(int(suspended.record.serial, 16)) is None
 
 
+async def test_held_serials_are_listed_on_hold_once(
+    authority: Authority, registry: Registry, csr_factory: CsrFactory
+) -> None:
+    """The Mosquitto follower holds a renewal until it closed the sessions of the certificate it replaced."""
+    renewal = await authority.issue(csr_factory()[1], "renewed", actor="op")
+    gone = await authority.issue(csr_factory()[1], "gone-too", actor="op")
+    await registry.revoke("gone-too", RevocationReason.KEY_COMPROMISE, actor="op")
+    built = await authority.build_crl(hold=[renewal.record.serial, gone.record.serial])
+    assert _reason(built.crl, renewal.record.serial) is x509.ReasonFlags.certificate_hold
+    assert _reason(built.crl, gone.record.serial) is x509.ReasonFlags.key_compromise  # the registry's entry wins
+    assert [e.serial_number for e in built.crl].count(int(gone.record.serial, 16)) == 1
+    released = (await authority.build_crl()).crl
+    assert released.get_revoked_certificate_by_serial_number(int(renewal.record.serial, 16)) is None
+
+
 async def test_openssl_refuses_a_revoked_certificate_with_the_published_crl(
     home: Home, authority: Authority, registry: Registry, csr_factory: CsrFactory, tmp_path: Path
 ) -> None:

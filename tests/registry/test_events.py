@@ -20,6 +20,7 @@ from iotauth.registry.events import (
     device_status_changed,
     renewal_activated,
     superseded_at_connect,
+    superseded_by,
     topic_denied,
     written_by_broker,
     written_by_follower,
@@ -102,3 +103,13 @@ def test_rotation_events_withdraw_no_rights_and_name_what_the_renewer_acts_on() 
     assert not superseded_at_connect("certificate.revoked", {**revoked, "via": "confirm"})
     compromised = {"serial": "2", "reason": "key-compromise", "via": "connect"}
     assert not superseded_at_connect("certificate.revoked", compromised)
+
+
+def test_a_supersession_names_the_renewal_the_mosquitto_follower_holds() -> None:
+    revoked = {"serial": "2", "reason": "superseded", "superseded_by": "1", "via": "confirm"}
+    assert superseded_by("certificate.revoked", revoked) == "1"
+    # Superseded without a successor (the renewer's own identity, an expired pending renewal): nothing to hold.
+    assert superseded_by("certificate.revoked", {"serial": "2", "reason": "superseded"}) is None
+    assert superseded_by("certificate.revoked", {"serial": "2", "reason": "superseded", "superseded_by": 7}) is None
+    assert superseded_by("certificate.revoked", {**revoked, "reason": "key-compromise"}) is None
+    assert superseded_by("certificate.activated", revoked) is None

@@ -63,3 +63,15 @@ async def test_a_follower_goes_on_from_what_a_reopened_copy_shares(home: Home) -
         batch = await asyncio.wait_for(anext(feed), timeout=10)
         assert [e.device_id for e in batch] == ["copy-only"]
         assert batch[0].id == written.id  # the same id as the orphan's event: following on would have skipped it
+
+
+async def test_events_of_some_kinds_only(registry: Registry) -> None:
+    mark = await registry.last_event_id()
+    await registry.record_event("device.created", actor="t", device_id="kinds-1")
+    await registry.record_event("certificate.revoked", actor="t", device_id="kinds-1", data={"reason": "superseded"})
+    await registry.record_event("certificate.activated", actor="t", device_id="kinds-1")
+    found = await registry.events(after_id=mark, kinds=("certificate.revoked", "certificate.activated"))
+    assert [e.kind for e in found] == ["certificate.revoked", "certificate.activated"]
+    assert await registry.events(after_id=mark, kinds=()) == []
+    assert [e.kind for e in await registry.events(after_id=mark, kinds=("device.created",), limit=5)] == [
+        "device.created"]

@@ -28,6 +28,7 @@ import shutil
 import ssl
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -172,8 +173,11 @@ class CrlPublisher:
         self.canaries = canaries
         self.next_update: datetime | None = None
 
-    async def publish(self, proof_timeout: float = PROOF_TIMEOUT) -> CrlProof:
+    async def publish(self, proof_timeout: float = PROOF_TIMEOUT, hold: Collection[str] = ()) -> CrlProof:
         """Publish a fresh CRL and prove it loaded (one more SIGHUP if the first proves nothing).
+
+        ``hold``: renewals (serials) listed as certificateHold as well, until
+        the follower has closed the sessions of the certificates they replaced.
 
         Raises:
             MosquittoUnavailable: Mosquitto is not running (nothing to reload).
@@ -182,8 +186,8 @@ class CrlPublisher:
         started = time.monotonic()
         now = now_utc()
         canary = self.canaries.fresh(self.authority, now)
-        published = await self.authority.build_crl(now, extra=self.canaries.revoked(now))
-        self._check(published.crl, canary, now)
+        published = await self.authority.build_crl(now, extra=self.canaries.revoked(now), hold=hold)
+        self._check(published.crl, canary, now, hold)
         data = published.pem  # with the CRLs of a previous issuing CA and the root, after a rollover
         write_public(self.files.crl, data, mode=0o640 if self.group is not None else 0o644, group=self.group)
         if self.files.crl.read_bytes() != data:
@@ -205,7 +209,8 @@ class CrlPublisher:
                   "log for 'Unable to load certificate revocation file'", self.files.crl, published.number)
         return CrlProof(published.number, published.entries, canary.serial, False, time.monotonic() - started, last)
 
-    def _check(self, crl: x509.CertificateRevocationList, canary: Canary, now: datetime) -> None:
+    def _check(self, crl: x509.CertificateRevocationList, canary: Canary, now: datetime,
+               hold: Collection[str] = ()) -> None:
         issuing = self.authority.ca.issuing_cert
         problems = []
         if crl.issuer != issuing.subject:
@@ -216,5 +221,7 @@ class CrlPublisher:
             problems.append("nextUpdate is not in the future")
         if crl.get_revoked_certificate_by_serial_number(canary.certificate.serial_number) is None:
             problems.append("the canary is missing")
+        if any(crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is None for serial in hold):
+            problems.append("a held renewal is missing")
         if problems:
             raise MosquittoControlError(f"refusing to publish a bad CRL: {', '.join(problems)}")

@@ -10,6 +10,15 @@ that say what a device should have. Its order, always:
 3. grants, in messages sized so each stalls Mosquitto about ``grant_stall``
    seconds, with revocations committed meanwhile applied between them;
 4. cleanup of stale roles.
+
+**Renewals wait for their kick.** Mosquitto kicks by user name, which is the
+device id: kicking the sessions of a superseded certificate would also close
+a session the device had already opened with its renewal. So every CRL holds
+(certificateHold) each renewal whose superseded certificate's sessions have
+not been closed yet (:meth:`Enforcer.held`); once its device is kicked, a new
+CRL lets the renewal in. The device's reconnect with its new certificate is
+refused for those few milliseconds (about 40 ms here), never closed after it
+got in.
 """
 
 from __future__ import annotations
@@ -36,12 +45,13 @@ from iotauth.export.managed.state import (
 from iotauth.identity import validate_device_id
 from iotauth.policy import PolicySet
 from iotauth.registry import AuditEvent, EventKind, Registry
-from iotauth.registry.events import MOSQUITTO_KICKS
+from iotauth.registry.events import MOSQUITTO_KICKS, superseded_by
 
 log = logging.getLogger("iotauth.mosquitto")
 
 EXISTS, MISSING = ("already exists",), ("already exists", "not found")
 URGENT = tuple(MOSQUITTO_KICKS)  # event kinds that overtake queued grants
+HOLD_SCAN = 10_000  # certificate revocations read per CRL to find the renewals to hold
 
 
 class Enforcer:
@@ -52,6 +62,8 @@ class Enforcer:
         unproven: devices withdrawn while no CRL was seen in force; kicked again once one is.
         overtaken: device -> the revocation event applied ahead of its own batch (not kicked twice).
         next_crl: when (loop time) the CRL must be published again.
+        holding: supersession event id -> (device, renewal serial) held by the last CRL published.
+        released: supersession events whose device was kicked since: their renewals are no longer held.
     """
 
     def __init__(self, *, registry: Registry, policies: PolicySet, control: DynsecControl, crl: CrlPublisher,
@@ -68,6 +80,8 @@ class Enforcer:
         self.overtaken: dict[str, int] = {}
         self.per_command = 0.01  # seconds one saving command takes in this Mosquitto (measured as it runs)
         self.next_crl = 0.0
+        self.holding: dict[int, tuple[str, str]] = {}
+        self.released: set[int] = set()
 
     async def desired(self, devices: Iterable[str]) -> dict[str, DeviceRole]:
         """The roles these devices should have now (a device that is not active, or unknown, has none)."""
@@ -108,6 +122,8 @@ class Enforcer:
         await self.withdraw(todo.withdraw, todo.existing)
         if kicks:
             await self.control.run(kick_commands(kicks), tolerate=MISSING)
+        if self.release({*todo.withdraw, *kicks}, upto=after):
+            await self.publish_crl()  # their renewals are let in from here on
         grants = todo.grants
         done = 0
         while done < len(grants):
@@ -119,6 +135,8 @@ class Enforcer:
             if done < len(grants):
                 await self.overtake(after)
         await self.control.run(todo.cleanup, batch=self.grant_size(), tolerate=MISSING)
+        if self.release({*todo.created, *todo.changed}, upto=after):  # their grants kicked them
+            await self.publish_crl()
         return proof
 
     def grant_size(self) -> int:
@@ -141,7 +159,8 @@ class Enforcer:
         if not await self.registry.has_events(after_id=after, kind_prefixes=URGENT):
             return
         reasons: dict[str, tuple[str, AuditEvent]] = {}
-        for event in await self.registry.events(after_id=after, limit=1000):
+        read = await self.registry.events(after_id=after, limit=1000)
+        for event in read:
             reason = MOSQUITTO_KICKS.get(event.kind)
             if (reason is not None and event.device_id and valid(event.device_id)
                     and event.id > self.overtaken.get(event.device_id, 0)):
@@ -158,6 +177,8 @@ class Enforcer:
         await self.withdraw(withdraw, {d for d in withdraw if d in clients})
         if kicks:
             await self.control.run(kick_commands(kicks), tolerate=MISSING)
+        if self.release({*withdraw, *kicks}, upto=read[-1].id if read else after):
+            await self.publish_crl()
         records = []
         for device_id, (reason, event) in sorted(reasons.items()):
             self.overtaken[device_id] = event.id
@@ -172,15 +193,60 @@ class Enforcer:
             chunk = devices[start : start + size]
             await self.control.run(withdrawal_commands(chunk, existing), batch=3 * size, tolerate=MISSING)
 
+    async def held(self) -> dict[int, tuple[str, str]]:
+        """Renewals to keep on the CRL: supersession event id -> (device, renewal serial).
+
+        Every supersession the follower has not yet applied (after its
+        position) whose device was not kicked since (:attr:`released`).
+        """
+        found: dict[int, tuple[str, str]] = {}
+        for event in await self.registry.events(after_id=self.cursor.position,
+                                                kinds=(EventKind.CERTIFICATE_REVOKED,), limit=HOLD_SCAN):
+            serial = superseded_by(event.kind, event.data)
+            if serial is not None and event.device_id and event.id not in self.released:
+                found[event.id] = (event.device_id, serial)
+        return found
+
+    def release(self, kicked: Iterable[str], *, upto: int) -> bool:
+        """The devices ``kicked`` lost every session on their superseded certificates: stop holding their renewals.
+
+        Only supersessions up to event ``upto`` (those the kick was for): a later
+        one is applied, and kicked, by its own batch. True if any was released.
+        """
+        devices = set(kicked)
+        done = {i for i, (device, _) in self.holding.items() if device in devices and i <= upto}
+        self.released |= done
+        return bool(done)
+
+    def settled(self, position: int) -> None:
+        """The position moved to ``position``: forget what was remembered about the events up to it."""
+        self.released = {i for i in self.released if i > position}
+        self.overtaken = {d: i for d, i in self.overtaken.items() if i > position}
+
     async def publish_crl(self) -> CrlProof | None:
-        """A new CRL, proven in force; None (and a loud log) when Mosquitto's process cannot be signalled."""
+        """A new CRL holding the renewals not yet released, proven in force; None when Mosquitto cannot be signalled.
+
+        A renewal activated while the CRL was being signed may be missing from
+        the holds read before: it is read again afterwards and, if one is new,
+        the CRL is published once more at once.
+        """
+        holds = await self.held()
+        proof = await self._publish(holds)
+        if proof is not None:
+            late = await self.held()
+            if late.keys() - holds.keys():
+                proof = await self._publish(late) or proof
+        return proof
+
+    async def _publish(self, holds: dict[int, tuple[str, str]]) -> CrlProof | None:
         try:
-            proof = await self.crl.publish()
+            proof = await self.crl.publish(hold=sorted({serial for _, serial in holds.values()}))
         except MosquittoUnavailable as exc:
             log.error("could not reload Mosquitto's CRL (%s): withdrawn devices are kicked and lose their rights, "
                       "but their certificates are not refused until a CRL is loaded", exc)
             self.next_crl = asyncio.get_running_loop().time() + self.crl_retry
             return None
+        self.holding = holds
         self.next_crl = asyncio.get_running_loop().time() + (
             self.crl_refresh_every if proof.proven else self.crl_retry)
         if not proof.proven:

@@ -12,7 +12,10 @@ NOTIFY) and, for each batch of events, brings the devices they name in step:
    rights on reconnect). A device kicked before step 1 could reconnect
    through the old CRL and keep that session; after it, it cannot. A revoked
    certificate of a device that stays active kicks that device's session once,
-   so it reconnects with its current certificate.
+   so it reconnects with its current certificate. A renewal that superseded
+   the certificate stays on the CRL (certificateHold) until that kick, so the
+   kick cannot close a session already on the renewal
+   (:mod:`~iotauth.export.managed.enforce`).
 3. **grants**: roles and clients for devices that are (again) active or whose
    profile rules changed, a few commands per message. A device the new CRL
    lets in before its client exists has no rights until ``addClientRole`` (or
@@ -24,7 +27,8 @@ NOTIFY) and, for each batch of events, brings the devices they name in step:
 
 On start, after every reconnect (a restarted Mosquitto, a broken connection),
 after any failed batch and every ``reconcile_every`` seconds it **reconciles**
-the whole registry against everything Mosquitto holds. If Mosquitto refuses
+the whole registry against everything Mosquitto holds, and kicks the devices
+whose certificates were revoked since its position. If Mosquitto refuses
 the follower's credentials it has lost iotauth's state (a truncated or
 replaced state file): the follower writes the state file again from the
 registry and, with a restart command, restarts Mosquitto; a change too large
@@ -56,7 +60,7 @@ from iotauth.export.follower import Backoff
 from iotauth.export.managed.control import DynsecControl
 from iotauth.export.managed.crl import CrlPublisher
 from iotauth.export.managed.cursor import FeedCursor, FollowerRecord, to_apply
-from iotauth.export.managed.enforce import Enforcer, valid
+from iotauth.export.managed.enforce import HOLD_SCAN, Enforcer, valid
 from iotauth.export.managed.layout import ManagedFiles, ManagedSettings
 from iotauth.export.managed.process import MosquittoProcess
 from iotauth.export.managed.state import (
@@ -281,7 +285,7 @@ class MosquittoFollower:
             reason, event = reasons.get(device_id, ("device-not-active", scope[device_id]))
             records.append(self.enforce.kick_record(device_id, reason, proof, event_id=event.id, event=event.kind))
         await self.cursor.advance(batch[-1].id, records)
-        self.enforce.overtaken = {d: i for d, i in self.enforce.overtaken.items() if i > batch[-1].id}
+        self.enforce.settled(batch[-1].id)
         self._saved_at = asyncio.get_running_loop().time()
 
     # -- the whole registry -----------------------------------------------------------------
@@ -303,11 +307,13 @@ class MosquittoFollower:
         repairs, strangers = reserved_repairs(clients, roles, access)
         todo.withdraw += strangers
         todo.existing.update(strangers)
+        revoked = await self._revoked_since(head)
+        kicks = sorted(d for d in revoked if d in desired and d in clients and d not in todo.changed)
         if todo.commands + len(repairs) > self.options.rebuild_threshold and self.process.restart_command:
             await self.rebuild(f"{todo.commands} changes ({trigger})")
             return
         await self.control.run(repairs)
-        proof = await self.enforce.converge(todo, [], after=head)
+        proof = await self.enforce.converge(todo, kicks, after=head)
         marker = marker_command(clients, str(head))
         if marker is not None:
             await self.control.run([marker])
@@ -320,7 +326,10 @@ class MosquittoFollower:
                    **(proof.as_dict() if proof is not None else {"crl_proven": False})}
         records = [FollowerRecord(EventKind.MOSQUITTO_RECONCILED, None, summary)]
         records += [self.enforce.kick_record(d, "reconcile", proof, trigger=trigger) for d in todo.withdraw]
+        records += [self.enforce.kick_record(d, "certificate-revoked", proof, event_id=revoked[d].id,
+                                             event=revoked[d].kind, trigger=trigger) for d in kicks]
         await self.cursor.advance(head, records)
+        self.enforce.settled(head)
         self._saved_at = asyncio.get_running_loop().time()
         self._reconcile = None
         self._next_reconcile = asyncio.get_running_loop().time() + self.options.reconcile_every
@@ -333,6 +342,23 @@ class MosquittoFollower:
                            "listener": f"{self.settings.device_host}:{self.settings.device_port}",
                            "mosquitto_pid": self.process.pid(), "reconcile_seconds": round(seconds, 3)})
 
+    async def _revoked_since(self, head: int) -> dict[str, AuditEvent]:
+        """Devices with a certificate revoked after the position, up to ``head``: the newest such event of each.
+
+        A reconcile moves the position over these events without applying
+        them one by one, so it kicks their devices itself: a session on a
+        certificate revoked while the follower was down (or busy) must not
+        outlive it. Not on the first start: no position, nothing to catch up.
+        """
+        if self.cursor.saved is None:
+            return {}
+        found: dict[str, AuditEvent] = {}
+        for event in await self.registry.events(after_id=self.cursor.position,
+                                                kinds=(EventKind.CERTIFICATE_REVOKED,), limit=HOLD_SCAN):
+            if event.id <= head and event.device_id and valid(event.device_id):
+                found[event.device_id] = event
+        return found
+
     async def rebuild(self, reason: str) -> None:
         """Write Mosquitto's whole state (and a fresh CRL) from the registry; restart Mosquitto if we can."""
         head = await self.cursor.head()
@@ -342,7 +368,9 @@ class MosquittoFollower:
         write_public(self.files.state, json.dumps(document, separators=(",", ":")).encode(),
                      mode=0o660 if group is not None else 0o600, group=group)
         try:
-            published = await self.authority.build_crl(extra=self.crl.canaries.revoked(now_utc()))
+            holds = await self.enforce.held()  # the reconcile after the restart kicks their devices, then lets them in
+            published = await self.authority.build_crl(extra=self.crl.canaries.revoked(now_utc()),
+                                                        hold=[serial for _, serial in holds.values()])
             write_public(self.files.crl, published.pem,
                          mode=0o640 if group is not None else 0o644, group=group)
         except IotAuthError as exc:

@@ -1,7 +1,7 @@
 """The rotation protocol's messages (``firmware_tools/PROTOCOL.md``, part 2): JSON on a device's own topics.
 
 Sans-I/O and shared, byte for byte, by the renewer (:mod:`iotauth.rotation.renewer`)
-and the device side (``firmware_tools/agent.py``, the benchmarks):
+and the device side (``firmware_tools/agent/``, the benchmarks):
 
 * a **request** (``type: renew``) carries a CSR for a *new* key and a signature by
   the device's *current* key; a **confirmation** (``type: confirm``) a signature by

@@ -11,9 +11,7 @@ import asyncio
 import json
 import os
 import socket
-import ssl
 import stat
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from iotauth.errors import ConnectRefused
 from iotauth.export.managed.state import ADMIN_USERNAME
 from iotauth.testing import MqttClient
 from tests.fixtures.broker import DeviceCreds, Pki, event_time, iotauth_cli, wait_for
-from tests.fixtures.mosquitto import ManagedEnv
+from tests.fixtures.mosquitto import Attacker, ManagedEnv
 
 REFUSED = 128  # SUBACK failure (MQTT 3.1.1)
 
@@ -84,46 +82,6 @@ def test_a_certificate_cannot_take_another_devices_session(managed: ManagedEnv) 
     finally:
         victim.close()
         attacker.close()
-
-
-class Attacker(threading.Thread):
-    """Holds a device's key and reconnects as fast as it can, recording every CONNACK 0 and what became of it."""
-
-    def __init__(self, port: int, creds: DeviceCreds) -> None:
-        super().__init__(daemon=True)
-        self.port, self.creds = port, creds
-        self.accepted: list[float] = []
-        self.open: list[ssl.SSLSocket] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        context = ssl.create_default_context(cafile=str(self.creds.ca))
-        context.load_cert_chain(self.creds.cert, self.creds.key)
-        connect = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"
-        while not self.stop.is_set():
-            try:
-                raw = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-                tls = context.wrap_socket(raw, server_hostname="localhost")
-                tls.sendall(connect)
-                if tls.recv(4)[:1] == b"\x20":
-                    self.accepted.append(time.time())
-                    self.open.append(tls)
-                    continue
-                tls.close()
-            except (OSError, ssl.SSLError):
-                time.sleep(0.005)
-
-    def sessions_alive(self) -> int:
-        alive = 0
-        for tls in self.open:
-            tls.settimeout(0.5)
-            try:
-                alive += 1 if tls.recv(1) else 0
-            except TimeoutError:
-                alive += 1  # nothing to read, and not closed
-            except (OSError, ssl.SSLError):
-                pass
-        return alive
 
 
 def test_revocation_drops_the_live_session_and_the_reconnect_is_refused(managed: ManagedEnv) -> None:
@@ -186,10 +144,10 @@ def test_a_profile_change_updates_rights(managed_factory: object) -> None:
     assert device.subscribe("devices/prof-1/alerts/#") == [REFUSED]
     config = env.home.config_file
     text = config.read_text()
-    assert 'subscribe = ["devices/{device_id}/commands/#"]' in text
+    rights = 'subscribe = ["devices/{device_id}/commands/#", "devices/{device_id}/rotation/response"]'
+    assert rights in text
     mark = env.last_event_id()
-    config.write_text(text.replace('subscribe = ["devices/{device_id}/commands/#"]',
-                                   'subscribe = ["devices/{device_id}/alerts/#"]', 1))
+    config.write_text(text.replace(rights, rights.replace("commands/#", "alerts/#"), 1))
     reconciled = env.wait_event("mosquitto.reconciled", after=mark)
     assert reconciled.data["trigger"] == "policy-reloaded" and reconciled.data["changed"] == 1
     device.wait_disconnected(15)  # moved to its new role: one kick, then it reconnects with the new rights

@@ -22,13 +22,10 @@ from cryptography import x509
 from iotauth.certs import now_utc
 from iotauth.config import Home
 from iotauth.errors import ConnectRefused
-from iotauth.pki.keys import PrivateKey, generate_private_key, load_private_key
 from iotauth.registry import CertificateStatus, RevocationReason, open_registry
-from iotauth.rotation import messages
 from iotauth.testing import CredentialFiles
 from tests.fixtures.broker import (
     BrokerProcess,
-    Device,
     DeviceCreds,
     Pki,
     audit_events,
@@ -43,8 +40,10 @@ from tests.fixtures.rotation import (
     agent,
     agent_process,
     certificates,
+    confirm_over,
     holds_its_active_key,
     open_window,
+    request_over,
     state_dir,
 )
 
@@ -89,28 +88,13 @@ def test_a_device_renews_and_only_the_new_certificate_works(stack: tuple[BrokerP
     assert active.renewal_of == creds.serial
 
 
-def request_over(client: Device, creds: DeviceCreds) -> tuple[PrivateKey, str]:
-    """Send a renewal request over ``client`` (connected with ``creds``); return the new key and issued serial."""
-    key = load_private_key(creds.key.read_bytes(), None, "device key")
-    new_key = generate_private_key("p256")
-    cert = x509.load_pem_x509_certificate(creds.cert.read_bytes())
-    client.subscribe(messages.response_topic(creds.device_id))
-    request = messages.make_renew(key, cert, messages.make_csr(new_key, creds.device_id), creds.device_id)
-    client.publish(messages.request_topic(creds.device_id), request.encode())
-    answer = messages.decode_response(client.receive(timeout=30).payload)
-    assert answer.status is messages.Status.ISSUED, answer
-    assert answer.serial is not None and answer.chain is not None
-    return new_key, answer.serial
-
-
 def test_a_session_still_on_the_old_certificate_is_closed(stack: tuple[BrokerProcess, Pki, RenewerProcess],
                                                           tmp_path: Path) -> None:
     broker, pki, _ = stack
     creds = pki.issue("e2e-kick")
     with connect(broker.port, creds) as old_session:
         new_key, serial = request_over(old_session, creds)
-        confirm = messages.make_confirm(new_key, creds.device_id, serial)
-        old_session.publish(messages.request_topic(creds.device_id), confirm.encode())
+        confirm_over(old_session, creds.device_id, new_key, serial)
         old_session.wait_disconnected(timeout=15)  # the broker closed it: its certificate was superseded
     kicked = [e for e in audit_events(pki.home, "broker.session.kicked") if e.device_id == "e2e-kick"]
     assert kicked and kicked[-1].data["reason"] == "certificate-revoked"

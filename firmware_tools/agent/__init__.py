@@ -42,7 +42,7 @@ the same journal with its own MQTT stack; the messages are
 :mod:`iotauth.rotation.messages`, byte for byte.
 """
 
-from firmware_tools.agent.cli import main, run_forever, status
+from firmware_tools.agent.cli import due_at, main, ordered, run_forever, status
 from firmware_tools.agent.journal import (
     CRASH_POINTS,
     EXIT_REFUSED,
@@ -56,4 +56,4 @@ from firmware_tools.agent.rotation import Agent
 from firmware_tools.agent.session import TLS_REFUSED, Session
 
 __all__ = ["CRASH_POINTS", "EXIT_REFUSED", "EXIT_STATE", "EXIT_UNREACHABLE", "TLS_REFUSED", "Agent", "AgentError",
-           "Identity", "Session", "StateDir", "main", "run_forever", "status"]
+           "Identity", "Session", "StateDir", "due_at", "main", "ordered", "run_forever", "status"]

@@ -9,20 +9,24 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography import x509
 
+from iotauth.authority import Authority
 from iotauth.config import Home
 from iotauth.provisioning.report import append_report
 from iotauth.provisioning.station import Station
 from iotauth.registry import DeviceStatus, Registry, RevocationReason
 from iotauth.testing import free_port
-from tests.fixtures.broker import BrokerProcess, ConnectRefused, Pki, connect
+from tests.fixtures.broker import BrokerProcess, ConnectRefused, Pki, connect, iotauth_cli
 from tests.fixtures.devices import EmulatorFactory
+from tests.fixtures.rotation import RenewerProcess, holds_its_active_key
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 StationFactory = Callable[..., Station]
@@ -113,6 +117,73 @@ async def test_sensor_backs_off_until_the_broker_is_up(
     retries = [line for line in out.splitlines() if "retrying in" in line]
     assert retries and all(line.startswith("cannot connect to") for line in retries)
     assert f"connected to localhost:{port} as {provisioned.device_id}" in out
+
+
+async def test_sensor_renews_through_the_agent_when_the_operator_orders_it(
+    emulator: EmulatorFactory, station_factory: StationFactory, home: Home, authority: Authority, tmp_path: Path
+) -> None:
+    """``iotauth rotate`` reaches a running sensor; it renews with the agent on its flash and carries on."""
+    port = free_port()
+    authority.settings = replace(authority.settings, broker_port=port)
+    board = emulator()
+    provisioned = await station_factory().provision(board.port)
+    assert provisioned.ok, provisioned.error
+    device_id = str(provisioned.device_id)
+    broker = await asyncio.to_thread(BrokerProcess(home, port=port).start)
+    renewer = RenewerProcess(home, port)
+    sensor = None
+    try:
+        await asyncio.to_thread(renewer.start)
+        sensor = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "sensor.py"), "--state", str(board.state), "--count", "40",
+             "--interval", "0.25", "--linger", "0", "--renew-at", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        lines = LineReader(sensor)
+        assert await asyncio.to_thread(lines.wait_for, f"connected to localhost:{port} as {device_id}")
+        ordered = await asyncio.to_thread(iotauth_cli, home, "rotate", device_id, "--wait", "--timeout", "60",
+                                          "--json")
+        assert ordered.returncode == 0, ordered.stdout + ordered.stderr
+        assert json.loads(ordered.stdout)["renewed"] == 1
+        renewed = await asyncio.to_thread(lines.wait_for, "renewed: now ")
+        _, errors = await asyncio.to_thread(sensor.communicate, timeout=90)
+        assert sensor.returncode == 0, errors
+    finally:
+        if sensor is not None and sensor.poll() is None:
+            sensor.kill()
+        await asyncio.to_thread(renewer.stop)
+        await asyncio.to_thread(broker.stop)
+    serial = renewed.split("renewed: now ", 1)[1].strip()
+    active = await asyncio.to_thread(holds_its_active_key, home, device_id, board.state)
+    assert active.serial == serial != provisioned.serial
+    assert "command rotate: the operator orders a renewal" in lines.text()
+    assert lines.text().count(f"connected to localhost:{port} as {device_id}") == 2  # again, with the new identity
+
+
+class LineReader:
+    """A subprocess's stdout, read line by line in a thread, with a bounded wait for a line."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._arrived = threading.Condition()
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            with self._arrived:
+                self.lines.append(line.rstrip("\n"))
+                self._arrived.notify_all()
+
+    def wait_for(self, needle: str, timeout: float = 60) -> str:
+        with self._arrived:
+            found = self._arrived.wait_for(lambda: [line for line in self.lines if needle in line], timeout)
+        assert found, f"{needle!r} not printed within {timeout} s:\n{self.text()}"
+        return found[0]
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
 def test_sensor_without_credentials_is_a_clear_error(tmp_path: Path) -> None:

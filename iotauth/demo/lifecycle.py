@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotauth.authority import Authority, open_authority
 from iotauth.bootstrap import initialise_home
@@ -28,6 +28,9 @@ from iotauth.provisioning.results import Progress, ProvisionResult
 from iotauth.provisioning.station import StationConfig
 from iotauth.registry import EventKind, Registry, open_registry
 from iotauth.testing import CredentialFiles, Emulator, MqttClient, free_port
+
+if TYPE_CHECKING:
+    from iotauth.rotation.service import RenewerService
 
 TRUST_DOMAIN = "demo.iotauth.local"
 WAIT = 15.0
@@ -112,6 +115,7 @@ class Demo:
         self.registry: Registry | None = None
         self.authority: Authority | None = None
         self.broker: Broker | None = None
+        self.renewer: RenewerService | None = None
         self.port = 0
 
     @contextlib.asynccontextmanager
@@ -183,9 +187,15 @@ class Demo:
     async def operator_client(self) -> MqttClient:
         """An 'ingest' service identity for the operator side, issued like any device."""
         assert self.authority is not None
+        assert self.registry is not None
+        mark = await self.registry.last_event_id()
         client = MqttClient(self.operator_port(), await issue_operator_identity(self.authority, self.home))
         self.clients.append(client)
+        await self.identity_ready(client.client_id, mark)
         return client
+
+    async def identity_ready(self, device_id: str, after: int) -> None:
+        """Wait until the broker knows an identity issued after event ``after`` (iotauth's broker asks the registry)."""
 
     async def telemetry(self) -> MqttClient:
         async with self.step("each device publishes telemetry with its own certificate") as note:
@@ -221,6 +231,8 @@ class Demo:
             note.append(f"{attacker} -> devices/{victim}/...: not delivered; {await self.refusal_evidence(attacker)}")
 
     foreign_publish_qos = 1
+    rotates = True
+    """Whether the lifecycle includes the rotation step (renewal over MQTT through ``iotauth renewer``)."""
 
     async def sender_after_refusal(self, attacker: str, client: MqttClient) -> MqttClient:
         """Who sends the marker after the refused publish: iotauth's broker keeps the session open."""
@@ -228,6 +240,64 @@ class Demo:
 
     async def refusal_evidence(self, attacker: str) -> str:
         return f"audit event #{await self._wait_for_event(EventKind.BROKER_PUBLISH_DENIED, attacker)}"
+
+    async def rotate(self) -> None:
+        """An operator orders a renewal; the device's agent renews through the renewer; only the new one works."""
+        from iotauth.demo import rotation
+
+        assert self.authority is not None
+        assert self.registry is not None
+        target, board = self.device_ids[0], self.boards[0]
+        async with self.step(f"the operator orders {target} to renew: it renews over MQTT, the old certificate is "
+                             "refused") as note:
+            _close(self.clients[1])  # its telemetry session: the agent connects with the same client id
+            mark = await self.registry.last_event_id()
+            await self.identity_ready(await rotation.renewer_identity(self.authority, self.home), mark)
+            self.renewer = await rotation.start_renewer(self.authority, self.home, self.operator_port())
+            state = board.emulator.state
+            old = rotation.OldIdentity(target, state)
+            try:
+                mark = await self.registry.last_event_id()
+                await rotation.order(self.home, target)
+                serial = await rotation.run_agent(state)
+                enforced = await self.supersession_enforced(target, mark)
+                await self.reconnect(board, target)
+                refusal = await self.refusal_of(old.files, self.device_port(0))
+            finally:
+                old.remove()
+            trail = await rotation.trail(self.registry, target, mark, serial)
+            note.append(f"'iotauth rotate', then 'python -m firmware_tools.agent renew' on its flash: new serial "
+                        f"{serial[:12]}… connects; the old one: {refusal}{enforced}; {trail.describe()}")
+            self.run.facts["rotation"] = {"device": target, "serial": serial, "old_certificate": refusal,
+                                          "audit": [trail.issued, trail.activated, trail.superseded]}
+
+    async def supersession_enforced(self, device_id: str, after: int) -> str:
+        """Wait until the broker enforces a renewal's activation; what shows it (iotauth's broker: at once)."""
+        return ""
+
+    async def reconnect(self, board: Board, device_id: str) -> MqttClient:
+        """Connect with what the board holds now, retrying for a while as a device would (a broker that reads a
+        CRL may refuse a renewal for a moment after its activation, until its follower lets it in)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            client = board.client(device_id, self.device_port(self.boards.index(board)))
+            self.clients.append(client)
+            try:
+                if await connect(client):
+                    return client
+            except ConnectRefused:
+                pass
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"{device_id}'s new certificate was refused: {client.connack_reason}")
+            await asyncio.sleep(0.2)
+
+    async def refusal_of(self, files: CredentialFiles, port: int) -> str:
+        """How the broker refuses these credentials; raise :class:`DemoFailed` if they get in."""
+        client = MqttClient(port, files)
+        self.clients.append(client)
+        if await connect(client):
+            raise DemoFailed(f"{files.device_id} connected with credentials that must be refused")
+        return str(client.connack_reason)
 
     def revocation_step(self, target: str) -> str:
         return f"the operator revokes {target}: live session dropped, reconnect refused"
@@ -270,11 +340,9 @@ class Demo:
 
     async def reconnect_refusal(self, target: str) -> str:
         """How the revoked device's reconnect was refused; raise :class:`DemoFailed` if it got in."""
-        retry = self.boards[-1].client(target, self.device_port(len(self.boards) - 1))
-        self.clients.append(retry)
-        if await connect(retry):
-            raise DemoFailed(f"{target} reconnected after revocation")
-        return str(retry.connack_reason)
+        state = self.boards[-1].emulator.state
+        files = CredentialFiles(target, state / "fullchain.pem", state / "key.pem", state / "ca.pem")
+        return await self.refusal_of(files, self.device_port(len(self.boards) - 1))
 
     async def verify_audit(self) -> None:
         assert self.registry is not None
@@ -306,6 +374,8 @@ class Demo:
     async def close(self) -> None:
         for client in self.clients:
             await asyncio.to_thread(_close, client)
+        if self.renewer is not None:
+            await self.renewer.close()
         if self.broker is not None:
             await self.broker.shutdown()
         for board in self.boards:
@@ -337,6 +407,8 @@ async def run_steps(demo: Demo, keep: asyncio.Event | None) -> DemoRun:
         await demo.start_broker()
         watcher = await demo.telemetry()
         await demo.refuse_foreign_topic(watcher)
+        if demo.rotates:
+            await demo.rotate()
         await demo.revoke_live()
         await demo.verify_audit()
         if keep is not None:

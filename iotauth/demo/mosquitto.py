@@ -10,7 +10,11 @@ suite uses (:mod:`iotauth.testing`). What differs, and is checked as such:
   iotauth's log, so the cross-topic step checks that it was never delivered;
 * revocation: the follower publishes a CRL, proves it loaded with a canary,
   then kicks the session (its ``mosquitto.session.kicked`` record says so);
-  the reconnect is refused at the TLS handshake.
+  the reconnect is refused at the TLS handshake;
+* rotation: Mosquitto never asks iotauth about a connect, so the device's
+  confirmation is what activates its renewal; the old certificate is then
+  refused at the TLS handshake too. Identities issued during the run (the
+  operator's, the renewer's) are used once the follower has synced them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from iotauth.export.managed.layout import export_managed
 from iotauth.policy import PolicySet
 from iotauth.provisioning.results import Progress
 from iotauth.registry import EventKind
-from iotauth.testing import FollowerRunner, MosquittoRunner, MqttClient, free_port, mosquitto_binary
+from iotauth.testing import CredentialFiles, FollowerRunner, MosquittoRunner, MqttClient, free_port, mosquitto_binary
 
 
 class MosquittoDemo(Demo):
@@ -63,34 +67,44 @@ class MosquittoDemo(Demo):
                         f"(Mosquitto pid {self.mosquitto.pid})")
             self.run.facts["broker"] = f"mosquitto 127.0.0.1:{self.port}"
 
-    async def operator_client(self) -> MqttClient:
-        """The operator's identity is issued now: the follower gives it its client and role first."""
+    async def identity_ready(self, device_id: str, after: int) -> None:
+        """An identity issued now (the operator's, the renewer's): the follower gives it its client and role first."""
         assert self.registry is not None
-        mark = await self.registry.last_event_id()
-        client = await super().operator_client()
         deadline = asyncio.get_running_loop().time() + WAIT
         while asyncio.get_running_loop().time() < deadline:
-            events = await self.registry.events(after_id=mark, device_id=client.client_id)
+            events = await self.registry.events(after_id=after, device_id=device_id)
             if any(e.kind == EventKind.MOSQUITTO_DEVICE_SYNCED for e in events):
-                return client
+                return
             await asyncio.sleep(0.05)
-        raise DemoFailed(f"the follower did not sync {client.client_id} within {WAIT:.0f} s")
+        raise DemoFailed(f"the follower did not sync {device_id} within {WAIT:.0f} s")
 
     async def refusal_evidence(self, attacker: str) -> str:
         return "Mosquitto's dynamic-security ACL dropped it"
+
+    async def supersession_enforced(self, device_id: str, after: int) -> str:
+        """The follower's CRL refuses the superseded certificate (proven), then its kick: its record says so."""
+        assert self.registry is not None
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while asyncio.get_running_loop().time() < deadline:
+            for event in await self.registry.events(after_id=after, device_id=device_id):
+                if event.kind == EventKind.MOSQUITTO_SESSION_KICKED and event.data.get("crl_proven"):
+                    return f" (CRL proven in force, then the old sessions kicked: audit #{event.id})"
+            await asyncio.sleep(0.05)
+        raise DemoFailed(f"the follower did not enforce {device_id}'s renewal within {WAIT:.0f} s")
 
     async def revocation_evidence(self, target: str) -> str:
         kicked = await self._wait_for_event(EventKind.MOSQUITTO_SESSION_KICKED, target)
         return f" (CRL proven in force before the kick: audit event #{kicked})"
 
-    async def reconnect_refusal(self, target: str) -> str:
-        retry = self.boards[-1].client(target, self.device_port(len(self.boards) - 1))
-        self.clients.append(retry)
+    async def refusal_of(self, files: CredentialFiles, port: int) -> str:
+        """Mosquitto refuses a certificate its CRL lists in the TLS handshake, before any CONNACK."""
+        client = MqttClient(port, files)
+        self.clients.append(client)
         try:
-            await asyncio.to_thread(retry.connect, WAIT)
+            await asyncio.to_thread(client.connect, WAIT)
         except ConnectRefused as exc:
             return "refused at the TLS handshake" if exc.code is None else f"CONNACK {exc.code}"
-        raise DemoFailed(f"{target} reconnected after revocation")
+        raise DemoFailed(f"{files.device_id} connected with credentials that must be refused")
 
     async def close(self) -> None:
         await super().close()

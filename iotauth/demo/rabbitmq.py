@@ -81,6 +81,7 @@ class RabbitDemo(Demo):
             self.run.facts["rabbitmq_nodes"] = [node.name for node in cluster.nodes]
 
     foreign_publish_qos = 0  # RabbitMQ closes the connection instead of acknowledging
+    rotates = False  # renewal over MQTT is run end to end on iotauth broker and managed Mosquitto (tests/rotation)
 
     async def sender_after_refusal(self, attacker: str, client: MqttClient) -> MqttClient:
         """RabbitMQ 3.10 answers a refused PUBLISH by closing the connection; the device reconnects."""

@@ -16,6 +16,7 @@ EXPECTED_STEPS = [
     "start Mosquitto under iotauth's control (managed) and its follower",
     "each device publishes telemetry with its own certificate",
     "a device publishing to another device's topic is refused",
+    "the operator orders sensor-DEMO-0001 to renew: it renews over MQTT, the old certificate is refused",
     "the operator revokes sensor-DEMO-0003: live session dropped, reconnect refused",
     "audit log verifies",
 ]
@@ -31,7 +32,10 @@ def test_the_demo_lifecycle_runs_on_managed_mosquitto() -> None:
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     assert [step["name"] for step in report["steps"]] == EXPECTED_STEPS
-    refusal, revocation = report["steps"][5]["detail"], report["steps"][6]["detail"]
+    refusal, rotation, revocation = (report["steps"][n]["detail"] for n in (5, 6, 7))
     assert "not delivered; Mosquitto's dynamic-security ACL dropped it" in refusal
+    assert "the old one: refused at the TLS handshake (CRL proven in force, then the old sessions kicked" in rotation
+    assert "certificate.activated (via confirm)" in rotation  # Mosquitto never asks iotauth: the device confirms
+    assert report["facts"]["rotation"]["device"] == "sensor-DEMO-0001"
     assert "CRL proven in force before the kick" in revocation and "refused at the TLS handshake" in revocation
     assert report["facts"]["broker"].startswith("mosquitto ")

@@ -105,7 +105,8 @@ def test_a_device_renews_on_mosquitto_and_only_the_new_certificate_works(
     assert json.loads(done.stdout)["serial"] != creds.serial
     active = holds_its_active_key(env.home, "mq-renew", state)
     assert active.renewal_of == creds.serial
-    assert connects(env, live_creds(state, "mq-renew"))
+    env.wait_event("mosquitto.session.kicked", "mq-renew", after=mark)  # the follower applied the activation
+    assert wait_for(lambda: connects(env, live_creds(state, "mq-renew")), 15, "the renewal let in")
     assert refused_at_handshake(env, creds)
     old = next(c for c in certificates(env.home, "mq-renew") if c.serial == creds.serial)
     assert old.status is CertificateStatus.REVOKED and old.revocation_reason is RevocationReason.SUPERSEDED
@@ -208,7 +209,7 @@ def test_the_agent_keeps_its_old_identity_while_the_renewal_is_only_accepted(
     finished = agent(state)  # the renewer is back: the renewal completes
     assert finished.returncode == 0, finished.stderr
     holds_its_active_key(env.home, "mq-unsure", state)
-    assert connects(env, live_creds(state, "mq-unsure"))
+    assert wait_for(lambda: connects(env, live_creds(state, "mq-unsure")), 15, "the renewal let in")
 
 
 @pytest.mark.parametrize("point", AFTER_CONFIRM)
@@ -223,7 +224,7 @@ def test_the_agent_killed_between_confirm_and_switch_still_connects(
     again = agent(state)
     assert again.returncode == 0, again.stderr
     holds_its_active_key(env.home, device_id, state)
-    assert connects(env, live_creds(state, device_id))
+    assert wait_for(lambda: connects(env, live_creds(state, device_id)), 15, "the renewal let in")
     assert wait_for(lambda: refused_at_handshake(env, creds), 15, "the old certificate refused")
 
 

@@ -17,8 +17,12 @@ a session the device had already opened with its renewal. So every CRL holds
 (certificateHold) each renewal whose superseded certificate's sessions have
 not been closed yet (:meth:`Enforcer.held`); once its device is kicked, a new
 CRL lets the renewal in. The device's reconnect with its new certificate is
-refused for those few milliseconds (about 40 ms here), never closed after it
-got in.
+refused for those few milliseconds (about 40 ms here), not closed after it
+got in. One window remains, and only for a device faster than the follower:
+Mosquitto accepts a renewal until a CRL lists it as pending (about 0.1 s
+after issuance here), so a session opened with it in that window, and
+activated before the follower's next CRL, is closed by the kick once; the
+device reconnects (the reference agent and ``examples/sensor.py`` do).
 """
 
 from __future__ import annotations

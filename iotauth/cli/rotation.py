@@ -50,7 +50,7 @@ def renewer(ctx: CliContext, broker_address: str | None, cafile: Path | None, wo
     settings = ctx.settings()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    logging.getLogger("iotauth").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.getLogger("iotauth").setLevel(logging.DEBUG if verbose else logging.INFO)  # -v: every renewal (debug)
     broker = parse_bind(broker_address, settings.broker_port) if broker_address else None
     options = RenewerOptions(home=ctx.home, registry=ctx.registry_url, broker=broker, cafile=cafile, workers=workers,
                              crash_at=crash_at)

@@ -9,9 +9,11 @@ every ``iotauth`` subcommand and option they use must exist, and every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,17 +31,24 @@ def blocks(kind: str) -> list[str]:
     return [body for language, body in BLOCK.findall(README) if language == kind]
 
 
+@pytest.mark.timeout(300)
 def test_shell_blocks_run_as_written(tmp_path: Path) -> None:
     script = "set -euo pipefail\n" + "\n".join(blocks("sh"))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for variable in ("IOTAUTH_HOME", "IOTAUTH_REGISTRY", "IOTAUTH_CA_PASSPHRASE"):
         env.pop(variable, None)
     env["PYTHONPATH"] = str(ROOT)  # 'python -m firmware_tools.emulator' from a checkout
-    result = subprocess.run(
-        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, f"README shell blocks failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stderr
+    # A session of its own: whatever a failed block leaves running in the background (a broker holding the
+    # output pipes and the README's ports) is killed with it, so a failure is reported instead of hanging.
+    with subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as shell:
+        try:
+            stdout, stderr = shell.communicate(timeout=240)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
+    assert shell.returncode == 0, f"README shell blocks failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr
 
 
 def _commands(kind: str, program: str) -> list[list[str]]:

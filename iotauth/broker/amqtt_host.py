@@ -112,7 +112,7 @@ from iotauth.broker.gate import Gate, Link
 from iotauth.broker.guard import Guard
 from iotauth.broker.mqtt import Connect, encode_connect
 from iotauth.broker.runtime import BrokerOptions, Runtime, open_runtime
-from iotauth.broker.server import Started, open_gate, raise_file_limit, run
+from iotauth.broker.server import Started, listening, open_gate, open_metrics, raise_file_limit, run
 from iotauth.errors import ConfigError
 from iotauth.policy import Action as PolicyAction
 from iotauth.registry import EventKind, Registry
@@ -409,10 +409,7 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
-        found = dict(self.gate.addresses) if self.gate is not None else {}
-        if self.metrics is not None and self.metrics.address is not None:
-            found["metrics"] = self.metrics.address
-        return found
+        return listening(self.gate, self.metrics)
 
     async def start(self) -> None:
         options = self._plugin.options
@@ -428,12 +425,9 @@ class IotAuthBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         try:
             await runtime.guard.start(self)
             self.host = AmqttHost(self)
-            gate = self.gate = await open_gate(runtime, self.host, options, engine="amqtt")
-            if options.metrics_bind:  # amqtt keeps no message counters: the gate's and the guard's only
-                from iotauth.broker.metrics import start_broker_metrics
-
-                self.metrics = await start_broker_metrics(options.metrics_bind, runtime, gate.throttle, None,
-                                                          host="amqtt")
+            self.gate = await open_gate(runtime, self.host, options, engine="amqtt")
+            # amqtt keeps no message counters: the gate's and the guard's only
+            self.metrics = await open_metrics(runtime, self.gate, options, None, "amqtt")
         except BaseException:
             await self.shutdown()
             raise

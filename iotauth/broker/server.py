@@ -34,6 +34,7 @@ from iotauth.errors import ConfigError
 from iotauth.registry import EventKind, Registry
 
 if TYPE_CHECKING:  # loaded only with --metrics-bind (prometheus_client, uvicorn)
+    from iotauth.broker.core.engine import EngineStats
     from iotauth.broker.metrics import BrokerMetrics
 
 log = logging.getLogger("iotauth.broker")
@@ -69,10 +70,7 @@ class Broker:
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Where each listener listens (``mqtts``/``wss``/``metrics`` -> (host, port)); real ports even for 0."""
-        found = dict(self.gate.addresses) if self.gate is not None else {}
-        if self.metrics is not None and self.metrics.address is not None:
-            found["metrics"] = self.metrics.address
-        return found
+        return listening(self.gate, self.metrics)
 
     async def start(self) -> None:
         runtime = self.runtime = await open_runtime(self.options, self._registry)
@@ -80,12 +78,8 @@ class Broker:
         try:
             engine = self.engine = Engine(runtime.guard, runtime.session_limits)
             await runtime.guard.start(engine)
-            gate = self.gate = await open_gate(runtime, EngineHost(engine), self.options)
-            if self.options.metrics_bind:
-                from iotauth.broker.metrics import start_broker_metrics
-
-                self.metrics = await start_broker_metrics(self.options.metrics_bind, runtime, gate.throttle,
-                                                          engine.stats, host="iotauth")
+            self.gate = await open_gate(runtime, EngineHost(engine), self.options)
+            self.metrics = await open_metrics(runtime, self.gate, self.options, engine.stats, "iotauth")
         except BaseException:
             await self.shutdown()
             raise
@@ -120,6 +114,24 @@ async def open_gate(runtime: Runtime, host: Host, options: BrokerOptions, engine
     runtime.guard.audit.event(EventKind.BROKER_STARTED, None, {"engine": engine, "listeners": {
         name: f"{address_host}:{port}" for name, (address_host, port) in gate.addresses.items()}})
     return gate
+
+
+async def open_metrics(runtime: Runtime, gate: Gate, options: BrokerOptions, stats: EngineStats | None,
+                       engine: str) -> BrokerMetrics | None:
+    """The metrics endpoint if ``--metrics-bind`` asks for one (prometheus_client is loaded only then)."""
+    if not options.metrics_bind:
+        return None
+    from iotauth.broker.metrics import start_broker_metrics
+
+    return await start_broker_metrics(options.metrics_bind, runtime, gate.throttle, stats, host=engine)
+
+
+def listening(gate: Gate | None, metrics: BrokerMetrics | None) -> dict[str, tuple[str, int]]:
+    """Where each listener listens (``mqtts``/``wss``/``metrics`` -> (host, port)); real ports even for 0."""
+    found = dict(gate.addresses) if gate is not None else {}
+    if metrics is not None and metrics.address is not None:
+        found["metrics"] = metrics.address
+    return found
 
 
 def raise_file_limit() -> int:

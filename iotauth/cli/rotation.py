@@ -15,7 +15,7 @@ import click
 from iotauth.authority import operator_actor
 from iotauth.certs import now_utc
 from iotauth.cli.context import CliContext, pass_cli, run
-from iotauth.cli.render import emit_json, err, success, table, warn
+from iotauth.cli.render import emit_json, err, line, success, table, warn
 from iotauth.config import parse_bind
 from iotauth.errors import IotAuthError
 from iotauth.registry import Registry
@@ -135,9 +135,8 @@ async def _watch(registry: Registry, ordered: Ordered, limit: float, holder: lis
         if show and (progress.done or now - shown >= (1.0 if err.is_terminal else 5.0)):
             shown = now
             counts = progress.counts()
-            err.print(f"requested {len(progress.state)} · renewed {counts['renewed']} · issued {counts['issued']} "
-                      f"· refused {counts['refused']} · waiting {counts['waiting']} ({now - started:.0f} s)",
-                      highlight=False)
+            line(f"requested {len(progress.state)} · renewed {counts['renewed']} · issued {counts['issued']} "
+                 f"· refused {counts['refused']} · waiting {counts['waiting']} ({now - started:.0f} s)", stderr=True)
         if progress.done or (limit and now - started >= limit):
             return
         await asyncio.sleep(0.5)
@@ -152,12 +151,12 @@ def _skipped(skipped: dict[str, str]) -> None:
 def _render_summary(report: dict[str, Any], ordered: Ordered) -> None:
     renewed = report.get("renewed", 0)
     total = len(ordered.orders)
-    line = (f"{renewed} of {total} device(s) renewed; issued, not yet switched: {report.get('issued', 0)}; "
+    said = (f"{renewed} of {total} device(s) renewed; issued, not yet switched: {report.get('issued', 0)}; "
             f"refused: {report.get('refused', 0)}; no answer yet: {report.get('waiting', 0)}")
     if renewed == total:
-        success(line)
+        success(said)
     else:
-        warn(line + (" (interrupted)" if report.get("interrupted") else ""))
+        warn(said + (" (interrupted)" if report.get("interrupted") else ""))
     refusals = report.get("refusals", {})
     if refusals:
         table("refused", ["device id", "code"], sorted(refusals.items())[:50])

@@ -47,6 +47,7 @@ from typing import Any, Protocol, TypeVar
 
 from iotauth.errors import PushRejected, PushUnauthorized, PushUnavailable, RegistryError
 from iotauth.registry import AuditEvent, EventKind
+from iotauth.registry.cursors import FeedFollowing
 
 log = logging.getLogger("iotauth.push")
 T = TypeVar("T")
@@ -83,20 +84,8 @@ class PushTarget(Protocol):
         ...
 
 
-class PushRegistry(Protocol):
-    """The registry reads and writes a follower needs (``iotauth.registry.Registry`` has them)."""
-
-    async def events(
-        self, *, after_id: int = 0, since: str | None = None, device_id: str | None = None, limit: int | None = None
-    ) -> list[AuditEvent]: ...
-
-    async def last_event_id(self) -> int: ...
-
-    async def wait_for_change(self, interval: float) -> None: ...
-
-    async def follower_cursor(self, name: str) -> int | None: ...
-
-    async def save_follower_cursor(self, name: str, event_id: int) -> None: ...
+class PushRegistry(FeedFollowing, Protocol):
+    """What a push follower needs of the registry: the feed, its cursor, and its own audit records."""
 
     async def record_event(
         self, kind: EventKind, *, actor: str, device_id: str | None = None, data: dict[str, Any] | None = None

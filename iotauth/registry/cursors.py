@@ -12,8 +12,12 @@ replay are idempotent.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from iotauth.registry.backend import SqlConnection, Tx
+from iotauth.registry.events import EventKind
+from iotauth.registry.models import AuditEvent
 
 PREFIX = "cursor:"
 _NAME = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}", re.ASCII)
@@ -41,3 +45,30 @@ async def advance_cursor(tx: Tx, name: str, event_id: int) -> int:
     else:
         await tx.execute("UPDATE meta SET value = ? WHERE key = ?", (str(event_id), _key(name)))
     return event_id
+
+
+class FeedFollowing(Protocol):
+    """The registry calls every follower of the change feed makes (``iotauth.registry.Registry`` has them).
+
+    Followers depend on this, not on the registry class, so that they can be
+    driven by anything that keeps the same promises (a read replica's client).
+    """
+
+    async def events(
+        self, *, after_id: int = 0, since: str | None = None, device_id: str | None = None, limit: int | None = None
+    ) -> list[AuditEvent]: ...
+
+    async def last_event_id(self) -> int: ...
+
+    async def wait_for_change(self, interval: float) -> None: ...
+
+    async def follower_cursor(self, name: str) -> int | None: ...
+
+    async def save_follower_cursor(
+        self,
+        name: str,
+        event_id: int,
+        *,
+        actor: str = "",
+        records: Sequence[tuple[EventKind, str | None, dict[str, Any]]] = (),
+    ) -> None: ...

@@ -144,10 +144,10 @@ def test_a_profile_change_updates_rights(managed_factory: object) -> None:
     assert device.subscribe("devices/prof-1/alerts/#") == [REFUSED]
     config = env.home.config_file
     text = config.read_text()
-    rights = 'subscribe = ["devices/{device_id}/commands/#", "devices/{device_id}/rotation/response"]'
-    assert rights in text
+    default_subscribe = 'subscribe = ["devices/{device_id}/commands/#", "devices/{device_id}/rotation/response"]'
+    assert default_subscribe in text
     mark = env.last_event_id()
-    config.write_text(text.replace(rights, rights.replace("commands/#", "alerts/#"), 1))
+    config.write_text(text.replace(default_subscribe, 'subscribe = ["devices/{device_id}/alerts/#"]', 1))
     reconciled = env.wait_event("mosquitto.reconciled", after=mark)
     assert reconciled.data["trigger"] == "policy-reloaded" and reconciled.data["changed"] == 1
     device.wait_disconnected(15)  # moved to its new role: one kick, then it reconnects with the new rights

@@ -62,7 +62,7 @@ def test_a_device_role_holds_exactly_its_profile_rules() -> None:
         ("subscribePattern", "devices/sensor-1/commands/#", True, 0),
         ("publishClientReceive", "devices/sensor-1/commands/#", True, 0),
         ("unsubscribePattern", "devices/sensor-1/commands/#", True, 0),
-        ("publishClientSend", "devices/sensor-1/rotation/request", True, 0),  # renewal over MQTT
+        ("publishClientSend", "devices/sensor-1/rotation/request", True, 0),
         ("subscribePattern", "devices/sensor-1/rotation/response", True, 0),
         ("publishClientReceive", "devices/sensor-1/rotation/response", True, 0),
         ("unsubscribePattern", "devices/sensor-1/rotation/response", True, 0),

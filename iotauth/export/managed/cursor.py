@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from iotauth.registry.cursors import FeedFollowing as CursorStore
 from iotauth.registry.events import EventKind, written_by_follower
 from iotauth.registry.models import AuditEvent
 
@@ -36,29 +37,6 @@ class FollowerRecord:
     kind: EventKind
     device_id: str | None
     data: Mapping[str, Any] = field(default_factory=dict)
-
-
-class CursorStore(Protocol):
-    """The registry calls a feed follower makes (``iotauth.registry.Registry`` provides them)."""
-
-    async def events(
-        self, *, after_id: int = 0, since: str | None = None, device_id: str | None = None, limit: int | None = None
-    ) -> list[AuditEvent]: ...
-
-    async def last_event_id(self) -> int: ...
-
-    async def wait_for_change(self, interval: float) -> None: ...
-
-    async def follower_cursor(self, name: str) -> int | None: ...
-
-    async def save_follower_cursor(
-        self,
-        name: str,
-        event_id: int,
-        *,
-        actor: str = "",
-        records: Sequence[tuple[EventKind, str | None, dict[str, Any]]] = (),
-    ) -> None: ...
 
 
 class FeedCursor:

@@ -71,10 +71,11 @@ def _replace(path: Path, data: bytes, mode: int, group: int | None = None) -> No
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or an unlink in ``directory`` durable (a power cut cannot undo it)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

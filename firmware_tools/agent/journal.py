@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from iotauth.files import fsync_dir, write_public
 from iotauth.rotation import messages
 
 JOURNAL = "rotation.json"
@@ -42,27 +42,7 @@ class AgentError(Exception):
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` so that a crash leaves either the old or the new content: temp, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_public(path, data, mode)
 
 
 def _remove(*paths: Path) -> None:
@@ -70,7 +50,7 @@ def _remove(*paths: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     if paths:
-        _fsync_dir(paths[0].parent)
+        fsync_dir(paths[0].parent)
 
 
 def load_key(path: Path) -> PrivateKeyTypes:

@@ -44,8 +44,7 @@ if TYPE_CHECKING:  # the demo pulls in the broker, paho and the station: load it
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the step results as JSON.")
 def demo(directory: Path | None, devices: int, keep: bool, rabbitmq: bool, mosquitto: bool, as_json: bool) -> None:
-    """Run the whole lifecycle: CA, parallel serial provisioning, mTLS broker, rotation over MQTT,
-    live revocation.
+    """Run the whole lifecycle: CA, serial provisioning, mTLS broker, rotation over MQTT, live revocation.
 
     Exits non-zero if any step does not behave as described, so it doubles as a smoke test.
     The demo never touches your own iotauth home.

@@ -53,8 +53,8 @@ from iotauth.errors import IotAuthError, PolicyDenied, Rejection, RenewalRefused
 from iotauth.pki.verify import CertificateIdentity, ClientCertificateVerifier
 from iotauth.policy import PolicySet, SessionPolicy
 from iotauth.registry import CertificateStatus, Credential, DeviceStatus
+from iotauth.registry.activation import Activation
 from iotauth.registry.events import ACTIVATED_AT_CONNECT
-from iotauth.registry.renewal import Activation
 
 log = logging.getLogger("iotauth.broker")
 

@@ -28,7 +28,8 @@ old certificate and republish CRLs.
 
 Batched like issuance (:mod:`.issuance`): concurrent renewals are checked
 with a few set-based lookups per batch, then handed to
-:func:`~iotauth.registry.issuance.record_issuances` in the same transaction.
+:func:`~iotauth.registry.issuance.record_issuances` in the same transaction;
+concurrent activations likewise (:mod:`.activation`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from typing import TypeVar
 from cryptography import x509
 
 from iotauth.certs import cert_time, public_key_sha256, timestamp
-from iotauth.errors import NotFound, RefusalCode, RenewalRefused
+from iotauth.errors import RefusalCode, RenewalRefused
 from iotauth.registry import rows
+from iotauth.registry.activation import Activation, ActivationRequest, activate_renewals
 from iotauth.registry.backend import SqlConnection, Tx
 from iotauth.registry.events import EventKind
 from iotauth.registry.issuance import Coalescer, IssuanceRequest, lookup, record_issuances
@@ -86,20 +88,6 @@ class RenewalIssued:
 
 
 @dataclass(frozen=True)
-class Activation:
-    """A renewal made active; ``superseded`` is the certificate it revoked (None if it was active already)."""
-
-    certificate: CertificateRecord
-    superseded: CertificateRecord | None
-    ordered: bool = False
-    """An operator's rotation order for the device was open, and is now closed."""
-
-    @property
-    def already(self) -> bool:
-        return self.superseded is None
-
-
-@dataclass(frozen=True)
 class RotationOrder:
     """An operator asked a device to renew now: open until a renewal of the device is activated."""
 
@@ -138,6 +126,7 @@ class RenewalRecords:
 
     _reader: SqlConnection
     _renewals: Coalescer[RenewalRequest, RenewalIssued] | None = None
+    _activations: Coalescer[ActivationRequest, Activation] | None = None
 
     async def write(self, op: Callable[[Tx], Awaitable[T]]) -> T:
         raise NotImplementedError  # the Registry's group-committed write
@@ -176,7 +165,12 @@ class RenewalRecords:
             RenewalRefused: unknown or not a renewal of this device (``not-current-certificate``), revoked or
                 too old (``renewal-expired``), device not active, or the replaced certificate is no longer active.
         """
-        return await self.write(lambda tx: activate_in_tx(tx, serial, device_id, actor, via, max_age, request_id))
+        if self._activations is None:
+            self._activations = Coalescer(self._activate_renewals)
+        return await self._activations.submit(ActivationRequest(serial, device_id, actor, via, max_age, request_id))
+
+    async def _activate_renewals(self, requests: list[ActivationRequest]) -> list[Activation | Exception]:
+        return await self.write(lambda tx: activate_renewals(tx, requests))
 
     async def prune_rotation_requests(self, before: datetime) -> int:
         """Forget request ids seen before ``before`` (older requests are refused as stale anyway)."""
@@ -376,51 +370,6 @@ async def _decide(tx: Tx, request: RenewalRequest, key_hash: str, batch: _Batch)
         raise _refuse(RefusalCode.OUTSIDE_WINDOW, f"the renewal window opens at {request.window_opens}",
                       _seconds_until(request.window_opens, tx.now))
     return trigger
-
-
-async def activate_in_tx(tx: Tx, serial: str, device_id: str, actor: str, via: str,
-                         max_age: timedelta | None, request_id: str | None = None) -> Activation:
-    if request_id is not None:
-        if await tx.fetchone("SELECT 1 FROM rotation_requests WHERE request_id = ?", (request_id,)) is not None:
-            raise _refuse(RefusalCode.REPLAYED, f"confirmation {request_id} was already received")
-        activation = await _activate(tx, serial, device_id, actor, via, max_age)
-        await tx.execute("INSERT INTO rotation_requests (request_id, device_id, seen_at) VALUES (?, ?, ?)",
-                         (request_id, device_id, tx.now))
-        return activation
-    return await _activate(tx, serial, device_id, actor, via, max_age)
-
-
-async def _activate(tx: Tx, serial: str, device_id: str, actor: str, via: str,
-                    max_age: timedelta | None) -> Activation:
-    try:
-        cert = await rows.certificate_in_tx(tx, serial)
-    except NotFound:
-        raise _refuse(RefusalCode.NOT_CURRENT_CERTIFICATE, f"no certificate {serial}") from None
-    if cert.device_id != device_id or cert.renewal_of is None:
-        raise _refuse(RefusalCode.NOT_CURRENT_CERTIFICATE, f"certificate {serial} is not a renewal of this device")
-    if cert.status is CertificateStatus.ACTIVE:
-        return Activation(cert, None)
-    if cert.status is CertificateStatus.REVOKED:
-        raise _refuse(RefusalCode.RENEWAL_EXPIRED, f"renewal {serial} was revoked ({cert.revocation_reason}): "
-                      "renew again with a new key")
-    if max_age is not None and cert.issued_at < _shift(tx.now, -max_age):
-        raise _refuse(RefusalCode.RENEWAL_EXPIRED, f"renewal {serial} is older than the pending TTL")
-    device = await rows.device_in_tx(tx, device_id)
-    if device.status is not DeviceStatus.ACTIVE:
-        raise _refuse(RefusalCode.DEVICE_NOT_ACTIVE, f"device {device_id!r} is {device.status.value}")
-    old = await rows.certificate_in_tx(tx, cert.renewal_of)
-    if old.status is not CertificateStatus.ACTIVE:
-        raise _refuse(RefusalCode.NOT_CURRENT_CERTIFICATE,
-                      f"certificate {old.serial}, which this renewal replaces, is {old.status.value}")
-    order = await tx.fetchone("SELECT 1 FROM rotation_orders WHERE device_id = ?", (device_id,))
-    await tx.execute("UPDATE certificates SET status = 'active', activated_at = ? WHERE serial = ?", (tx.now, serial))
-    tx.event(EventKind.CERTIFICATE_ACTIVATED, actor, device_id,
-             {"serial": serial, "renewal_of": old.serial, "via": via, "order": order is not None})
-    superseded = await rows.revoke_in_tx(tx, old, RevocationReason.SUPERSEDED, actor,
-                                         {"superseded_by": serial, "via": via})
-    if order is not None:
-        await tx.execute("DELETE FROM rotation_orders WHERE device_id = ?", (device_id,))
-    return Activation(await rows.certificate_in_tx(tx, serial), superseded, order is not None)
 
 
 async def order_in_tx(tx: Tx, device_ids: list[str], actor: str) -> tuple[list[RotationOrder], dict[str, str]]:

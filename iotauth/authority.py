@@ -34,6 +34,7 @@ from iotauth.config import Home, Profile, Settings, load_settings
 from iotauth.errors import Conflict, IotAuthError, NotFound, PkiError
 from iotauth.identity import validate_hardware_id
 from iotauth.pki.ca import CertificateAuthority, revoked_entry
+from iotauth.pki.csr import DeviceCsr
 from iotauth.registry import (
     CertificateRecord,
     CertificateStatus,
@@ -206,7 +207,7 @@ class Authority:
 
     async def renew(
         self,
-        csr: x509.CertificateSigningRequest,
+        csr: DeviceCsr,
         device: Device,
         current: CertificateRecord,
         *,
@@ -221,11 +222,15 @@ class Authority:
         renewal already issued for this device and key (a retry) or refuse. The
         certificate is returned only once its record is durable.
 
+        ``csr`` comes from :func:`~iotauth.pki.csr.load_device_csr`, which verified
+        its self-signature (proof of possession of the new key): a renewal is
+        on the renewer's busiest path, so that check is made there once, not twice.
+
         Returns:
             the recorded renewal, and its chain: the certificate, then the CA that issued it.
         """
         profile = self.settings.profile(device.profile)
-        cert = self.ca.issue(csr, device.device_id, profile)
+        cert = self.ca.issue_for_key(csr.csr.public_key(), device.device_id, profile)
         rotation = self.settings.rotation
         result = await self.registry.record_renewal(RenewalRequest(
             cert=cert, device_id=device.device_id, current_serial=current.serial, request_id=request_id,

@@ -223,12 +223,12 @@ class Renewer:
         if current.not_after <= cert_time(now):
             raise RenewalRefused(RefusalCode.CERTIFICATE_EXPIRED, f"certificate expired at {current.not_after}")
         try:
-            csr = load_device_csr(message.csr).csr
+            csr = load_device_csr(message.csr)  # proof of possession: the CSR's signature verified, once
         except CsrRejected as exc:
             raise RenewalRefused(RefusalCode.BAD_REQUEST, str(exc)) from None
         profile = self.settings.profile(device.profile)
         try:
-            check_key_allowed(csr.public_key(), profile.key_types, profile.rsa_min_bits)
+            check_key_allowed(csr.csr.public_key(), profile.key_types, profile.rsa_min_bits)
         except CsrRejected as exc:
             raise RenewalRefused(RefusalCode.KEY_TYPE_NOT_ALLOWED, str(exc)) from None
         opens = window_opens(current, profile.renew_after)

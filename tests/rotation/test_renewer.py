@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from iotauth.authority import Authority
 from iotauth.certs import fingerprint, now_utc
@@ -228,6 +229,21 @@ async def test_refused_a_certificate_the_device_does_not_hold(renewer: Renewer, 
     request = messages.make_renew(dev.key, other.cert, messages.make_csr(generate_private_key("p256"), "x"),
                                   dev.device_id)
     await refusal(renewer, dev.topic(), request.encode(), RefusalCode.NOT_CURRENT_CERTIFICATE, "no certificate")
+
+
+async def test_refused_a_csr_for_a_key_the_device_does_not_hold(renewer: Renewer, authority: Authority,
+                                                                 registry: Registry) -> None:
+    """A CSR carrying someone else's public key (its self-signature cannot verify), in a request properly signed by
+    the device's current key: no proof of possession of the new key, nothing issued."""
+    dev = await enrol(authority, "pop-1")
+    own, victim = generate_private_key("p256"), generate_private_key("p256")
+    spki = Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    csr = messages.make_csr(own, dev.device_id).replace(own.public_key().public_bytes(*spki),
+                                                        victim.public_key().public_bytes(*spki))
+    assert x509.load_der_x509_csr(csr).public_key() == victim.public_key()
+    request = messages.make_renew(dev.key, dev.cert, csr, dev.device_id)
+    await refusal(renewer, dev.topic(), request.encode(), RefusalCode.BAD_REQUEST, "does not verify")
+    assert [c.serial for c in await registry.certificates_of("pop-1")] == [format(dev.cert.serial_number, "x")]
 
 
 async def test_malformed_messages(renewer: Renewer, authority: Authority, registry: Registry) -> None:

@@ -18,6 +18,7 @@ from iotauth.cli.context import CliContext, pass_cli, run
 from iotauth.cli.render import emit_json, err, line, success, table, warn
 from iotauth.config import parse_bind
 from iotauth.errors import IotAuthError
+from iotauth.metrics import metrics_bind as metrics_address
 from iotauth.registry import Registry
 from iotauth.rotation.orders import Ordered, Progress, ProgressWatch, choose_devices, order_rotation, parse_duration
 
@@ -29,13 +30,15 @@ from iotauth.rotation.orders import Ordered, Progress, ProgressWatch, choose_dev
               help="Trust anchors for the broker's server certificate. [default: the home's ca/chain.pem]")
 @click.option("--workers", type=click.IntRange(1, 4096), default=256, show_default=True,
               help="Messages decided at once.")
+@click.option("--metrics-bind", metavar="[HOST:]PORT",
+              help="Prometheus metrics of the renewer at http://HOST:PORT/metrics (PORT alone: 127.0.0.1 only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line on stdout once connected.")
 @click.option("-v", "--verbose", count=True, help="-v: log every renewal.")
 @click.option("--crash-at", hidden=True, help="Testing: die with SIGKILL at this step (received, issued, activated, "
               "answered).")
 @pass_cli
-def renewer(ctx: CliContext, broker_address: str | None, cafile: Path | None, workers: int, as_json: bool,
-            verbose: int, crash_at: str | None) -> None:
+def renewer(ctx: CliContext, broker_address: str | None, cafile: Path | None, workers: int, metrics_bind: str | None,
+            as_json: bool, verbose: int, crash_at: str | None) -> None:
     """Run the renewal service: devices renew their certificates over MQTT, on any broker.
 
     It connects to the broker as an ordinary client with its own certificate
@@ -52,8 +55,10 @@ def renewer(ctx: CliContext, broker_address: str | None, cafile: Path | None, wo
                         stream=sys.stderr)
     logging.getLogger("iotauth").setLevel(logging.DEBUG if verbose else logging.INFO)  # -v: every renewal (debug)
     broker = parse_bind(broker_address, settings.broker_port) if broker_address else None
+    if metrics_bind is not None:
+        metrics_address(metrics_bind)  # a bad address is a usage error before anything starts
     options = RenewerOptions(home=ctx.home, registry=ctx.registry_url, broker=broker, cafile=cafile, workers=workers,
-                             crash_at=crash_at)
+                             metrics_bind=metrics_bind, crash_at=crash_at)
 
     def started(info: Started) -> None:
         if as_json:

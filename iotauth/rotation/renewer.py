@@ -32,9 +32,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,6 +45,7 @@ from iotauth.authority import Authority
 from iotauth.broker.ledger import DenialLedger
 from iotauth.certs import cert_time, now_utc
 from iotauth.errors import CsrRejected, IotAuthError, RefusalCode, RenewalRefused, RotationMessageError
+from iotauth.histogram import LatencyHistogram
 from iotauth.pki.csr import load_device_csr
 from iotauth.pki.keys import check_key_allowed
 from iotauth.registry import CertificateRecord, CertificateStatus, DeviceStatus, EventKind
@@ -131,6 +132,26 @@ class RefusalAudit:
             await self._journal.flush(timeout=30.0)
 
 
+UNREADABLE, IGNORED, REFUSED = "unreadable", "ignored", "refused"
+
+
+@dataclass
+class RenewalCounts:
+    """What the renewer answered, for ``--metrics-bind`` (plain numbers, read when scraped; no device ids).
+
+    Attributes:
+        requests: by (message type, result): ``renew``/``confirm``/``unreadable`` (no type could be read) and
+            ``issued``/``reissued`` (a retry got its pending certificate again)/``activated``/``refused``/``ignored``
+            (not a request topic).
+        refusals: by the protocol's refusal code.
+        issuance: seconds from taking up a renewal request to its certificate signed and durably recorded.
+    """
+
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)
+    issuance: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
 class Renewer:
     """Decide on renewal requests and confirmations (see the module docstring).
 
@@ -151,20 +172,28 @@ class Renewer:
         self._clock = clock
         self.rate = RequestRate(self.settings.rotation.max_requests_per_minute)
         self.stats: dict[str, int] = {"issued": 0, "reissued": 0, "activated": 0, "refused": 0}
+        self.counts = RenewalCounts()
 
     async def handle(self, topic: str, payload: bytes) -> Answer | None:
         """Decide on one message from a request topic; the answer to publish, or None if there is no one to answer."""
         device_id = messages.device_of_request_topic(topic)
         if device_id is None:
             log.warning("message on %r ignored: not a device's rotation request topic", topic[:120])
+            self.counts.requests[(UNREADABLE, IGNORED)] += 1
             return None
         request_id: str | None = None
         details: dict[str, Any] = {}
+        started = time.monotonic()
         try:
             message = messages.decode_request(payload)
             request_id = messages.b64(message.request_id)
             details = {"request_id": request_id, "type": message.kind.value}
-            return Answer(device_id, await self._decide(device_id, message, details))
+            response = await self._decide(device_id, message, details)
+            result = "reissued" if details.get("reissued") else response.status.value
+            self.counts.requests[(message.kind.value, result)] += 1
+            if response.status is messages.Status.ISSUED:
+                self.counts.issuance.observe(time.monotonic() - started)
+            return Answer(device_id, response)
         except RotationMessageError as exc:
             request_id = exc.request_id or request_id
             return self._refuse(device_id, request_id, exc, details)
@@ -180,6 +209,8 @@ class Renewer:
     def _refuse(self, device_id: str, request_id: str | None, exc: RenewalRefused,
                 details: dict[str, Any]) -> Answer | None:
         self.stats["refused"] += 1
+        self.counts.requests[(str(details.get("type", UNREADABLE)), REFUSED)] += 1
+        self.counts.refusals[exc.code.value] += 1
         if self.audit.refused(device_id, exc.code, {"fingerprint": details.pop("fingerprint", None),
                                                      "detail": str(exc)[:300], **details}):
             log.info("refused %s of %s: %s (%s)", details.get("type", "message"), device_id, exc.code.value, exc)
@@ -239,6 +270,7 @@ class Renewer:
         result, chain = await self.authority.renew(csr, device, current, request_id=request_id,
                                                    window_opens=opens, actor=self.actor)
         self.stats["reissued" if result.reused else "issued"] += 1
+        details["reissued"] = result.reused
         log.debug("issued renewal %s of %s (%s) for request %s", result.record.serial, device_id, result.trigger,
                   request_id)
         return messages.issued(request_id, result.record.serial, result.record.not_after,

@@ -55,12 +55,14 @@ from iotauth.certs import cert_time, fingerprint, now_utc, pem
 from iotauth.config import RENEWER_PROFILE, Home, registry_location
 from iotauth.errors import IotAuthError, PkiError
 from iotauth.files import replace_secret, write_public
+from iotauth.metrics import exporting
 from iotauth.pki.keys import generate_private_key, load_private_key, private_key_pem
 from iotauth.registry import CertificateStatus, Registry, RevocationReason, open_registry
 from iotauth.registry.events import ROTATION_ORDERS, renewal_activated
 from iotauth.registry.expiry import expire_pending_forever
 from iotauth.registry.journal import EventJournal
 from iotauth.rotation import messages
+from iotauth.rotation.metrics import renewer_metrics
 from iotauth.rotation.renewer import RefusalAudit, Renewer, clock_margin, window_opens
 
 log = logging.getLogger("iotauth.rotation")
@@ -93,6 +95,8 @@ class RenewerOptions:
     workers: int = 256
     poll_interval: float = 0.2
     keepalive: int = 30
+    metrics_bind: str | None = None
+    """``[HOST:]PORT`` of the Prometheus exporter (``PORT`` alone: loopback), or None."""
     crash_at: str | None = None
     """Testing: die with SIGKILL at this step of the first message that reaches it (see :data:`CRASH_POINTS`)."""
 
@@ -114,10 +118,14 @@ class Identity:
 class Started:
     identity: Identity
     broker: tuple[str, int]
+    metrics: tuple[str, int] | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"renewer": self.identity.device_id, "serial": self.identity.serial,
-                "broker": f"{self.broker[0]}:{self.broker[1]}"}
+        started: dict[str, object] = {"renewer": self.identity.device_id, "serial": self.identity.serial,
+                                      "broker": f"{self.broker[0]}:{self.broker[1]}"}
+        if self.metrics is not None:
+            started["metrics"] = f"{self.metrics[0]}:{self.metrics[1]}"
+        return started
 
 
 # -- the renewer's own certificate -----------------------------------------------------------
@@ -172,11 +180,23 @@ def _load_identity(key_path: Path, cert_path: Path) -> x509.Certificate | None:
 Deliver = Callable[[str, bytes, int, int], None]
 
 
+@dataclass
+class LinkCounts:
+    """The renewer's MQTT connection, for ``--metrics-bind`` (written by paho's thread, read when scraped)."""
+
+    up: bool = False
+    subscribed: bool = False  # the broker granted devices/+/rotation/request
+    connects: int = 0
+    disconnects: int = 0
+    refused: int = 0  # CONNACKs refusing the renewer
+    subscriptions_refused: int = 0
+
+
 class MqttLink:
     """paho-mqtt in its own thread, bridged to an asyncio loop (see the module docstring)."""
 
     def __init__(self, identity: Identity, broker: tuple[str, int], cafile: Path, keepalive: int,
-                 loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+                 loop: asyncio.AbstractEventLoop, deliver: Deliver, counts: LinkCounts | None = None) -> None:
         self.broker = broker
         self.keepalive = keepalive
         self.connected = asyncio.Event()
@@ -185,6 +205,7 @@ class MqttLink:
         self.last_refusal: str | None = None
         self.subscription_refusals = 0
         self.resubscribe_after = RESUBSCRIBE_AFTER
+        self.counts = counts or LinkCounts()
         self._loop = loop
         self._deliver = deliver
         self._lock = threading.Lock()
@@ -221,10 +242,13 @@ class MqttLink:
         code = V5_TO_V311.get(reason.value, reason.value) if hasattr(reason, "value") else int(reason)
         if code != 0:
             self.refusals += 1
+            self.counts.refused += 1
             self.last_refusal = f"CONNACK {code} ({reason})"
             log.error("the broker at %s:%d refused the renewer: %s", *self.broker, self.last_refusal)
             return
         self.refusals = 0
+        self.counts.connects += 1
+        self.counts.up = True
         log.info("connected to %s:%d; subscribing to %s", *self.broker, messages.REQUEST_FILTER)
         client.subscribe(messages.REQUEST_FILTER, qos=1)
 
@@ -239,10 +263,13 @@ class MqttLink:
         """
         if reasons and not any(getattr(r, "is_failure", False) for r in reasons):
             self.subscription_refusals = 0
+            self.counts.subscribed = True
             log.info("reading %s", messages.REQUEST_FILTER)
             self._loop.call_soon_threadsafe(self.connected.set)
             return
         self.subscription_refusals += 1
+        self.counts.subscriptions_refused += 1
+        self.counts.subscribed = False
         self.last_refusal = f"the subscription to {messages.REQUEST_FILTER} was refused"
         log.error("the broker at %s:%d refused the renewer's subscription to %s (does the %r profile allow it?); "
                   "retrying in %g s", *self.broker, messages.REQUEST_FILTER, RENEWER_PROFILE, self.resubscribe_after)
@@ -257,6 +284,9 @@ class MqttLink:
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         log.warning("disconnected from %s:%d (%s); reconnecting", *self.broker, reason)
+        if self.counts.up:
+            self.counts.disconnects += 1
+        self.counts.up = self.counts.subscribed = False
         self._loop.call_soon_threadsafe(self.connected.clear)
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
@@ -280,18 +310,22 @@ class RenewerService:
         self.broker = options.broker or (settings.broker_host, settings.broker_port)
         self.audit = RefusalAudit(EventJournal(self.registry, actor, "the renewer's audit journal"))
         self.renewer = Renewer(authority, self.audit, actor=actor)
-        self._queue: asyncio.Queue[tuple[str, bytes, int, int]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, bytes, int, int]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self.link_counts = LinkCounts()  # kept across reconnects with a new certificate
         self.link = self._link()
         self.orders_published = 0
+        self.orders_cleared = 0
+        self.open_orders: set[str] = set()
+        """Devices with an operator's order open, as the change feed tells (for ``--metrics-bind``)."""
 
     def _link(self) -> MqttLink:
         cafile = self.options.cafile or self.options.home.chain_file
         return MqttLink(self.identity, self.broker, cafile, self.options.keepalive, asyncio.get_running_loop(),
-                        self._deliver)
+                        self._deliver, self.link_counts)
 
     def _deliver(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        self._queue.put_nowait((topic, payload, mid, qos))
+        self.queue.put_nowait((topic, payload, mid, qos))
 
     async def start(self, connect_timeout: float = 30.0) -> None:
         """Connect (raising if the broker will not have the renewer) and start every task."""
@@ -335,7 +369,7 @@ class RenewerService:
 
     async def _worker(self) -> None:
         while True:
-            topic, payload, mid, qos = await self._queue.get()
+            topic, payload, mid, qos = await self.queue.get()
             self._crash("received")
             try:
                 answer = await self.renewer.handle(topic, payload)
@@ -358,6 +392,7 @@ class RenewerService:
         """Publish operators' orders (retained) and clear them once the device's renewal is active."""
         cursor = await self.registry.follower_cursor(CURSOR)
         for order in await self.registry.open_orders():
+            self.open_orders.add(order.device_id)
             self._publish_order(order.device_id, messages.RotateOrder(order.serial, order.requested_at).encode())
         if cursor is None:
             cursor = await self.registry.last_event_id()
@@ -369,14 +404,18 @@ class RenewerService:
                     continue
                 if event.kind in ROTATION_ORDERS and isinstance(event.data.get("serial"), str):
                     command = messages.RotateOrder(str(event.data["serial"]), event.ts)
+                    self.open_orders.add(event.device_id)
                     sent.append(self._publish_order(event.device_id, command.encode()))
                 elif renewal_activated(event.kind, event.data) and event.data.get("order"):
+                    self.open_orders.discard(event.device_id)
+                    self.orders_cleared += 1
                     sent.append(self._publish_order(event.device_id, b""))  # an empty retained message clears it
             await _published(sent)
             await self.registry.save_follower_cursor(CURSOR, batch[-1].id)
 
     def _publish_order(self, device_id: str, payload: bytes) -> paho.MQTTMessageInfo:
-        self.orders_published += 1
+        if payload:
+            self.orders_published += 1
         return self.link.publish(messages.command_topic(device_id), payload, retain=True)
 
     async def _housekeeping(self) -> None:
@@ -418,11 +457,12 @@ async def serve(options: RenewerOptions, on_started: Callable[[Started], None] |
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await service.start()
-            if on_started is not None:
-                on_started(Started(identity, service.broker))
-            log.warning("iotauth renewer %s running against %s:%d", identity.device_id, *service.broker)
-            await _until_stopped(stop, service, authority, home, actor)
+            async with exporting(options.metrics_bind, renewer_metrics(service)) as exporter:
+                await service.start()
+                if on_started is not None:
+                    on_started(Started(identity, service.broker, exporter.address if exporter else None))
+                log.warning("iotauth renewer %s running against %s:%d", identity.device_id, *service.broker)
+                await _until_stopped(stop, service, authority, home, actor)
         finally:
             await service.close()
             for signum in (signal.SIGINT, signal.SIGTERM):

@@ -38,6 +38,8 @@ def mosquitto() -> None:
 @click.option("--rebuild-threshold", type=click.IntRange(min=1), default=600, show_default=True,
               help="With --restart-command: rebuild and restart instead of sending more control commands "
               "than this (each rewrites Mosquitto's whole state file).")
+@click.option("--metrics-bind", metavar="[HOST:]PORT",
+              help="Prometheus metrics of the follower at http://HOST:PORT/metrics (PORT alone: 127.0.0.1 only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line on stdout once Mosquitto is in step.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log every reconcile.")
 @pass_cli
@@ -48,6 +50,7 @@ def follow(
     poll_interval: float,
     reconcile_every: float,
     rebuild_threshold: int,
+    metrics_bind: str | None,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -60,6 +63,12 @@ def follow(
     """
     from iotauth.export.managed.follower import FollowerOptions
     from iotauth.export.managed.service import build_follower
+    from iotauth.export.metrics import mosquitto_follower_metrics
+    from iotauth.metrics import MetricsExporter, exporting
+    from iotauth.metrics import metrics_bind as metrics_address
+
+    if metrics_bind is not None:
+        metrics_address(metrics_bind)  # a bad address is one line before anything starts
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,7 +78,11 @@ def follow(
     options = FollowerOptions(poll_interval=poll_interval, reconcile_every=reconcile_every,
                               crl_refresh_every=refresh, rebuild_threshold=rebuild_threshold)
 
+    exporters: list[MetricsExporter] = []
+
     def ready(status: dict[str, Any]) -> None:
+        if exporters and exporters[0].address is not None:
+            status = {**status, "metrics": "{}:{}".format(*exporters[0].address)}
         if as_json:
             sys.stdout.write(json.dumps(status, sort_keys=True) + "\n")
             sys.stdout.flush()
@@ -87,7 +100,9 @@ def follow(
                 loop.add_signal_handler(signum, task.cancel)
         loop.add_signal_handler(signal.SIGHUP, lambda: follower.check_policies(force=True))
         with contextlib.suppress(asyncio.CancelledError):
-            await follower.run()
+            async with exporting(metrics_bind, mosquitto_follower_metrics(follower)) as exporter:
+                exporters[:] = [exporter] if exporter is not None else []
+                await follower.run()
 
     run(ctx.with_authority(work))
 

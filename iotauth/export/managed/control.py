@@ -73,6 +73,7 @@ class DynsecControl:
         self.connects = 0
         self.refusals = 0
         self.last_refusal: str | None = None
+        self.commands = 0  # commands sent (metrics)
         self.changed = asyncio.Event()
 
     @property
@@ -133,6 +134,7 @@ class DynsecControl:
             info = client.publish(CONTROL_TOPIC, json.dumps(payload, separators=(",", ":")), qos=0)
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 raise MosquittoUnavailable(f"could not send to Mosquitto: {paho.error_string(info.rc)}")
+            self.commands += len(commands)
             limit = timeout if timeout is not None else 30.0 + 0.25 * len(commands)
             try:
                 return await asyncio.wait_for(asyncio.shield(pending.future), limit)

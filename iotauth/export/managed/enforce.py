@@ -46,6 +46,7 @@ from iotauth.export.managed.state import (
     kick_commands,
     withdrawal_commands,
 )
+from iotauth.export.managed.stats import FollowerStats
 from iotauth.identity import validate_device_id
 from iotauth.policy import PolicySet
 from iotauth.registry import AuditEvent, EventKind, Registry
@@ -72,8 +73,9 @@ class Enforcer:
 
     def __init__(self, *, registry: Registry, policies: PolicySet, control: DynsecControl, crl: CrlPublisher,
                  cursor: FeedCursor, grant_batch: int, grant_stall: float, withdraw_batch: int,
-                 crl_refresh_every: float, crl_retry: float) -> None:
+                 crl_refresh_every: float, crl_retry: float, stats: FollowerStats | None = None) -> None:
         self.registry = registry
+        self.stats = stats or FollowerStats()
         self.policies = policies
         self.control = control
         self.crl = crl
@@ -253,7 +255,10 @@ class Enforcer:
         self.holding = holds
         self.next_crl = asyncio.get_running_loop().time() + (
             self.crl_refresh_every if proof.proven else self.crl_retry)
+        self.stats.crl_writes += 1
+        self.stats.last_crl = time.time()
         if not proof.proven:
+            self.stats.crl_unproven += 1
             await self.cursor.advance(self.cursor.position, [FollowerRecord(
                 EventKind.MOSQUITTO_CRL_UNPROVEN, None, {**proof.as_dict(), "last_probe": str(proof.last_probe)})])
         return proof
@@ -277,8 +282,9 @@ class Enforcer:
             return True
         return desired_role(device, self.policies) is None
 
-    @staticmethod
-    def kick_record(device_id: str, reason: str, proof: CrlProof | None, **extra: Any) -> FollowerRecord:
+    def kick_record(self, device_id: str, reason: str, proof: CrlProof | None, **extra: Any) -> FollowerRecord:
+        """The audit record of a session closed (kicked, or withdrawn) for ``reason``; counted by reason."""
+        self.stats.kicked(reason)
         data: dict[str, Any] = {"reason": reason, **extra}
         data.update(proof.as_dict() if proof is not None else {"crl_proven": False})
         return FollowerRecord(EventKind.MOSQUITTO_SESSION_KICKED, device_id, data)

@@ -72,6 +72,7 @@ from iotauth.export.managed.state import (
     plan,
     reserved_repairs,
 )
+from iotauth.export.managed.stats import FollowerStats
 from iotauth.files import write_public
 from iotauth.policy import PolicySet
 from iotauth.registry import AuditEvent, DeviceStatus, EventKind
@@ -137,10 +138,11 @@ class MosquittoFollower:
         self._waiting_logged = -1e9
         self._next_reconcile = 0.0
         self._saved_at = 0.0
+        self.stats = FollowerStats()
         self.enforce = Enforcer(registry=self.registry, policies=policies, control=self.control, crl=crl,
                                 cursor=self.cursor, grant_batch=options.grant_batch, grant_stall=options.grant_stall,
                                 withdraw_batch=options.withdraw_batch, crl_refresh_every=options.crl_refresh_every,
-                                crl_retry=options.crl_retry)
+                                crl_retry=options.crl_retry, stats=self.stats)
         self._backoff = Backoff(first=options.retry_initial, cap=options.retry_max)
         self._failures = 0
         self._config_stamp = self._stamp()
@@ -157,6 +159,7 @@ class MosquittoFollower:
                 try:
                     await self._step()
                 except RegistryError as exc:
+                    self.stats.failures["registry"] += 1
                     self._failures += 1
                     delay = self._backoff.delay(self._failures)
                     log.error("registry unreadable (%s); retrying in %.1f s", exc, delay)
@@ -186,6 +189,7 @@ class MosquittoFollower:
             await self._guarded(self.reconcile(self._reconcile))
             return
         batch = await self.cursor.pending()
+        self.stats.read(to_apply(batch))
         if batch:
             await self._guarded(self.apply(batch))
             return
@@ -201,8 +205,10 @@ class MosquittoFollower:
         try:
             await work
         except MosquittoUnavailable as exc:
+            self.stats.failures["mosquitto-unavailable"] += 1
             log.warning("Mosquitto unavailable (%s): will reconcile once it is back", exc)
         except MosquittoControlError as exc:
+            self.stats.failures["control-error"] += 1
             log.error("%s: reconciling", exc)
         else:
             self._failures = 0
@@ -278,6 +284,7 @@ class MosquittoFollower:
         todo = plan(desired, clients, roles, scope=scope, kick_missing=[d for d in reasons if d not in desired])
         kicks = sorted(d for d in reasons if d in desired and d in clients and d not in todo.changed)
         proof = await self.enforce.converge(todo, kicks, after=batch[-1].id)
+        self.stats.syncs.update(created=len(todo.created), changed=len(todo.changed))
         records = [FollowerRecord(EventKind.MOSQUITTO_DEVICE_SYNCED, d, {
             "action": "created" if d in todo.created else "changed", "role": desired[d].rolename,
             "event_id": scope[d].id, "event": scope[d].kind}) for d in sorted({*todo.created, *todo.changed})]
@@ -318,6 +325,8 @@ class MosquittoFollower:
         if marker is not None:
             await self.control.run([marker])
         seconds = time.monotonic() - started
+        self.stats.reconciles[trigger] += 1
+        self.stats.syncs.update(created=len(todo.created), changed=len(todo.changed))
         summary = {"trigger": trigger, "to_event": head, "devices": len(desired), "created": len(todo.created),
                    "changed": len(todo.changed), "removed": len(todo.withdraw),
                    "repaired_roles": len(todo.repaired_roles), "repairs": len(repairs),
@@ -373,9 +382,12 @@ class MosquittoFollower:
                                                         hold=[serial for _, serial in holds.values()])
             write_public(self.files.crl, published.pem,
                          mode=0o640 if group is not None else 0o644, group=group)
+            self.stats.crl_writes += 1
+            self.stats.last_crl = time.time()
         except IotAuthError as exc:
             log.error("could not refresh the CRL for the rebuilt state: %s", exc)
         restarted = await self.process.restart()
+        self.stats.rebuilds += 1
         await self.cursor.advance(self.cursor.position, [FollowerRecord(EventKind.MOSQUITTO_STATE_REBUILT, None, {
             "reason": reason, "devices": len(desired), "generation": head, "restarted": restarted})])
         if not restarted:

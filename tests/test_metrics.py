@@ -1,9 +1,9 @@
-"""Metrics end to end: Debian's real Prometheus scrapes a running broker and ``iotauth serve``; and the exporter.
+"""Metrics end to end: Debian's real Prometheus scrapes a broker, ``iotauth serve`` and a renewer; and the exporter.
 
 The Prometheus test runs ``/usr/bin/prometheus`` (``apt-get install prometheus``) on loopback with a
 temporary configuration and data directory, scraping every second, and asks its HTTP API what it stored:
-connect counters rise after connects, denials appear by reason, serve's decisions by endpoint, and every
-expression of the Grafana dashboard is valid PromQL to the real query engine.
+connect counters rise after connects, denials appear by reason, serve's decisions by endpoint, the renewer's
+session is up, and every expression of the Grafana dashboard is valid PromQL to the real query engine.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from iotauth.metrics import bounded_labels, exporting, metrics_bind, new_registr
 from iotauth.testing import free_port
 from tests.fixtures.broker import ConnectRefused, Device, audit_events, wait_for
 from tests.fixtures.metrics import Monitored, parse
+from tests.fixtures.rotation import RenewerProcess
 from tests.test_docker import dashboard, expressions
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -92,7 +93,7 @@ async def test_the_exporter_serves_only_metrics_and_stops() -> None:
 
 
 class Prometheus:
-    def __init__(self, root: Path, monitored: Monitored) -> None:
+    def __init__(self, root: Path, monitored: Monitored, renewer: str) -> None:
         self.port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -102,6 +103,7 @@ class Prometheus:
                 {"job_name": "iotauth-serve", "scheme": "https",
                  "tls_config": {"ca_file": str(monitored.home.chain_file)},
                  "static_configs": [{"targets": [monitored.serve.base_url.removeprefix("https://")]}]},
+                {"job_name": "iotauth-renewer", "static_configs": [{"targets": [renewer]}]},
             ],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -151,15 +153,20 @@ class Prometheus:
 def prometheus(monitored: Monitored, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     if not Path(PROMETHEUS).exists():
         pytest.fail("prometheus is not installed: run scripts/install-system-deps.sh")
-    server = Prometheus(tmp_path_factory.mktemp("prometheus"), monitored)
-    yield server
-    server.stop()
+    renewer = RenewerProcess(monitored.home, monitored.broker.port, args=("--metrics-bind", "0")).start()
+    try:
+        server = Prometheus(tmp_path_factory.mktemp("prometheus"), monitored, renewer.started["metrics"])
+        yield server
+        server.stop()
+    finally:
+        renewer.stop()
 
 
 def test_prometheus_sees_connects_rise_and_denials_by_reason(prometheus: Prometheus, monitored: Monitored) -> None:
     wait_for(lambda: {s["metric"]["job"] for s in prometheus.query("up == 1")} == {"iotauth-broker",
-                                                                                    "iotauth-serve"},
-             timeout=60, message="both targets up")
+                                                                                    "iotauth-serve",
+                                                                                    "iotauth-renewer"},
+             timeout=60, message="every target up")
     accepted = "iotauth_broker_connects_accepted_total"
     before = wait_for(lambda: prometheus.query(accepted), timeout=30, message="first scrape")
     start = float(before[0]["value"][1])
@@ -192,6 +199,8 @@ def test_prometheus_sees_connects_rise_and_denials_by_reason(prometheus: Prometh
         wait_for(lambda r=result: prometheus.value("iotauth_serve_decisions_total", endpoint="/emqx/authz",
                                                    result=r), timeout=60, message=f"serve {result}")
     assert prometheus.value("iotauth_registry_devices", status="active") is not None
+    assert prometheus.value("iotauth_renewer_mqtt_connected", job="iotauth-renewer") == 1
+    assert prometheus.value("iotauth_renewer_refusals_total", code="stale") == 0
 
 
 def test_every_dashboard_expression_is_valid_promql_for_prometheus(prometheus: Prometheus) -> None:

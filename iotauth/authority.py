@@ -237,8 +237,9 @@ class Authority:
             window_opens=window_opens, max_renewals=rotation.max_renewals_per_hour, rate_window=timedelta(hours=1),
             pending_ttl=self.settings.pending_ttl, actor=actor,
         ))
-        leaf = cert if result.record.serial == serial_hex(cert) else x509.load_pem_x509_certificate(
-            result.record.pem.encode())
+        if result.record.serial == serial_hex(cert):
+            return result, (cert, self.ca.issuing_cert)  # just signed by this CA
+        leaf = x509.load_pem_x509_certificate(result.record.pem.encode())  # an earlier one (a retry)
         return result, (leaf, self._issuer_of(leaf))
 
     def _issuer_of(self, cert: x509.Certificate) -> x509.Certificate:

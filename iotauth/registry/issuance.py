@@ -20,7 +20,7 @@ from cryptography import x509
 from iotauth.certs import cert_time, fingerprint, pem, public_key_sha256, serial_hex
 from iotauth.errors import Conflict, ProfileMismatch
 from iotauth.registry import rows
-from iotauth.registry.backend import Row, Tx
+from iotauth.registry.backend import Row, SqlConnection, Tx
 from iotauth.registry.events import EventKind
 from iotauth.registry.models import CertificateRecord, CertificateStatus, Device, DeviceStatus
 
@@ -88,7 +88,7 @@ class Coalescer(Generic[Req, Res]):
 _CHUNK = 300
 
 
-async def lookup(tx: Tx, sql: str, values: list[str]) -> list[Row]:
+async def lookup(tx: Tx | SqlConnection, sql: str, values: list[str]) -> list[Row]:
     """Rows of ``sql`` (with ``{marks}`` for the IN list) over ``values``, in chunks of bound parameters."""
     found: list[Row] = []
     for start in range(0, len(values), _CHUNK):

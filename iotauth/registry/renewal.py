@@ -48,7 +48,14 @@ from iotauth.registry.activation import Activation, ActivationRequest, activate_
 from iotauth.registry.backend import SqlConnection, Tx
 from iotauth.registry.events import EventKind
 from iotauth.registry.issuance import Coalescer, IssuanceRequest, lookup, record_issuances
-from iotauth.registry.models import CertificateRecord, CertificateStatus, Device, DeviceStatus, RevocationReason
+from iotauth.registry.models import (
+    CertificateRecord,
+    CertificateStatus,
+    Credential,
+    Device,
+    DeviceStatus,
+    RevocationReason,
+)
 
 T = TypeVar("T")
 
@@ -127,6 +134,8 @@ class RenewalRecords:
     _reader: SqlConnection
     _renewals: Coalescer[RenewalRequest, RenewalIssued] | None = None
     _activations: Coalescer[ActivationRequest, Activation] | None = None
+    _renewal_reads: Coalescer[str, CertificateRecord | None] | None = None
+    _credential_reads: Coalescer[str, Credential | None] | None = None
 
     async def write(self, op: Callable[[Tx], Awaitable[T]]) -> T:
         raise NotImplementedError  # the Registry's group-committed write
@@ -181,10 +190,27 @@ class RenewalRecords:
         return await self.write(op)
 
     async def renewal_certificate(self, serial: str) -> CertificateRecord | None:
-        """The certificate ``serial`` if it is a renewal, else None."""
-        row = await self._reader.fetchone(
-            f"SELECT {rows.CERT_COLUMNS} FROM certificates WHERE serial = ? AND renewal_of IS NOT NULL", (serial,))
-        return rows.certificate(row) if row else None
+        """The certificate ``serial`` if it is a renewal, else None (concurrent lookups are one query)."""
+        if self._renewal_reads is None:
+            self._renewal_reads = Coalescer(self._renewal_certificates)
+        return await self._renewal_reads.submit(serial)
+
+    async def _renewal_certificates(self, serials: list[str]) -> list[CertificateRecord | Exception | None]:
+        found = {record.serial: record for record in map(rows.certificate, await lookup(
+            self._reader, f"SELECT {rows.CERT_COLUMNS} FROM certificates WHERE renewal_of IS NOT NULL AND serial IN "
+            "({marks})", sorted(set(serials))))}
+        return [found.get(serial) for serial in serials]
+
+    async def renewal_credential(self, cert_fingerprint: str) -> Credential | None:
+        """``find_credential`` for the renewer: a fleet renewing at once is looked up in few queries."""
+        if self._credential_reads is None:
+            self._credential_reads = Coalescer(self._credentials)
+        return await self._credential_reads.submit(cert_fingerprint)
+
+    async def _credentials(self, fingerprints: list[str]) -> list[Credential | Exception | None]:
+        found = {credential.certificate.fingerprint: credential for credential in map(rows.credential, await lookup(
+            self._reader, rows.CREDENTIAL_SELECT + "WHERE c.fingerprint IN ({marks})", sorted(set(fingerprints))))}
+        return [found.get(fingerprint) for fingerprint in fingerprints]
 
     # -- operator orders -------------------------------------------------------------------
 
@@ -211,15 +237,10 @@ class RenewalRecords:
 
     async def expiring(self, before: datetime) -> list[Expiring]:
         """Active certificates of active devices whose notAfter is before ``before``, soonest first."""
-        cert_cols = ", ".join(f"c.{c.strip()}" for c in rows.CERT_COLUMNS.split(","))
-        dev_cols = ", ".join(f"d.{c.strip()}" for c in rows.DEVICE_COLUMNS.split(","))
         found = await self._reader.fetchall(
-            f"SELECT {cert_cols}, {dev_cols} FROM certificates c JOIN devices d ON d.device_id = c.device_id "
-            "WHERE c.status = 'active' AND d.status = 'active' AND c.not_after < ? ORDER BY c.not_after, c.serial",
-            (cert_time(before),),
-        )
-        count = rows.CERT_COLUMN_COUNT
-        return [Expiring(rows.device(row[count:]), rows.certificate(row[:count])) for row in found]
+            rows.CREDENTIAL_SELECT + "WHERE c.status = 'active' AND d.status = 'active' AND c.not_after < ? "
+            "ORDER BY c.not_after, c.serial", (cert_time(before),))
+        return [Expiring(found.device, found.certificate) for found in map(rows.credential, found)]
 
     async def active_devices_of_profile(self, profile: str) -> list[str]:
         found = await self._reader.fetchall(

@@ -17,6 +17,7 @@ from iotauth.registry.models import (
     AuditEvent,
     CertificateRecord,
     CertificateStatus,
+    Credential,
     Device,
     DeviceStatus,
     RevocationReason,
@@ -29,6 +30,12 @@ CERT_COLUMNS = (
 )
 EVENT_COLUMNS = "id, ts, kind, actor, device_id, data, prev_hash, hash"
 CERT_COLUMN_COUNT = len(CERT_COLUMNS.split(","))
+CREDENTIAL_SELECT = (
+    "SELECT " + ", ".join(f"c.{c.strip()}" for c in CERT_COLUMNS.split(",")) + ", "
+    + ", ".join(f"d.{c.strip()}" for c in DEVICE_COLUMNS.split(","))
+    + " FROM certificates c JOIN devices d ON d.device_id = c.device_id "
+)
+"""A certificate and its device in one row (:func:`credential`); the caller adds ``WHERE``."""
 
 
 def device(row: Row) -> Device:
@@ -41,6 +48,11 @@ def certificate(row: Row) -> CertificateRecord:
         row[0], row[1], row[2], row[3], row[4], row[5], CertificateStatus(row[6]), row[7], row[8], row[9], reason,
         row[11],
     )
+
+
+def credential(row: Row) -> Credential:
+    """A row of :data:`CREDENTIAL_SELECT`."""
+    return Credential(certificate(row[:CERT_COLUMN_COUNT]), device(row[CERT_COLUMN_COUNT:]))
 
 
 def event(row: Row) -> AuditEvent:

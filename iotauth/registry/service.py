@@ -234,17 +234,8 @@ class Registry(EventFeed, RenewalRecords):
 
     async def find_credential(self, cert_fingerprint: str) -> Credential | None:
         """The certificate with this fingerprint and its device, in one indexed read."""
-        cert_cols = ", ".join(f"c.{c.strip()}" for c in rows.CERT_COLUMNS.split(","))
-        dev_cols = ", ".join(f"d.{c.strip()}" for c in rows.DEVICE_COLUMNS.split(","))
-        row = await self._reader.fetchone(
-            f"SELECT {cert_cols}, {dev_cols} FROM certificates c JOIN devices d ON d.device_id = c.device_id "
-            "WHERE c.fingerprint = ?",
-            (cert_fingerprint,),
-        )
-        if row is None:
-            return None
-        count = rows.CERT_COLUMN_COUNT
-        return Credential(rows.certificate(row[:count]), rows.device(row[count:]))
+        row = await self._reader.fetchone(rows.CREDENTIAL_SELECT + "WHERE c.fingerprint = ?", (cert_fingerprint,))
+        return rows.credential(row) if row is not None else None
 
     async def record_issuance(
         self,

@@ -88,6 +88,12 @@ def _certificate(pem: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem.encode())
 
 
+@functools.lru_cache(maxsize=8)
+def _pem(ca: x509.Certificate) -> str:
+    """An issuing CA's PEM (the second half of every chain the renewer answers with)."""
+    return ca.public_bytes(Encoding.PEM).decode()
+
+
 class RequestRate:
     """Requests per device in the last minute, in memory: a flood is refused before any cryptography."""
 
@@ -237,7 +243,7 @@ class Renewer:
         return await self._confirm(device_id, message, details)
 
     async def _renew(self, device_id: str, message: Renew, details: dict[str, Any]) -> Response:
-        credential = await self.registry.find_credential(message.certificate)
+        credential = await self.registry.renewal_credential(message.certificate)
         if credential is None or credential.certificate.device_id != device_id:
             raise RenewalRefused(RefusalCode.NOT_CURRENT_CERTIFICATE,
                                  "the registry has no certificate with that SHA-256 for this device")
@@ -274,7 +280,7 @@ class Renewer:
         log.debug("issued renewal %s of %s (%s) for request %s", result.record.serial, device_id, result.trigger,
                   request_id)
         return messages.issued(request_id, result.record.serial, result.record.not_after,
-                               "".join(c.public_bytes(Encoding.PEM).decode() for c in chain))
+                               result.record.pem + _pem(chain[1]))
 
     async def _confirm(self, device_id: str, message: Confirm, details: dict[str, Any]) -> Response:
         record = await self.registry.renewal_certificate(message.serial)

@@ -253,3 +253,17 @@ async def test_a_registry_of_schema_2_gains_the_rotation_columns(home: Home, aut
         record = await reopened.get_certificate(current.serial)
         assert record.renewal_of is None and record.status is CertificateStatus.ACTIVE
         assert await reopened.open_orders() == []
+
+
+async def test_the_renewers_reads_answer_each_lookup_of_a_batch(authority: Authority, registry: Registry) -> None:
+    """Concurrent lookups are gathered into one query: each still gets its own answer, None for a stranger."""
+    currents = [await provision(authority, f"r-read-{n}") for n in range(5)]
+    renewal = await registry.record_renewal(request(authority, currents[0]))
+    found = await asyncio.gather(*(registry.renewal_credential(c.fingerprint) for c in currents),
+                                 registry.renewal_credential("00" * 32))
+    assert [f.certificate.serial if f else None for f in found] == [c.serial for c in currents] + [None]
+    assert all(f.device.device_id == c.device_id for f, c in zip(found, currents, strict=False) if f)
+    renewals = await asyncio.gather(registry.renewal_certificate(renewal.record.serial),
+                                    registry.renewal_certificate(currents[1].serial),  # not a renewal
+                                    registry.renewal_certificate("ffff"))
+    assert [r.serial if r else None for r in renewals] == [renewal.record.serial, None, None]

@@ -136,6 +136,7 @@ class RenewalRecords:
     _activations: Coalescer[ActivationRequest, Activation] | None = None
     _renewal_reads: Coalescer[str, CertificateRecord | None] | None = None
     _credential_reads: Coalescer[str, Credential | None] | None = None
+    _order_reads: Coalescer[str, RotationOrder | None] | None = None
 
     async def write(self, op: Callable[[Tx], Awaitable[T]]) -> T:
         raise NotImplementedError  # the Registry's group-committed write
@@ -224,9 +225,16 @@ class RenewalRecords:
         return await self.write(lambda tx: order_in_tx(tx, sorted(set(device_ids)), actor))
 
     async def open_order(self, device_id: str) -> RotationOrder | None:
-        row = await self._reader.fetchone(
-            "SELECT device_id, serial, requested_at, actor FROM rotation_orders WHERE device_id = ?", (device_id,))
-        return RotationOrder(*row) if row else None
+        """The device's open rotation order, if any (concurrent lookups, a fleet ordered at once, are one query)."""
+        if self._order_reads is None:
+            self._order_reads = Coalescer(self._open_orders_of)
+        return await self._order_reads.submit(device_id)
+
+    async def _open_orders_of(self, device_ids: list[str]) -> list[RotationOrder | Exception | None]:
+        found = {row[0]: RotationOrder(*row) for row in await lookup(
+            self._reader, "SELECT device_id, serial, requested_at, actor FROM rotation_orders WHERE device_id IN "
+            "({marks})", sorted(set(device_ids)))}
+        return [found.get(device_id) for device_id in device_ids]
 
     async def open_orders(self) -> list[RotationOrder]:
         found = await self._reader.fetchall(

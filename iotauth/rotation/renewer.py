@@ -75,12 +75,19 @@ def window_opens(record: CertificateRecord, renew_after: float) -> str | None:
     """When a certificate's device may renew it on its own (certificate time), or None for any time."""
     if renew_after <= 0:
         return None
-    start, end = _cert_time(record.not_before), _cert_time(record.not_after)
+    return _window_opens(record.not_before, record.not_after, renew_after)
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_opens(not_before: str, not_after: str, renew_after: float) -> str:
+    """(A fleet issued together shares its validity: one computation per batch of certificates.)"""
+    start, end = _cert_time(not_before), _cert_time(not_after)
     return cert_time(start + (end - start) * renew_after)
 
 
 def _cert_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    """A certificate time (``2026-11-30T16:00:00Z``) as an aware UTC datetime."""
+    return datetime.fromisoformat(text).astimezone(UTC)
 
 
 @functools.lru_cache(maxsize=8192)

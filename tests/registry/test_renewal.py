@@ -267,3 +267,6 @@ async def test_the_renewers_reads_answer_each_lookup_of_a_batch(authority: Autho
                                     registry.renewal_certificate(currents[1].serial),  # not a renewal
                                     registry.renewal_certificate("ffff"))
     assert [r.serial if r else None for r in renewals] == [renewal.record.serial, None, None]
+    await registry.order_rotations(["r-read-2"], actor="alice")
+    orders = await asyncio.gather(*(registry.open_order(c.device_id) for c in currents))
+    assert [o.serial if o else None for o in orders] == [None, None, currents[2].serial, None, None]

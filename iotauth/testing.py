@@ -41,6 +41,18 @@ TIMEOUT = 15.0
 V5_TO_V311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 
 
+def end_process(process: subprocess.Popen[Any], grace: float = 10.0) -> int:
+    """SIGTERM, up to ``grace`` seconds for a clean exit, then SIGKILL; the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -357,13 +369,8 @@ class MosquittoRunner:
         self._closing = True
         with self._lock:
             process = self.process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            end_process(process)
         if self._watcher is not None:
             self._watcher.join(5)
 
@@ -422,11 +429,4 @@ class FollowerRunner:
     def stop(self) -> int:
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode)
+        return end_process(self.process, 20)

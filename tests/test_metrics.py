@@ -25,7 +25,7 @@ import yaml
 from iotauth.errors import ConfigError
 from iotauth.histogram import LatencyHistogram
 from iotauth.metrics import bounded_labels, exporting, metrics_bind, new_registry
-from iotauth.testing import free_port
+from iotauth.testing import end_process, free_port
 from tests.fixtures.broker import ConnectRefused, Device, audit_events, wait_for
 from tests.fixtures.metrics import Monitored, parse
 from tests.fixtures.rotation import RenewerProcess
@@ -140,12 +140,7 @@ class Prometheus:
         return None
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        end_process(self.process, 20)
         self.log.close()
 
 

@@ -31,7 +31,7 @@ from iotauth.config import Home
 from iotauth.errors import ConfigError
 from iotauth.rabbitmq import ADMIN_USER
 from iotauth.testbed.rabbitmq_cluster import RabbitCluster, rabbitmq_available
-from iotauth.testing import free_port
+from iotauth.testing import end_process, free_port
 
 IOTAUTH = [sys.executable, "-m", "iotauth.cli.main"]
 FOLLOWING = "following the registry from event"
@@ -67,13 +67,7 @@ class Follower:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        end_process(self.process)
 
 
 class RabbitDeployment:

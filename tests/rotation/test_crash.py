@@ -24,27 +24,21 @@ from firmware_tools.agent import CRASH_POINTS
 from iotauth.errors import ConnectRefused
 from iotauth.rotation.service import CRASH_POINTS as RENEWER_CRASH_POINTS
 from iotauth.testing import CredentialFiles
-from tests.fixtures.broker import BrokerProcess, Pki, configured_home, connect, running_broker
+from tests.fixtures.broker import BrokerProcess, Pki, connect
 from tests.fixtures.rotation import (
     RenewerProcess,
     agent,
     agent_process,
     holds_its_active_key,
-    open_window,
+    renewal_stack,
     state_dir,
 )
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, Pki, RenewerProcess]]:
-    home = configured_home(tmp_path_factory.mktemp("crash"))
-    open_window(home)
-    with running_broker(home) as (broker, pki):
-        renewer = RenewerProcess(home, broker.port)
-        try:
-            yield broker, pki, renewer
-        finally:
-            renewer.stop()
+    with renewal_stack(tmp_path_factory.mktemp("crash"), start=False) as stack:
+        yield stack
 
 
 def running(renewer: RenewerProcess, *args: str) -> RenewerProcess:

@@ -29,10 +29,8 @@ from tests.fixtures.broker import (
     DeviceCreds,
     Pki,
     audit_events,
-    configured_home,
     connect,
     iotauth_cli,
-    running_broker,
     wait_for,
 )
 from tests.fixtures.rotation import (
@@ -42,7 +40,7 @@ from tests.fixtures.rotation import (
     certificates,
     confirm_over,
     holds_its_active_key,
-    open_window,
+    renewal_stack,
     request_over,
     state_dir,
 )
@@ -50,14 +48,8 @@ from tests.fixtures.rotation import (
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, Pki, RenewerProcess]]:
-    home = configured_home(tmp_path_factory.mktemp("rotation"))
-    open_window(home)
-    with running_broker(home) as (broker, pki):
-        renewer = RenewerProcess(home, broker.port).start()
-        try:
-            yield broker, pki, renewer
-        finally:
-            renewer.stop()
+    with renewal_stack(tmp_path_factory.mktemp("rotation")) as stack:
+        yield stack
 
 
 def device(stack: tuple[BrokerProcess, Pki, RenewerProcess], name: str, tmp_path: Path) -> tuple[DeviceCreds, Path]:

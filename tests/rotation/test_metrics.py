@@ -19,9 +19,9 @@ from cryptography import x509
 from iotauth.errors import RefusalCode
 from iotauth.pki.keys import generate_private_key, load_private_key
 from iotauth.rotation import messages
-from tests.fixtures.broker import BrokerProcess, Pki, configured_home, connect, iotauth_cli, running_broker, wait_for
+from tests.fixtures.broker import BrokerProcess, Pki, configured_home, connect, iotauth_cli, wait_for
 from tests.fixtures.metrics import Exposition, scrape
-from tests.fixtures.rotation import RenewerProcess, agent, open_window, state_dir
+from tests.fixtures.rotation import RenewerProcess, agent, renewal_stack, state_dir
 
 
 class Stack:
@@ -43,14 +43,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = configured_home(tmp_path_factory.mktemp("renewer-metrics"))
-    open_window(home)
-    with running_broker(home) as (broker, pki):
-        renewer = RenewerProcess(home, broker.port, args=("--metrics-bind", "0")).start()
-        try:
-            yield Stack(broker, pki, renewer)
-        finally:
-            renewer.stop()
+    with renewal_stack(tmp_path_factory.mktemp("renewer-metrics"), "--metrics-bind", "0") as started:
+        yield Stack(*started)
 
 
 def test_the_endpoint_listens_on_loopback_only_and_shows_the_connection(stack: Stack) -> None:
